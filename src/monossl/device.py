@@ -1,0 +1,38 @@
+"""Choosing the device and the numerics that pay on it.
+
+All code asks this module for its device instead of calling `.cuda()`: `auto` means
+CUDA when there is one, else CPU. On CUDA we train in bf16 autocast with channels-last
+tensors (both pay on tensor-core GPUs); on CPU both are off, since they are slower
+there and would break bit-exact determinism.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from monossl.errors import UserError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name not in DEVICE_CHOICES and not name.startswith("cuda:"):
+        raise UserError(f"--device must be one of {', '.join(DEVICE_CHOICES)}, not {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def memory_format(device: torch.device):
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
