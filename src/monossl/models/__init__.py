@@ -1,0 +1,77 @@
+"""Trunks with named taps, and their plain checkpoint format.
+
+Checkpoint format (`trunk.pt`, a `torch.save`d dict, loadable with plain torch):
+
+    {"format": "monossl.trunk/1",
+     "arch": "cifar" | "alexnet-big" | "alexnet-small",
+     "arch_config": {...},        # keyword arguments that rebuild the architecture
+     "state_dict": {...},         # trunk.state_dict(): stages.convK.*, head.*, mean/std (+ sobel.*)
+     "meta": {...}}               # method, image, preset, seed, steps: what made it
+
+Rebuild with `build_trunk(ckpt["arch"], **ckpt["arch_config"])` then `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from monossl.errors import UserError
+from monossl.models.trunks import AlexNet, CifarTrunk, Sobel, Trunk, _init_weights
+
+ARCHS = ("cifar", "alexnet-big", "alexnet-small")
+CHECKPOINT_FORMAT = "monossl.trunk/1"
+
+__all__ = ["ARCHS", "Trunk", "CifarTrunk", "AlexNet", "Sobel", "build_trunk", "save_trunk", "load_trunk"]
+
+
+def build_trunk(arch: str = "cifar", **config) -> Trunk:
+    """A freshly initialised trunk (uses the global torch RNG: seed it first)."""
+    if arch == "cifar":
+        trunk = CifarTrunk(**config)
+    elif arch in ("alexnet-big", "alexnet-small"):
+        trunk = AlexNet(size=arch.split("-")[1], **config)
+    else:
+        raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
+    _init_weights(trunk)
+    return trunk
+
+
+def trunk_checkpoint(trunk: Trunk, meta: dict | None = None) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "arch": trunk.arch,
+        "arch_config": dict(trunk.config),
+        "state_dict": {k: v.detach().cpu() for k, v in trunk.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+
+
+def save_trunk(path, trunk: Trunk, meta: dict | None = None) -> None:
+    from monossl.runs import save_torch
+
+    save_torch(path, trunk_checkpoint(trunk, meta))
+
+
+def load_trunk(path, expect_arch: str | None = None) -> tuple[Trunk, dict]:
+    """Load a trunk checkpoint (a file, or a run directory holding trunk.pt); returns (trunk, meta)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "trunk.pt"
+    if not path.exists():
+        raise UserError(f"no trunk checkpoint at {path} (did the pretraining finish?)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise UserError(f"{path} is not a readable checkpoint: {str(exc).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a monossl trunk checkpoint (format {CHECKPOINT_FORMAT})")
+    if expect_arch is not None and ckpt["arch"] != expect_arch:
+        raise UserError(f"{path} holds a {ckpt['arch']} trunk, but --arch {expect_arch} was asked for")
+    trunk = build_trunk(ckpt["arch"], **ckpt["arch_config"])
+    try:
+        trunk.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise UserError(f"{path}: weights do not fit a {ckpt['arch']} trunk: {str(exc).splitlines()[0]}") from None
+    return trunk, ckpt.get("meta", {})
