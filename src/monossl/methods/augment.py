@@ -1,0 +1,70 @@
+"""Batched augmentations the methods add on top of their data (random-resized crop, flip, pad-crop).
+
+Written by hand rather than with torchvision.transforms because those draw per sample
+from the global RNG and run one image at a time; here every parameter of a batch is
+drawn in one call from the generator we are given (so a step is reproducible from its
+seed) and the whole batch is resampled at once on whatever device it lives on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def random_resized_crop(images: torch.Tensor, out_size: int, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3),
+                        flip_prob: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+    """RandomResizedCrop + horizontal flip for a (B, C, H, W) batch, bilinear, one resampling.
+
+    Area fraction ~ U(scale), log aspect ~ U(log ratio), position uniform where the crop fits
+    (crops that do not fit are shrunk to fit: with these ranges that only clips extreme aspects).
+    """
+    b, _, h, w = images.shape
+    area = torch.empty(b).uniform_(scale[0], scale[1], generator=generator)
+    log_ratio = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_ratio)
+    # crop width/height as fractions of the image side
+    cw = torch.sqrt(area * aspect).clamp(max=1.0)
+    ch = torch.sqrt(area / aspect).clamp(max=1.0)
+    # centre position in [-1, 1] normalised coordinates so that the crop stays inside
+    cx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - cw)
+    cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - ch)
+    flip = torch.rand(b, generator=generator) < flip_prob
+    sx = torch.where(flip, -cw, cw)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = sx
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = ch
+    theta[:, 1, 2] = cy
+    theta = theta.to(device=images.device, dtype=images.dtype)
+    grid = F.affine_grid(theta, (b, images.shape[1], out_size, out_size), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def pad_crop_flip(images: torch.Tensor, padding: int = 4, flip_prob: float = 0.5,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """The standard CIFAR augmentation: zero-pad, random crop back to size, horizontal flip."""
+    b, c, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    flip = torch.rand(b, generator=generator) < flip_prob
+    # gather crops with one advanced-indexing op instead of a Python loop over the batch
+    rows = (dy[:, None] + torch.arange(h)[None]).to(images.device)  # (B, H)
+    cols = (dx[:, None] + torch.arange(w)[None])  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols).to(images.device)
+    bi = torch.arange(b, device=images.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def rotate_four(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image in all four exact rotations (0, 90, 180, 270 degrees counter-clockwise).
+
+    Returns (4B, C, H, W) images ordered [all 0 deg, all 90, all 180, all 270] and labels 0..3.
+    """
+    rotated = [torch.rot90(images, k, dims=(2, 3)) for k in range(4)]
+    labels = torch.arange(4, device=images.device).repeat_interleave(images.shape[0])
+    return torch.cat(rotated), labels

@@ -1,0 +1,65 @@
+"""What every method shares: the optimiser plumbing and the step learning-rate schedule.
+
+A method is an `nn.Module` holding the trunk and its own heads. The training loop calls
+`method.step(batch, step)`, which does one full update (forward, backward, optimiser
+steps) and returns a dict of floats to log. Learning rates are a pure function of the
+step index, so resuming from a checkpoint needs no scheduler state.
+
+Optional hooks the loop calls when a method defines them:
+  * `begin_epoch(epoch, source) -> LongTensor | None`: called at every epoch boundary of a
+    finite source; may return the epoch's sample order (DeepCluster's cluster-uniform sampler).
+  * `end_epoch(epoch, run_dir)`: after an epoch's last step (e.g. sample grids).
+  * `extra_state() / load_extra_state(state)`: method state outside parameters/buffers
+    (e.g. DeepCluster's pseudo-labels) to keep in checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def step_lr(base_lr: float, step: int, total_steps: int, milestones=(0.3, 0.6, 0.9), gamma: float = 0.1) -> float:
+    """lr divided by 1/gamma at each milestone (fractions of training)."""
+    drops = sum(step >= m * total_steps for m in milestones)
+    return base_lr * gamma**drops
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels).float().mean().item() * 100.0
+
+
+class Method(nn.Module):
+    name = "method"
+    #: what the method needs from its data: "images" (unlabelled) or "labelled"
+    needs = "images"
+
+    def __init__(self, trunk: nn.Module, total_steps: int):
+        super().__init__()
+        self.trunk = trunk
+        self.total_steps = total_steps
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def step(self, batch: dict, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def training_state(self) -> dict:
+        """Everything needed to resume: parameters, buffers, optimiser state, extra state."""
+        state = {"model": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()}}
+        if hasattr(self, "extra_state"):
+            state["extra"] = self.extra_state()
+        return state
+
+    def load_training_state(self, state: dict) -> None:
+        if hasattr(self, "load_extra_state") and "extra" in state:
+            self.load_extra_state(state["extra"])  # may rebuild heads before their weights load
+        self.load_state_dict(state["model"])
+        for name, opt in self.optimizers().items():
+            opt.load_state_dict(state["optimizers"][name])

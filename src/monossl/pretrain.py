@@ -1,0 +1,177 @@
+"""`monossl pretrain`: build a trunk, a method and a data source, and run the training loop.
+
+Data: `--image` (one or more, or `builtin:NAME`) gives the patch stream of those images;
+without `--image`, the images of `--data` are used without their labels (the paper's
+"full data" baseline); the supervised method uses `--data` with its labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from monossl import runs
+from monossl.device import resolve_device
+from monossl.errors import UserError
+from monossl.models import ARCHS, build_trunk, save_trunk
+from monossl.train import LoopConfig, is_main, train
+
+# method name -> (module, class). Each class has a `Config` dataclass of its hyper-parameters.
+METHODS = {
+    "rotnet": ("monossl.methods.rotnet", "RotNet"),
+    "supervised": ("monossl.methods.supervised", "Supervised"),
+    "deepcluster": ("monossl.methods.deepcluster", "DeepCluster"),
+    "bigan": ("monossl.methods.bigan", "BiGAN"),
+}
+
+# Default budgets (steps at the default batch size) per method on the CIFAR trunk, sized so
+# that the main job fits in about 15 minutes on 2 CPU cores; see README for what they reach.
+DEFAULT_STEPS = {"rotnet": 500, "supervised": 700, "deepcluster": 600, "bigan": 1500}
+DEFAULT_BATCH = {"rotnet": 64, "supervised": 128, "deepcluster": 128, "bigan": 64}
+
+
+def method_class(name: str):
+    if name not in METHODS:
+        raise UserError(f"unknown --method {name!r}; choose from {', '.join(METHODS)}")
+    module, cls = METHODS[name]
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            raise UserError(f"--method {name} is not available in this version") from None
+        raise
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--out", required=True, help="run directory (created; rerun with --resume to continue)")
+    p.add_argument("--arch", default="cifar", help=f"trunk: {', '.join(ARCHS)} (default cifar)")
+    p.add_argument("--conv1-kernel", type=int, default=None, help="CIFAR trunk: conv1 kernel size")
+    p.add_argument("--sobel", action="store_true", help="fixed Sobel front-end (greyscale + gradients)")
+    p.add_argument("--image", action="append", default=None,
+                   help="source image (path or builtin:NAME); repeat for several; omit to use --data's images")
+    p.add_argument("--preset", default="all", help="augmentation preset of the patch stream (default all)")
+    p.add_argument("--patch", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a patch-stream parameter, e.g. --patch rotation_degrees=10")
+    p.add_argument("--patch-size", type=int, default=None, help="patch side S (default 32 for cifar, 256 for AlexNet)")
+    p.add_argument("--num-patches", type=int, default=None,
+                   help="use the stream's first N patches as a fixed training set (epochs); default: unlimited "
+                        "(DeepCluster: 20000)")
+    p.add_argument("--data", default=None, help="dataset: cifar10, cifar10:PATH or folder:PATH")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default depends on the method)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs over a finite set (instead of --steps)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (RotNet: x4 samples)")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the method's)")
+    p.add_argument("--clusters", type=int, default=None, help="DeepCluster: k (default scaled to the set size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--patch wants KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def build_source(args, trunk, seed: int, method_needs: str):
+    """The training data: patch stream of --image, or --data's images (with labels when needed)."""
+    from monossl.data.batches import StreamSource, TensorSource
+
+    if method_needs == "labelled" or not args.image:
+        if not args.data:
+            what = "labelled --data" if method_needs == "labelled" else "--image or --data"
+            raise UserError(f"--method {args.method} needs {what}")
+        from monossl.data.datasets import load_pair
+
+        train_set, _ = load_pair(args.data)
+        if not hasattr(train_set, "images"):
+            raise UserError(f"{args.data}: pretraining reads in-memory image sets (cifar10); folders are for probes")
+        labels = train_set.labels if method_needs == "labelled" else None
+        return TensorSource(train_set.images, labels, seed=seed), {"data": args.data, "num_classes": len(train_set.classes)}
+
+    from monossl.data.patches import PatchStream, make_config
+    from monossl.data.sources import load_images
+
+    size = args.patch_size or (32 if trunk.input_size <= 64 else 256)
+    patch_config = make_config(args.preset, size=size, **parse_overrides(args.patch))
+    stream = PatchStream(load_images(args.image), patch_config, seed=seed)
+    length = args.num_patches
+    if length is None and args.method == "deepcluster":
+        length = 20000
+    info = {"image": args.image, "preset": args.preset, "patch_config": asdict(patch_config)}
+    return StreamSource(stream, length=length, seed=seed), info
+
+
+def run(args) -> int:
+    cls = method_class(args.method)
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    if (out / "last.pt").exists() and not args.resume:
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if args.resume and not (out / "config.json").exists():
+        raise UserError(f"--resume: {out} holds no run to resume (no config.json)")
+    runs.ensure_writable_dir(out)
+
+    torch.manual_seed(args.seed)
+    trunk_config = {"sobel": True} if args.sobel else {}
+    if args.conv1_kernel is not None:
+        if args.arch != "cifar":
+            raise UserError("--conv1-kernel applies to --arch cifar only")
+        trunk_config["conv1_kernel"] = args.conv1_kernel
+    trunk = build_trunk(args.arch, **trunk_config)
+    source, data_info = build_source(args, trunk, args.seed, cls.needs)
+
+    batch_size = args.batch_size or DEFAULT_BATCH.get(args.method, 64)
+    if args.epochs is not None:
+        if source.length is None:
+            raise UserError("--epochs needs a finite training set: give --num-patches or --data")
+        total_steps = args.epochs * (source.length // batch_size)
+    else:
+        total_steps = args.steps if args.steps is not None else DEFAULT_STEPS.get(args.method, 500)
+    if total_steps <= 0 or batch_size <= 0:
+        raise UserError("--steps/--epochs and --batch-size must be positive")
+
+    known = {f.name for f in fields(cls.Config)}
+    method_kwargs = {"lr": args.lr, "num_classes": data_info.get("num_classes"), "clusters": args.clusters}
+    method_config = cls.Config(**{k: v for k, v in method_kwargs.items() if v is not None and k in known})
+    method = cls(trunk, total_steps, method_config)
+
+    config = {
+        "method": args.method, "arch": trunk.arch, "arch_config": trunk.config, "method_config": asdict(method_config),
+        "seed": args.seed, "batch_size": batch_size, "total_steps": total_steps, "device": str(device),
+        "source": source.describe(), **data_info,
+    }
+    if args.resume:
+        previous = json.loads((out / "config.json").read_text())
+        changed = [k for k in config if k != "device" and json.dumps(previous.get(k), default=str) != json.dumps(config[k], default=str)]
+        if changed:
+            raise UserError(f"--resume: the options differ from the run in {out} ({', '.join(changed)})")
+    elif is_main():
+        runs.write_json(out / "config.json", {**config, "environment": runs.environment()})
+
+    loop = LoopConfig(total_steps=total_steps, batch_size=batch_size, seed=args.seed,
+                      checkpoint_every=max(1, min(100, total_steps // 10)), stop_after=args.stop_after)
+    result = train(method, source, loop, out, device, progress=False if args.quiet else None)
+    if result["finished"] and is_main():
+        meta = {k: config[k] for k in ("method", "seed", "total_steps") if k in config}
+        meta.update({k: data_info[k] for k in ("image", "preset", "data") if k in data_info})
+        save_trunk(out / "trunk.pt", method.trunk, meta)
+        print(f"pretrained {args.method} for {total_steps} steps -> {out / 'trunk.pt'}")
+    elif is_main():
+        print(f"stopped after {result['step']} of {total_steps} steps; rerun with --resume to continue")
+    return 0

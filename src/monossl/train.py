@@ -1,0 +1,162 @@
+"""The one training loop, for every method.
+
+It knows nothing about methods beyond `method.step(batch, step)` and the optional hooks
+documented in methods/base.py. It owns: the device and numerics (bf16 autocast and
+channels-last on CUDA), which sample indices each step uses, seeding, the progress bar,
+metrics.jsonl, atomic checkpoints, resume, and distributed data parallelism.
+
+Reproducibility: before step s the global torch RNG is seeded from (seed, s), and the
+step's indices depend on (seed, s) only, so a run resumed from any checkpoint on CPU
+reaches the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from monossl import runs
+from monossl.device import autocast, memory_format
+from monossl.errors import UserError
+
+
+@dataclass
+class LoopConfig:
+    total_steps: int
+    batch_size: int
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    stop_after: int | None = None  # stop (checkpointed) once this many steps are done; for tests/debugging
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def steps_per_epoch(source, batch_size: int) -> int | None:
+    if source.length is None:
+        return None
+    if source.length < batch_size:
+        raise UserError(f"the training set has {source.length} samples, fewer than --batch-size {batch_size}")
+    return source.length // batch_size  # drop the last partial batch: every step has the same size
+
+
+def _sync_gradients_before(optimizer: torch.optim.Optimizer) -> None:
+    """Make `optimizer.step()` first average gradients over ranks (data parallelism for any method,
+    including those with several optimisers, without the method knowing)."""
+    original = optimizer.step
+
+    def step(*args, **kwargs):
+        rank_count = dist.get_world_size()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(rank_count)
+        return original(*args, **kwargs)
+
+    optimizer.step = step
+
+
+def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progress: bool | None = None) -> dict:
+    """Train `method` on `source` for `loop.total_steps` steps, resuming from run_dir/last.pt if present.
+
+    Returns {"step": steps done, "finished": bool, "metrics": last logged record}.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rank, world_size = world()
+    method.to(device, memory_format=memory_format(device))
+    if world_size > 1:
+        for opt in method.optimizers().values():
+            _sync_gradients_before(opt)
+        # every rank starts from rank 0's weights
+        for tensor in method.state_dict().values():
+            dist.broadcast(tensor, 0)
+
+    spe = steps_per_epoch(source, loop.batch_size)
+    start_step, order = 0, None
+    ckpt_path = run_dir / "last.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        method.load_training_state(ckpt["training"])
+        method.to(device)
+        start_step, order = ckpt["step"], ckpt.get("order")
+        if is_main():
+            # drop log lines written after that checkpoint: they will be written again
+            kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl") if r.get("step", 0) <= start_step]
+            runs.write_text(run_dir / "metrics.jsonl", "".join(runs.json.dumps(r) + "\n" for r in kept))
+
+    end_step = loop.total_steps if loop.stop_after is None else min(loop.total_steps, loop.stop_after)
+    show = (sys.stderr.isatty() if progress is None else progress) and is_main()
+    bar = tqdm(total=loop.total_steps, initial=start_step, disable=not show, desc=method.name,
+               unit="step", dynamic_ncols=True)
+    pending: dict[str, list[float]] = {}
+    images_seen, t_log = 0, time.perf_counter()
+    last_record = {}
+
+    def save(step_done):
+        if is_main():
+            runs.save_torch(ckpt_path, {"step": step_done, "order": order, "training": method.training_state()})
+
+    method.train()
+    for step in range(start_step, end_step):
+        epoch = step // spe if spe else 0
+        if spe is not None and step % spe == 0:
+            # an epoch starts: the method may choose its order (DeepCluster's sampler), else a shuffle
+            hook = getattr(method, "begin_epoch", None)
+            order = hook(epoch, source) if hook is not None else None
+            order = source.order(epoch) if order is None else order
+            method.train()
+        if spe is None:
+            indices = torch.arange(step * loop.batch_size, (step + 1) * loop.batch_size)
+        else:
+            pos = (step % spe) * loop.batch_size
+            indices = order[pos:pos + loop.batch_size]
+        indices = indices[rank::world_size]
+        batch = source.fetch(indices)
+        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        if "images" in batch:
+            batch["images"] = batch["images"].contiguous(memory_format=memory_format(device))
+
+        torch.manual_seed(loop.seed * 1_000_003 + step * 7919 + rank)
+        with autocast(device):
+            metrics = method.step(batch, step)
+        for k, v in metrics.items():
+            if not math.isfinite(v):
+                save_reason = f"{k} became {v} at step {step}"
+                bar.close()
+                raise UserError(f"training stopped: {save_reason}; the last good checkpoint is {ckpt_path}")
+            pending.setdefault(k, []).append(v)
+        images_seen += batch["images"].shape[0] * world_size
+        bar.update(1)
+
+        done = step + 1
+        if done % loop.log_every == 0 or done == end_step:
+            now = time.perf_counter()
+            last_record = {"step": done, "epoch": epoch, **{k: sum(v) / len(v) for k, v in pending.items()},
+                           "images_per_s": images_seen / max(now - t_log, 1e-9)}
+            pending, images_seen, t_log = {}, 0, now
+            if is_main():
+                runs.append_jsonl(run_dir / "metrics.jsonl", last_record)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in last_record.items() if k in ("loss", "images_per_s")})
+        if spe is not None and done % spe == 0 and hasattr(method, "end_epoch") and is_main():
+            method.end_epoch(epoch, run_dir)
+        if done % loop.checkpoint_every == 0 or done == end_step:
+            save(done)
+    bar.close()
+    return {"step": max(end_step, start_step), "finished": end_step >= loop.total_steps, "metrics": last_record}
