@@ -55,23 +55,6 @@ def steps_per_epoch(source, batch_size: int) -> int | None:
     return source.length // batch_size  # drop the last partial batch: every step has the same size
 
 
-def _sync_gradients_before(optimizer: torch.optim.Optimizer) -> None:
-    """Make `optimizer.step()` first average gradients over ranks (data parallelism for any method,
-    including those with several optimisers, without the method knowing)."""
-    original = optimizer.step
-
-    def step(*args, **kwargs):
-        rank_count = dist.get_world_size()
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(rank_count)
-        return original(*args, **kwargs)
-
-    optimizer.step = step
-
-
 def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progress: bool | None = None) -> dict:
     """Train `method` on `source` for `loop.total_steps` steps, resuming from run_dir/last.pt if present.
 
@@ -82,8 +65,6 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
     rank, world_size = world()
     method.to(device, memory_format=memory_format(device))
     if world_size > 1:
-        for opt in method.optimizers().values():
-            _sync_gradients_before(opt)
         # every rank starts from rank 0's weights
         for tensor in method.state_dict().values():
             dist.broadcast(tensor, 0)
@@ -98,7 +79,8 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
         start_step, order = ckpt["step"], ckpt.get("order")
         if is_main():
             # drop log lines written after that checkpoint: they will be written again
-            kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl") if r.get("step", 0) <= start_step]
+            kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl") 
+                    if r.get("step", 0) < start_step or (r.get("step") == start_step and "event" not in r)]
             runs.write_text(run_dir / "metrics.jsonl", "".join(runs.json.dumps(r) + "\n" for r in kept))
 
     end_step = loop.total_steps if loop.stop_after is None else min(loop.total_steps, loop.stop_after)
@@ -119,8 +101,12 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
         if spe is not None and step % spe == 0:
             # an epoch starts: the method may choose its order (DeepCluster's sampler), else a shuffle
             hook = getattr(method, "begin_epoch", None)
-            order = hook(epoch, source) if hook is not None else None
+            started = (hook(epoch, source) if hook is not None else None) or {}
+            order = started.get("order")
             order = source.order(epoch) if order is None else order
+            if started.get("log") and is_main():
+                runs.append_jsonl(run_dir / "metrics.jsonl", {"step": step, "epoch": epoch, "event": "epoch_start",
+                                                              **started["log"]})
             method.train()
         if spe is None:
             indices = torch.arange(step * loop.batch_size, (step + 1) * loop.batch_size)

@@ -2,12 +2,16 @@
 
 A method is an `nn.Module` holding the trunk and its own heads. The training loop calls
 `method.step(batch, step)`, which does one full update (forward, backward, optimiser
-steps) and returns a dict of floats to log. Learning rates are a pure function of the
-step index, so resuming from a checkpoint needs no scheduler state.
+steps) and returns a dict of floats to log. Methods step their optimisers through
+`self.optimizer_step(opt)`, which averages gradients over ranks under torchrun, so data
+parallelism works for every method and every optimiser, including ones made mid-run.
+Learning rates are a pure function of the step index, so resuming from a checkpoint
+needs no scheduler state.
 
 Optional hooks the loop calls when a method defines them:
-  * `begin_epoch(epoch, source) -> LongTensor | None`: called at every epoch boundary of a
-    finite source; may return the epoch's sample order (DeepCluster's cluster-uniform sampler).
+  * `begin_epoch(epoch, source) -> dict | None`: called at every epoch boundary of a finite
+    source; may return {"order": LongTensor of the epoch's sample indices (DeepCluster's
+    cluster-uniform sampler), "log": {name: float} written to metrics.jsonl}.
   * `end_epoch(epoch, run_dir)`: after an epoch's last step (e.g. sample grids).
   * `extra_state() / load_extra_state(state)`: method state outside parameters/buffers
     (e.g. DeepCluster's pseudo-labels) to keep in checkpoints.
@@ -16,6 +20,7 @@ Optional hooks the loop calls when a method defines them:
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 
@@ -49,6 +54,18 @@ class Method(nn.Module):
 
     def step(self, batch: dict, step: int) -> dict[str, float]:
         raise NotImplementedError
+
+    @staticmethod
+    def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+        """`optimizer.step()`, after averaging gradients over ranks when running distributed."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world_size = dist.get_world_size()
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad.div_(world_size)
+        optimizer.step()
 
     def training_state(self) -> dict:
         """Everything needed to resume: parameters, buffers, optimiser state, extra state."""

@@ -55,5 +55,5 @@ class Supervised(Method):
         loss = F.cross_entropy(logits.float(), labels)
         self._opt.zero_grad(set_to_none=True)
         loss.backward()
-        self._opt.step()
+        self.optimizer_step(self._opt)
         return {"loss": loss.item(), "acc": accuracy(logits, labels), "lr": lr}

@@ -1,0 +1,707 @@
+"""Linear probes on every conv tap of a frozen trunk (PAPER.md §4); `monossl probe`.
+
+The trunk is frozen and in eval mode. All taps are read in one forward pass; each tap's
+post-ReLU map is pooled to a few thousand values (`Pool`), flattened, passed through
+`BatchNorm1d(d, affine=False)` and one `Linear(d, classes)`. All the probes train together
+(the summed cross-entropy; the heads share no parameters, so each trains as if alone) with
+SGD, momentum 0.9 and a step schedule. What differs between published results is the
+*protocol* (pooling, schedule, augmentation, test crops), so every result records its
+`ProbeProtocol`; results of different protocols are not comparable.
+
+Presets (`PROTOCOLS`, see docs/probes.md):
+
+    cifar            ours, for the CIFAR trunk on 32-px data: adaptive average pooling to
+                     8/6/4/4 spatial (64x8x8=4096, 128x6x6=4608, 256x4x4=4096, 512x4x4=8192),
+                     no augmentation, 1 test crop -> features cached once in fp16.
+    asano-max        the authors' AlexNet probe: max-pool (k,s,p) conv1 (6,6,3) conv2 (4,4,0)
+                     conv3 (3,3,1) conv4 (3,3,1) conv5 (2,2,0) -> 9600/9216/9600/9600/9216 on
+                     alexnet-big; 36 epochs, lr 0.01 /10 at 10,20,30, wd 1e-5, batch 192;
+                     RandomResizedCrop 224 + flip; test resize 256 + ten crops, logits averaged.
+    zhang-avg        the same with average pooling (Zhang et al. 2017, DeepCluster's eval_linear).
+    rotnet-adaptive  adaptive max-pool to 12/7/5/6/6 spatial (RotNet); same schedule.
+
+Two paths, the same training loop:
+  * cached (no train augmentation and one test crop, e.g. `cifar`): the pooled features of
+    train and test are extracted once, in chunks, stored fp16, and every epoch draws its
+    minibatches from that cache (cast to fp32 per batch);
+  * streaming (augmentation or ten crops): every batch goes through the frozen trunk.
+Both draw the same minibatches (a seeded permutation per epoch) and round features to fp16,
+so for a no-augmentation protocol they give the same probes up to float noise.
+
+Library use (what `monossl compare` calls):
+
+    result = run_probe(trunk, train, test, get_protocol("cifar"), device="auto", seed=0,
+                       out_dir=None, progress=True)
+    result["taps"]["conv2"]["top1"]      # final-epoch top-1 (%)
+
+`result` is what results.json holds; `results_markdown(result)` is results.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from monossl.errors import UserError
+
+# ----------------------------------------------------------------------------- pooling
+
+
+@dataclass(frozen=True)
+class Pool:
+    """How one tap is pooled before its probe.
+
+    kind: "adaptive-avg" / "adaptive-max" (to `size` x `size`), "avg" / "max" (`kernel`,
+    `stride`, `padding`; avg counts padding, as DeepCluster's eval_linear), or "none".
+    """
+
+    kind: str
+    size: int | None = None
+    kernel: int | None = None
+    stride: int | None = None
+    padding: int = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "adaptive-avg":
+            return F.adaptive_avg_pool2d(x, self.size)
+        if self.kind == "adaptive-max":
+            return F.adaptive_max_pool2d(x, self.size)
+        if self.kind == "avg":
+            return F.avg_pool2d(x, self.kernel, self.stride, self.padding)
+        if self.kind == "max":
+            return F.max_pool2d(x, self.kernel, self.stride, self.padding)
+        if self.kind == "none":
+            return x
+        raise ValueError(f"unknown pooling kind {self.kind!r}")
+
+    def describe(self) -> str:
+        if self.kind.startswith("adaptive"):
+            return f"{self.kind} {self.size}x{self.size}"
+        if self.kind in ("avg", "max"):
+            return f"{self.kind}-pool k{self.kernel} s{self.stride} p{self.padding}"
+        return self.kind
+
+
+# ----------------------------------------------------------------------------- protocols
+
+
+@dataclass(frozen=True)
+class ProbeProtocol:
+    """Everything that defines a probe result besides the trunk, the data and the seed."""
+
+    name: str
+    archs: tuple[str, ...]  # trunk architectures it is meant for
+    pools: dict[str, Pool]  # tap name -> pooling
+    epochs: int
+    lr: float
+    milestones: tuple[int, ...]  # epochs after which lr *= gamma
+    gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    train_aug: str = "none"  # "none" | "rrc-flip" (RandomResizedCrop(input_size) + horizontal flip)
+    input_size: int = 32
+    test_resize: int | None = None  # shorter side resized to this before the test crop(s)
+    test_crops: int = 1  # 1 (centre crop) | 10 (TenCrop, logits averaged)
+    eval_every: int = 1  # evaluate on test every N epochs (the final epoch always)
+    description: str = ""
+
+    @property
+    def cacheable(self) -> bool:
+        return self.train_aug == "none" and self.test_crops == 1
+
+    def with_overrides(self, epochs: int | None = None, lr: float | None = None,
+                       batch_size: int | None = None, weight_decay: float | None = None) -> ProbeProtocol:
+        """A copy with some settings changed; milestones scale with a new epoch count."""
+        changes = {}
+        if epochs is not None and epochs != self.epochs:
+            if epochs < 1:
+                raise UserError(f"--epochs must be at least 1, got {epochs}")
+            changes["epochs"] = epochs
+            changes["milestones"] = tuple(sorted({max(1, round(m * epochs / self.epochs)) for m in self.milestones
+                                                  if round(m * epochs / self.epochs) < epochs}))
+        if lr is not None:
+            if not lr > 0:
+                raise UserError(f"--lr must be positive, got {lr}")
+            changes["lr"] = lr
+        if batch_size is not None:
+            if batch_size < 2:
+                raise UserError(f"--batch-size must be at least 2, got {batch_size}")
+            changes["batch_size"] = batch_size
+        if weight_decay is not None:
+            changes["weight_decay"] = weight_decay
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["pools"] = {k: {kk: vv for kk, vv in dataclasses.asdict(p).items() if vv is not None}
+                      for k, p in self.pools.items()}
+        return d
+
+    def summary(self) -> str:
+        aug = "no augmentation" if self.train_aug == "none" else f"train {self.train_aug} {self.input_size}"
+        crops = "1 crop" if self.test_crops == 1 else f"{self.test_crops} crops (logits averaged)"
+        ms = ",".join(map(str, self.milestones)) or "none"
+        return (f"{self.name}: {self.epochs} epochs, SGD lr {self.lr:g} (x{self.gamma:g} after epochs {ms}), "
+                f"momentum {self.momentum:g}, wd {self.weight_decay:g}, batch {self.batch_size}, {aug}, test {crops}")
+
+
+ALEXNETS = ("alexnet-big", "alexnet-small")
+_ALEX_SCHEDULE = dict(epochs=36, lr=0.01, milestones=(10, 20, 30), weight_decay=1e-5, batch_size=192,
+                      train_aug="rrc-flip", input_size=224, test_resize=256, test_crops=10)
+_ALEX_KSP = {"conv1": (6, 6, 3), "conv2": (4, 4, 0), "conv3": (3, 3, 1), "conv4": (3, 3, 1), "conv5": (2, 2, 0)}
+
+PROTOCOLS: dict[str, ProbeProtocol] = {
+    "cifar": ProbeProtocol(
+        name="cifar", archs=("cifar",),
+        pools={"conv1": Pool("adaptive-avg", 8), "conv2": Pool("adaptive-avg", 6),
+               "conv3": Pool("adaptive-avg", 4), "conv4": Pool("adaptive-avg", 4)},
+        epochs=25, lr=0.01, milestones=(15, 20), weight_decay=5e-4, batch_size=256,
+        description="ours, for the CIFAR trunk on 32-px data: adaptive average pooling to 8/6/4/4, "
+                    "no augmentation, features cached once (fp16)",
+    ),
+    "asano-max": ProbeProtocol(
+        name="asano-max", archs=ALEXNETS,
+        pools={k: Pool("max", kernel=a, stride=b, padding=c) for k, (a, b, c) in _ALEX_KSP.items()},
+        description="Asano et al.'s AlexNet probe: max pooling to ~9k values (9600/9216/9600/9600/9216 on alexnet-big)",
+        **_ALEX_SCHEDULE,
+    ),
+    "zhang-avg": ProbeProtocol(
+        name="zhang-avg", archs=ALEXNETS,
+        pools={k: Pool("avg", kernel=a, stride=b, padding=c) for k, (a, b, c) in _ALEX_KSP.items()},
+        description="Zhang et al. 2017 / DeepCluster: average pooling to ~9k values, same schedule as asano-max",
+        **_ALEX_SCHEDULE,
+    ),
+    "rotnet-adaptive": ProbeProtocol(
+        name="rotnet-adaptive", archs=ALEXNETS,
+        pools={k: Pool("adaptive-max", s) for k, s in zip(_ALEX_KSP, (12, 7, 5, 6, 6))},
+        description="Gidaris et al. (RotNet): adaptive max pooling to 12/7/5/6/6 spatial, same schedule as asano-max",
+        **_ALEX_SCHEDULE,
+    ),
+}
+DEFAULT_PROTOCOL = {"cifar": "cifar", "alexnet-big": "asano-max", "alexnet-small": "asano-max"}
+
+
+def get_protocol(name: str) -> ProbeProtocol:
+    try:
+        return PROTOCOLS[name]
+    except KeyError:
+        raise UserError(f"unknown probe protocol {name!r}; choose from {', '.join(PROTOCOLS)}") from None
+
+
+def check_trunk(trunk, protocol: ProbeProtocol, where: str = "the trunk") -> None:
+    """One-line error when the trunk is not what the protocol is for."""
+    if trunk.arch not in protocol.archs:
+        hint = DEFAULT_PROTOCOL.get(trunk.arch)
+        raise UserError(f"{where} is a {trunk.arch} trunk, but protocol {protocol.name} is for "
+                        f"{'/'.join(protocol.archs)} trunks" + (f" (use --protocol {hint})" if hint else ""))
+    missing = [t for t in protocol.pools if t not in trunk.tap_names]
+    if missing:
+        raise UserError(f"{where} has no tap(s) {', '.join(missing)} that protocol {protocol.name} probes")
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def pooled_features(trunk, x: torch.Tensor, pools: dict[str, Pool]) -> dict[str, torch.Tensor]:
+    """{tap: (B, d) pooled, flattened activation}, all taps from one forward pass."""
+    acts = trunk.taps(x, list(pools))
+    return {name: pool(acts[name]).flatten(1) for name, pool in pools.items()}
+
+
+@torch.no_grad()
+def pooled_shapes(trunk, protocol: ProbeProtocol, image_size: int | None = None) -> dict[str, dict]:
+    """{tap: {"shape": (C, H, W), "pooled_shape": (C, h, w), "pooled_size": C*h*w}} from one dummy image."""
+    size = image_size or protocol.input_size
+    was_training = trunk.training
+    trunk.eval()
+    try:
+        p = next(trunk.parameters())
+        x = torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype)
+        acts = trunk.taps(x, list(protocol.pools))
+    finally:
+        trunk.train(was_training)
+    out = {}
+    for name, pool in protocol.pools.items():
+        a = acts[name]
+        try:
+            pooled = pool(a)
+        except RuntimeError as exc:
+            raise UserError(f"protocol {protocol.name}: {pool.describe()} does not fit tap {name} of shape "
+                            f"{tuple(a.shape[1:])}: {str(exc).splitlines()[0]}") from None
+        out[name] = {"shape": list(a.shape[1:]), "pooled_shape": list(pooled.shape[1:]),
+                     "pooled_size": int(pooled[0].numel())}
+    return out
+
+
+def _to_store(f: torch.Tensor) -> torch.Tensor:
+    """Features are kept (cached or not) in fp16; activations are post-ReLU, so only clamp the top."""
+    return f.clamp(max=65504.0).to(torch.float16)
+
+
+def average_crop_logits(logits: torch.Tensor, n_crops: int) -> torch.Tensor:
+    """(B * n_crops, K) logits of consecutive crops of each image -> (B, K) mean logits."""
+    if n_crops == 1:
+        return logits
+    return logits.view(-1, n_crops, logits.shape[-1]).mean(1)
+
+
+class _StackCrops:
+    """Tuple of crops (from TenCrop) -> one (n_crops, C, H, W) tensor."""
+
+    def __call__(self, crops):
+        return torch.stack([torch.as_tensor(c) for c in crops])
+
+
+def train_transform(protocol: ProbeProtocol):
+    """Train-time transform (for PIL images or uint8 tensors) -> float (3, S, S) in [0, 1]."""
+    from torchvision.transforms import v2
+
+    s = protocol.input_size
+    if protocol.train_aug == "rrc-flip":
+        geo = [v2.RandomResizedCrop(s, antialias=True), v2.RandomHorizontalFlip()]
+    elif protocol.train_aug == "none":
+        geo = [v2.Resize(s, antialias=True), v2.CenterCrop(s)]
+    else:
+        raise ValueError(f"unknown train_aug {protocol.train_aug!r}")
+    return v2.Compose([v2.ToImage(), *geo, v2.ToDtype(torch.float32, scale=True), v2.ToPureTensor()])
+
+
+def test_transform(protocol: ProbeProtocol):
+    """Test-time transform -> float (3, S, S), or (10, 3, S, S) for ten crops."""
+    from torchvision.transforms import v2
+
+    s = protocol.input_size
+    steps = [v2.ToImage(), v2.Resize(protocol.test_resize or s, antialias=True),
+             v2.ToDtype(torch.float32, scale=True), v2.ToPureTensor()]
+    if protocol.test_crops == 10:
+        steps += [v2.TenCrop(s), _StackCrops()]
+    elif protocol.test_crops == 1:
+        steps += [v2.CenterCrop(s)]
+    else:
+        raise ValueError(f"test_crops must be 1 or 10, got {protocol.test_crops}")
+    return v2.Compose(steps)
+
+
+def _native_size(dataset) -> int | None:
+    """The image side of an in-memory dataset whose items need no transform, else None."""
+    images = getattr(dataset, "images", None)
+    if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[-1] == images.shape[-2]:
+        return int(images.shape[-1])
+    return None
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+class LinearProbes(nn.Module):
+    """One BatchNorm1d(affine=False) + Linear per tap."""
+
+    def __init__(self, dims: dict[str, int], num_classes: int, generator: torch.Generator | None = None):
+        super().__init__()
+        self.heads = nn.ModuleDict({
+            name: nn.Sequential(nn.BatchNorm1d(d, affine=False), nn.Linear(d, num_classes))
+            for name, d in dims.items()
+        })
+        for head in self.heads.values():  # DeepCluster's init: N(0, 0.01), zero bias
+            nn.init.normal_(head[1].weight, 0.0, 0.01, generator=generator)
+            nn.init.zeros_(head[1].bias)
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: head(feats[name]) for name, head in self.heads.items()}
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The minibatches (index tensors) of one epoch: a seeded permutation; a last batch of 1 is dropped
+    (BatchNorm cannot train on it)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    batches = list(torch.randperm(n, generator=g).split(batch_size))
+    if len(batches[-1]) < 2:
+        batches.pop()
+    return batches
+
+
+class _Batches(torch.utils.data.Sampler):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter([b.tolist() for b in self.batches])
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def _topk_correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hit = top == y[:, None]
+    return int(hit[:, 0].sum()), int(hit.any(1).sum())
+
+
+def _bar(total, desc, enabled, unit="it"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not (enabled and sys.stderr.isatty()),
+                dynamic_ncols=True, leave=False)
+
+
+class _Runner:
+    """Holds the frozen trunk and the data for one probe run."""
+
+    def __init__(self, trunk, train, test, protocol, device, seed, progress, workers):
+        self.trunk, self.train, self.test = trunk, train, test
+        self.protocol, self.device, self.seed = protocol, device, seed
+        self.progress, self.workers = progress, workers
+        self.channels_last = True  # faster for these convs on CPU (oneDNN) and CUDA alike
+
+    # -- one batch of images -> stored-precision features
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        from monossl.device import autocast
+
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device):
+            feats = pooled_features(self.trunk, x, self.protocol.pools)
+        return {k: _to_store(v.float()) for k, v in feats.items()}
+
+    def loader(self, dataset, transform, batch_sampler=None, batch_size=None, epoch=0):
+        kw = dict(num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        if self.workers:  # worker seeds (hence random crops) from the seed and the epoch
+            kw["generator"] = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        if batch_sampler is not None:
+            return torch.utils.data.DataLoader(dataset.with_transform(transform), batch_sampler=batch_sampler, **kw)
+        return torch.utils.data.DataLoader(dataset.with_transform(transform), batch_size=batch_size,
+                                           shuffle=False, **kw)
+
+    # -- cached path
+    def extract(self, dataset, dims: dict[str, int], desc: str) -> dict[str, torch.Tensor]:
+        n = len(dataset)
+        store = self.device if (self.device.type == "cuda" and _fits_on_gpu(n, dims)) else torch.device("cpu")
+        cache = {k: torch.empty(n, d, dtype=torch.float16, device=store) for k, d in dims.items()}
+        chunk = 256
+        with _bar(n, desc, self.progress, unit="img") as bar:
+            if _native_size(dataset) == self.protocol.input_size:
+                for i in range(0, n, chunk):  # in-memory uint8 images: slice, no per-item overhead
+                    x = dataset.images[i:i + chunk].float().div_(255)
+                    for k, v in self.features(x).items():
+                        cache[k][i:i + len(x)] = v
+                    bar.update(len(x))
+            else:
+                i = 0
+                for x, _y in self.loader(dataset, test_transform(self.protocol), batch_size=chunk):
+                    for k, v in self.features(x).items():
+                        cache[k][i:i + len(x)] = v
+                    i += len(x)
+                    bar.update(len(x))
+        return cache
+
+    def cached_batches(self, cache, labels, batches):
+        for idx in batches:
+            yield ({k: v[idx.to(v.device)].to(self.device, non_blocking=True).float() for k, v in cache.items()},
+                   labels[idx].to(self.device))
+
+    def cached_eval(self, probes, cache, labels):
+        n = len(labels)
+        correct = {k: [0, 0] for k in cache}
+        with torch.no_grad():
+            for i in range(0, n, 1024):
+                y = labels[i:i + 1024].to(self.device)
+                logits = probes({k: v[i:i + 1024].to(self.device).float() for k, v in cache.items()})
+                for k, lg in logits.items():
+                    c1, c5 = _topk_correct(lg.float(), y)
+                    correct[k][0] += c1
+                    correct[k][1] += c5
+        return {k: (100.0 * c1 / n, 100.0 * c5 / n) for k, (c1, c5) in correct.items()}
+
+    # -- streaming path
+    def streamed_batches(self, batches, epoch):
+        native = _native_size(self.train) == self.protocol.input_size and self.protocol.train_aug == "none"
+        if native:  # no augmentation on in-memory data at its own size: same images as the cache path
+            for idx in batches:
+                x = self.train.images[idx].float().div_(255)
+                yield {k: v.float() for k, v in self.features(x).items()}, self.train.labels[idx].to(self.device)
+            return
+        for x, y in self.loader(self.train, train_transform(self.protocol), batch_sampler=_Batches(batches),
+                                epoch=epoch):
+            yield {k: v.float() for k, v in self.features(x).items()}, y.to(self.device)
+
+    def streamed_eval(self, probes):
+        n_crops = self.protocol.test_crops
+        n = len(self.test)
+        correct = {k: [0, 0] for k in self.protocol.pools}
+        bs = max(1, self.protocol.batch_size // n_crops) if n_crops > 1 else self.protocol.batch_size
+        if _native_size(self.test) == self.protocol.input_size and n_crops == 1 and not self.protocol.test_resize:
+            it = ((self.test.images[i:i + bs].float().div_(255), self.test.labels[i:i + bs]) for i in range(0, n, bs))
+        else:
+            it = self.loader(self.test, test_transform(self.protocol), batch_size=bs)
+        with torch.no_grad():
+            for x, y in it:
+                if x.ndim == 5:  # (B, crops, C, H, W)
+                    x = x.flatten(0, 1)
+                logits = probes({k: v.float() for k, v in self.features(x).items()})
+                y = y.to(self.device)
+                for k, lg in logits.items():
+                    c1, c5 = _topk_correct(average_crop_logits(lg.float(), n_crops), y)
+                    correct[k][0] += c1
+                    correct[k][1] += c5
+        return {k: (100.0 * c1 / n, 100.0 * c5 / n) for k, (c1, c5) in correct.items()}
+
+
+def _fits_on_gpu(n: int, dims: dict[str, int]) -> bool:
+    try:
+        free, _total = torch.cuda.mem_get_info()
+    except Exception:  # pragma: no cover
+        return False
+    return n * sum(dims.values()) * 2 < 0.4 * free
+
+
+def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", device="auto", seed: int = 0,
+              out_dir=None, progress: bool = True, verbose: bool = True, meta: dict | None = None,
+              dataset: str | None = None, cache: bool = True, workers: int | None = None,
+              return_probes: bool = False):
+    """Train linear probes on every tap of a frozen `trunk`; returns the results dict.
+
+    train / test: datasets of `monossl.data.datasets` (TensorImages or FolderImages, or any
+    dataset with `.labels`, `.classes` and `with_transform`). protocol: a ProbeProtocol or a
+    preset name. device: "auto"/"cpu"/"cuda" or a torch.device. out_dir: if given, results.json
+    and results.md are written there (atomically). cache=False forces the streaming path
+    (for checks). The caller's trunk is not modified (a frozen copy is probed).
+    With return_probes=True returns (result, LinearProbes).
+    """
+    from monossl.device import resolve_device
+
+    t_start = time.perf_counter()
+    protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol
+    device = resolve_device(device) if isinstance(device, str) else device
+    check_trunk(trunk, protocol)
+    classes = list(train.classes)
+    num_classes = len(classes)
+    if list(test.classes) != classes:
+        raise UserError(f"train and test have different classes ({len(classes)} vs {len(test.classes)})")
+    if len(train) < 2 or len(test) < 1:
+        raise UserError(f"too few images to probe: {len(train)} train, {len(test)} test")
+    if workers is None:
+        workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+
+    frozen = copy.deepcopy(trunk).to(device).eval().requires_grad_(False)
+    frozen = frozen.to(memory_format=torch.channels_last)
+    shapes = pooled_shapes(frozen, protocol)
+    dims = {k: v["pooled_size"] for k, v in shapes.items()}
+    use_cache = cache and protocol.cacheable
+    if verbose:
+        print(f"probe {protocol.summary()}")
+        print(f"  data: {dataset or getattr(train, 'source', '?')}: {len(train)} train / {len(test)} test, "
+              f"{num_classes} classes; device {device}; seed {seed}")
+        for k, s in shapes.items():
+            print(f"  {k}: {'x'.join(map(str, s['shape']))} -> {protocol.pools[k].describe()} -> "
+                  f"{'x'.join(map(str, s['pooled_shape']))} = {s['pooled_size']} values")
+        if use_cache:
+            mb = (len(train) + len(test)) * sum(dims.values()) * 2 / 2**20
+            print(f"  caching pooled features in fp16: {mb:.0f} MiB")
+
+    runner = _Runner(frozen, train, test, protocol, device, seed, progress, workers)
+    timings = {}
+    history = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        probes = LinearProbes(dims, num_classes, generator=g).to(device)
+
+        if use_cache:
+            t0 = time.perf_counter()
+            train_cache = runner.extract(train, dims, "features (train)")
+            test_cache = runner.extract(test, dims, "features (test)")
+            train_labels, test_labels = train.labels.clone(), test.labels.clone()
+            timings["extract_s"] = round(time.perf_counter() - t0, 2)
+
+        opt = torch.optim.SGD(probes.parameters(), lr=protocol.lr, momentum=protocol.momentum,
+                              weight_decay=protocol.weight_decay)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(protocol.milestones), gamma=protocol.gamma)
+        t0 = time.perf_counter()
+        eval_s = 0.0
+        n_train = len(train)
+        steps_per_epoch = len(epoch_batches(n_train, protocol.batch_size, seed, 1))
+        with _bar(protocol.epochs * steps_per_epoch, f"probe {protocol.name}", progress, unit="step") as bar:
+            for epoch in range(1, protocol.epochs + 1):
+                probes.train()
+                batches = epoch_batches(n_train, protocol.batch_size, seed, epoch)
+                it = (runner.cached_batches(train_cache, train_labels, batches) if use_cache
+                      else runner.streamed_batches(batches, epoch))
+                loss_sum = {k: 0.0 for k in dims}
+                seen = 0
+                lr = opt.param_groups[0]["lr"]
+                for feats, y in it:
+                    logits = probes(feats)
+                    losses = {k: F.cross_entropy(lg, y) for k, lg in logits.items()}
+                    opt.zero_grad(set_to_none=True)
+                    sum(losses.values()).backward()
+                    opt.step()
+                    for k, v in losses.items():
+                        loss_sum[k] += float(v) * len(y)
+                    seen += len(y)
+                    bar.update(1)
+                sched.step()
+                record = {"epoch": epoch, "lr": lr, "loss": {k: round(v / max(seen, 1), 4) for k, v in loss_sum.items()}}
+                if epoch % protocol.eval_every == 0 or epoch == protocol.epochs:
+                    te = time.perf_counter()
+                    probes.eval()
+                    acc = (runner.cached_eval(probes, test_cache, test_labels) if use_cache
+                           else runner.streamed_eval(probes))
+                    eval_s += time.perf_counter() - te
+                    record["top1"] = {k: round(a[0], 2) for k, a in acc.items()}
+                    record["top5"] = {k: round(a[1], 2) for k, a in acc.items()}
+                    bar.set_postfix_str(f"epoch {epoch} top-1 " + "/".join(f"{a[0]:.1f}" for a in acc.values()))
+                history.append(record)
+        timings["train_s"] = round(time.perf_counter() - t0, 2)
+        timings["eval_s"] = round(eval_s, 2)
+    timings["total_s"] = round(time.perf_counter() - t_start, 2)
+
+    final = history[-1]
+    taps = {}
+    for k in dims:
+        evald = [h for h in history if "top1" in h]
+        best = max(evald, key=lambda h: h["top1"][k])  # first epoch reaching the max
+        taps[k] = {**shapes[k], "top1": final["top1"][k], "top5": final["top5"][k],
+                   "best_top1": best["top1"][k], "best_epoch": best["epoch"]}
+    result = {
+        "protocol": protocol.to_dict(),
+        "seed": seed,
+        "dataset": dataset or getattr(train, "source", None),
+        "n_train": len(train),
+        "n_test": len(test),
+        "num_classes": num_classes,
+        "trunk": {"arch": trunk.arch, "config": dict(getattr(trunk, "config", {})), "meta": dict(meta or {})},
+        "taps": taps,
+        "cached_features": use_cache,
+        "device": str(device),
+        "timings": timings,
+        "history": history,
+    }
+    from monossl.runs import environment
+
+    result["environment"] = environment()
+    if verbose:
+        print(results_markdown(result), end="")
+        t = timings
+        print(f"  time: {t['total_s']:.0f} s" + (f" (features {t['extract_s']:.0f} s, " if "extract_s" in t else " (")
+              + f"probe training {t['train_s']:.0f} s incl. evaluation {t['eval_s']:.0f} s)")
+    if out_dir is not None:
+        write_results(out_dir, result)
+        if verbose:
+            print(f"  wrote {Path(out_dir) / 'results.json'} and results.md")
+    return (result, probes) if return_probes else result
+
+
+def results_markdown(result: dict) -> str:
+    from monossl.runs import markdown_table
+
+    p = result["protocol"]
+    tr = result["trunk"]
+    source = tr["meta"].get("method") or tr["meta"].get("source") or ""
+    header = ["tap", "pooled size", "top-1 (final)", "top-5 (final)", "best top-1 (extra)", "best epoch"]
+    rows = [[k, v["pooled_size"], float(v["top1"]), float(v["top5"]), float(v["best_top1"]), v["best_epoch"]]
+            for k, v in result["taps"].items()]
+    ms = ",".join(map(str, p["milestones"])) or "none"
+    lines = [
+        f"Linear probes, protocol `{p['name']}` ({p['epochs']} epochs, lr {p['lr']:g} x{p['gamma']:g} after {ms}, "
+        f"wd {p['weight_decay']:g}, batch {p['batch_size']}, train aug {p['train_aug']}, test crops {p['test_crops']}); "
+        f"trunk {tr['arch']}{' (' + source + ')' if source else ''}; data {result['dataset']} "
+        f"({result['n_train']} train / {result['n_test']} test); seed {result['seed']}. "
+        f"Top-1/top-5 at the final epoch; best top-1 over epochs is extra (optimistic).",
+        "",
+    ]
+    return "\n".join(lines) + markdown_table(header, rows)
+
+
+def write_results(out_dir, result: dict) -> None:
+    from monossl.runs import ensure_writable_dir, write_json, write_text
+
+    out = ensure_writable_dir(out_dir)
+    write_json(out / "results.json", result)
+    write_text(out / "results.md", results_markdown(result))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def configure(parser) -> None:
+    from monossl.data.datasets import SPEC_HELP
+
+    parser.add_argument("run_dir", nargs="?", help="a run directory (its trunk.pt) or a trunk checkpoint file")
+    parser.add_argument("--random", action="store_true", help="probe a randomly initialised trunk (from --seed)")
+    parser.add_argument("--arch", default=None, help="trunk architecture: for --random (default: the protocol's), "
+                        "or the architecture RUN_DIR must hold")
+    parser.add_argument("--data", default="cifar10", help=f"labelled dataset: {SPEC_HELP} (default: cifar10)")
+    parser.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
+                        help="probe protocol (default: cifar for the cifar trunk, asano-max for AlexNets)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (milestones scale)")
+    parser.add_argument("--lr", type=float, default=None, help="override the protocol's learning rate")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the protocol's batch size")
+    parser.add_argument("--weight-decay", type=float, default=None, help="override the protocol's weight decay")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the probes (and of the --random trunk)")
+    parser.add_argument("--subset", type=int, default=None, metavar="N",
+                        help="probe on a class-balanced subset of N training images")
+    parser.add_argument("--test-subset", type=int, default=None, metavar="N",
+                        help="evaluate on a class-balanced subset of N test images")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--workers", type=int, default=None, help="data-loading processes for the augmentation path")
+    parser.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10 if not found")
+    parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/probe-<protocol>)")
+
+
+def run(args) -> int:
+    from monossl.data.datasets import load_pair, subset
+    from monossl.device import resolve_device
+    from monossl.models import ARCHS, build_trunk, load_trunk
+    from monossl.runs import ensure_writable_dir
+
+    if args.random and args.run_dir:
+        raise UserError("give a RUN_DIR or --random, not both")
+    if not args.random and not args.run_dir:
+        raise UserError("give a RUN_DIR to probe, or --random --arch ARCH --out DIR")
+    if args.arch is not None and args.arch not in ARCHS:
+        raise UserError(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
+    device = resolve_device(args.device)
+
+    if args.random:
+        if not args.out:
+            raise UserError("--random needs --out DIR (there is no run directory to write into)")
+        arch = args.arch or (get_protocol(args.protocol).archs[0] if args.protocol else "cifar")
+        protocol = get_protocol(args.protocol or DEFAULT_PROTOCOL[arch])
+        torch.manual_seed(args.seed)
+        trunk = build_trunk(arch)
+        meta = {"method": "random", "seed": args.seed}
+        where = f"--random --arch {arch}"
+        out = Path(args.out)
+    else:
+        trunk, meta = load_trunk(args.run_dir, expect_arch=args.arch)
+        meta = {**meta, "source": str(args.run_dir)}
+        protocol = get_protocol(args.protocol or DEFAULT_PROTOCOL.get(trunk.arch, "cifar"))
+        where = str(args.run_dir)
+        rd = Path(args.run_dir)
+        out = Path(args.out) if args.out else (rd if rd.is_dir() else rd.parent) / f"probe-{protocol.name}"
+    check_trunk(trunk, protocol, where)
+    protocol = protocol.with_overrides(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                       weight_decay=args.weight_decay)
+    ensure_writable_dir(out)
+
+    train, test = load_pair(args.data, download=args.download)
+    if args.subset:
+        train = subset(train, args.subset, seed=args.seed)
+    if args.test_subset:
+        test = subset(test, args.test_subset, seed=args.seed)
+    run_probe(trunk, train, test, protocol, device=device, seed=args.seed, out_dir=out, progress=True,
+              meta=meta, dataset=args.data, workers=args.workers)
+    return 0
