@@ -67,6 +67,11 @@ DEFAULT_FIXED_AREA = 0.44
 
 FILL_MODES = ("black", "none")
 
+# Pyramid level choice: lod = log2(source pixels per output pixel) + LOD_BIAS, trilinear
+# between floor(lod) and floor(lod) + 1. -0.5 matched Pillow's antialiased bicubic resize
+# best over scales 1.5x-30x (on a photograph and a zone plate; see docs/patches.md).
+LOD_BIAS = -0.5
+
 
 @dataclass(frozen=True)
 class PatchConfig:
@@ -362,25 +367,28 @@ def _decimate(x: torch.Tensor) -> torch.Tensor:
 
 class _Pyramid:
     """One image's levels packed into one texture: level 0 on the left, levels 1.. stacked
-    in a column to its right. `table[l] = (x offset, y offset, width, height)`."""
+    in a column to its right, each with a one-texel replicated border (so bilinear samples
+    up to half a texel outside a level read that level's edge, never a neighbour).
+    `table[l] = (x offset, y offset, width, height)` of level l's interior; values are
+    clamped to [0, 1] (the bicubic filter rings slightly), so every sample is in [0, 1]."""
 
     def __init__(self, image: torch.Tensor, min_side: int = 2):
-        levels = [image[None]]
+        levels = [image[None].clamp(0.0, 1.0)]
         while min(levels[-1].shape[2:]) >= 2 * min_side:
-            levels.append(_decimate(levels[-1]))
+            levels.append(_decimate(levels[-1]).clamp_(0.0, 1.0))
         h0, w0 = levels[0].shape[2:]
-        col_w = levels[1].shape[3] if len(levels) > 1 else 0
-        col_h = sum(lv.shape[2] for lv in levels[1:])
-        tex = image.new_zeros(1, 3, max(h0, col_h), w0 + col_w)
+        col_w = levels[1].shape[3] + 2 if len(levels) > 1 else 0
+        col_h = sum(lv.shape[2] + 2 for lv in levels[1:])
+        tex = image.new_zeros(1, 3, max(h0 + 2, col_h), w0 + 2 + col_w)
         table = []
         y = 0
         for i, lv in enumerate(levels):
             h, w = lv.shape[2:]
-            ox, oy = (0, 0) if i == 0 else (w0, y)
-            tex[:, :, oy:oy + h, ox:ox + w] = lv
+            ox, oy = (0, 0) if i == 0 else (w0 + 2, y)
+            tex[:, :, oy:oy + h + 2, ox:ox + w + 2] = F.pad(lv, (1, 1, 1, 1), mode="replicate")
             if i > 0:
-                y += h
-            table.append((ox, oy, w, h))
+                y += h + 2
+            table.append((ox + 1, oy + 1, w, h))
         self.texture = tex.contiguous()
         self.table = np.array(table, dtype=np.float64)
         self.max_level = len(levels) - 1
@@ -553,6 +561,12 @@ class PatchStream:
         return A, t, Q, q
 
     # ------------------------------------------------------------------ pixels
+    def level_of_detail(self, p: PatchParams) -> np.ndarray:
+        """log2(source pixels per output pixel) along the step-2 box axes, biased by
+        LOD_BIAS; the pyramid levels sampled are floor(lod) and floor(lod) + 1."""
+        R = self.config.resize_side
+        return np.log2(np.maximum(np.maximum(p.box_w, p.box_h) / R, 1e-12)) + LOD_BIAS
+
     def render(self, p: PatchParams) -> torch.Tensor:
         """Pixels of the patches described by `p`: (B, 3, S, S) float32 in [0, 1]."""
         S = self.config.size
@@ -562,114 +576,117 @@ class PatchStream:
             return out
         step = max(1, self.chunk_pixels // (S * S))
         for start in range(0, n, step):
-            sel = slice(start, min(n, start + step))
-            out[sel] = self._render_chunk(p.subset(sel))
+            stop = min(n, start + step)
+            self._render_chunk(p.subset(slice(start, stop)), out[start:stop])
         return out
 
-    def _render_chunk(self, p: PatchParams) -> torch.Tensor:
+    def _affine_fill(self, buf: torch.Tensor, coef: np.ndarray, S: int) -> torch.Tensor:
+        """buf[b, i, j, c] = coef[b, c, 0] * u_j + coef[b, c, 1] * v_i + coef[b, c, 2]
+        (u, v: output pixel centres), written without an intermediate (B, S, S, 2) copy."""
+        n = coef.shape[0]
+        cf = torch.from_numpy(coef.astype(np.float32)).to(self.device)
+        for c in range(buf.shape[-1]):
+            row = cf[:, c, 0].view(n, 1, 1) * self._u + cf[:, c, 2].view(n, 1, 1)
+            col = cf[:, c, 1].view(n, 1, 1) * self._v
+            torch.add(row, col, out=buf[..., c])
+        return buf
+
+    def _render_chunk(self, p: PatchParams, out: torch.Tensor) -> None:
         cfg = self.config
         S, R = cfg.size, cfg.resize_side
         n = len(p)
         dev = self.device
         A, t, Q, q = self.output_to_source(p)
-        # level of detail: log2 of source pixels per output pixel along the box axes
-        lod = np.log2(np.maximum(np.maximum(p.box_w, p.box_h) / R, 1e-12))
-        out = torch.empty(n, 3, S, S, device=dev)
+        lod = self.level_of_detail(p)
+        needs_fill = np.zeros(n, dtype=bool)
+        if cfg.fill == "black":
+            # only patches whose output-square corners leave the R x R square get fill
+            corners = np.array([[0.5, 0.5], [S - 0.5, 0.5], [0.5, S - 0.5], [S - 0.5, S - 0.5]])
+            pre = np.einsum("bij,cj->bci", Q, corners) + q[:, None, :]
+            needs_fill = ((pre < 0) | (pre >= R)).any(axis=(1, 2))
+        # work in an order where each (source, fill, jitter) group is one contiguous slice
+        order = np.lexsort((p.jitter, needs_fill, p.source))
+        buf = torch.empty(3, n, S, S, device=dev)
+        grid = torch.empty(2 * n, S, S, 2, device=dev)
         for k, pyr in enumerate(self.pyramids):
-            rows = np.nonzero(p.source == k)[0] if self.num_images > 1 else np.arange(n)
+            rows = order[p.source[order] == k]
             if len(rows) == 0:
                 continue
+            a, b = np.searchsorted(p.source[order], [k, k + 1])
+            m = b - a
             lk = np.clip(lod[rows], 0.0, pyr.max_level)
             l0 = np.floor(lk).astype(np.int64)
             l1 = np.minimum(l0 + 1, pyr.max_level)
-            frac = (lk - l0).astype(np.float32)
-            # per (patch, level): coordinate scale, texel clamp range and texture offset
             lv = np.concatenate([l0, l1])
             sc = 0.5 ** lv
-            tab = pyr.table[lv]  # ox, oy, w, h
+            tab = pyr.table[lv]
             tex_h, tex_w = pyr.texture.shape[2:]
-            # x_tex = clamp(x_src * sc, 0.5, w - 0.5) + ox, normalised: 2 x_tex / W - 1
+            # texture coordinate = source * 0.5^level + level offset, normalised to [-1, 1]
             Ak = np.concatenate([A[rows], A[rows]]) * sc[:, None, None]
-            tk = np.concatenate([t[rows], t[rows]]) * sc[:, None]
-            prm = np.stack([
-                Ak[:, 0, 0], Ak[:, 0, 1], tk[:, 0], Ak[:, 1, 0], Ak[:, 1, 1], tk[:, 1],
-                np.full(len(lv), 0.5), tab[:, 2] - 0.5, np.full(len(lv), 0.5), tab[:, 3] - 0.5,
-                tab[:, 0], tab[:, 1],
-            ], axis=1)
-            prm = torch.from_numpy(prm.astype(np.float32)).to(dev)
-            col = [prm[:, i].view(-1, 1, 1) for i in range(12)]
-            x = col[0] * self._u + col[1] * self._v + col[2]
-            y = col[3] * self._u + col[4] * self._v + col[5]
-            x = torch.maximum(torch.minimum(x, col[7]), col[6]) + col[10]
-            y = torch.maximum(torch.minimum(y, col[9]), col[8]) + col[11]
-            grid = torch.stack([x * (2.0 / tex_w) - 1.0, y * (2.0 / tex_h) - 1.0], dim=-1)
-            m = len(rows)
-            sampled = F.grid_sample(pyr.texture, grid.view(1, 2 * m * S, S, 2), mode="bilinear",
+            tk = np.concatenate([t[rows], t[rows]]) * sc[:, None] + tab[:, :2]
+            norm = np.array([2.0 / tex_w, 2.0 / tex_h])
+            coef = np.concatenate([Ak, tk[:, :, None]], axis=2) * norm[None, :, None]
+            coef[:, :, 2] -= 1.0
+            g = self._affine_fill(grid[: 2 * m], coef, S)
+            sampled = F.grid_sample(pyr.texture, g.view(1, 2 * m * S, S, 2), mode="bilinear",
                                     padding_mode="border", align_corners=False)
             sampled = sampled.view(3, 2, m, S, S)
-            w1 = torch.from_numpy(frac).to(dev).view(1, m, 1, 1)
-            mixed = sampled[:, 0] + (sampled[:, 1] - sampled[:, 0]) * w1  # (3, m, S, S)
-            if self.num_images > 1:
-                out[torch.from_numpy(rows).to(dev)] = mixed.permute(1, 0, 2, 3)
-            else:
-                out.copy_(mixed.permute(1, 0, 2, 3))
-        out.clamp_(0.0, 1.0)  # the bicubic pyramid filter can ring slightly outside [0, 1]
-        if cfg.fill == "black":
-            self._apply_fill(out, Q, q)
-        return self._jitter(out, p)
+            w1 = torch.from_numpy((lk - l0).astype(np.float32)).to(dev).view(1, m, 1, 1)
+            diff = sampled[:, 1] - sampled[:, 0]
+            diff.mul_(w1)
+            torch.add(sampled[:, 0], diff, out=buf[:, a:b])
+        if needs_fill.any():
+            self._apply_fill(buf, order, needs_fill, Q, q)
+        if p.jitter.any():
+            self._jitter(buf, order, p)
+        out.index_copy_(0, torch.from_numpy(order).to(dev), buf.permute(1, 0, 2, 3))
 
-    def _apply_fill(self, out: torch.Tensor, Q: np.ndarray, q: np.ndarray) -> None:
-        """Zero the pixels whose pre-image lies outside the R x R resized crop (as PIL's
-        affine transform does: a sample point outside [0, R) is fill)."""
+    @staticmethod
+    def _runs(flags: np.ndarray):
+        """(start, stop) of each run of True in a boolean array."""
+        d = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+        return zip(np.nonzero(d == 1)[0], np.nonzero(d == -1)[0])
+
+    def _apply_fill(self, buf, order, needs_fill, Q, q) -> None:
+        """Zero the pixels whose pre-image lies outside the R x R resized crop, as PIL's
+        affine transform does (a sample point outside [0, R) is fill)."""
         S, R = self.config.size, self.config.resize_side
-        # only patches whose output-square corners leave [0, R) can have fill pixels
-        corners = np.array([[0.5, 0.5], [S - 0.5, 0.5], [0.5, S - 0.5], [S - 0.5, S - 0.5]])
-        pre = np.einsum("bij,cj->bci", Q, corners) + q[:, None, :]
-        needs = np.nonzero(((pre < 0) | (pre >= R)).any(axis=(1, 2)))[0]
-        if len(needs) == 0:
-            return
-        prm = np.concatenate([Q[needs].reshape(-1, 4), q[needs]], axis=1)
-        prm = torch.from_numpy(prm.astype(np.float32)).to(self.device)
-        col = [prm[:, i].view(-1, 1, 1) for i in range(6)]
-        x = col[0] * self._u + col[1] * self._v + col[4]
-        y = col[2] * self._u + col[3] * self._v + col[5]
-        inside = (x >= 0) & (x < R) & (y >= 0) & (y < R)
-        sel = torch.from_numpy(needs).to(self.device)
-        out[sel] = out[sel] * inside.unsqueeze(1).to(out.dtype)
+        for a, b in self._runs(needs_fill[order]):
+            rows = order[a:b]
+            coef = np.concatenate([Q[rows], q[rows][:, :, None] - R / 2.0], axis=2)
+            pre = self._affine_fill(torch.empty(b - a, S, S, 2, device=self.device), coef, S)
+            # inside iff |x - R/2| <= R/2 and the same for y (boundary: x = R counts as fill)
+            half = R / 2.0
+            inside = (pre[..., 0] >= -half) & (pre[..., 0] < half) & (pre[..., 1] >= -half) & (pre[..., 1] < half)
+            buf[:, a:b].mul_(inside.unsqueeze(0))
 
-    def _jitter(self, x: torch.Tensor, p: PatchParams) -> torch.Tensor:
-        """Colour jitter as one per-patch 3x3 matrix plus offset, clamped once."""
-        rows = np.nonzero(p.jitter)[0]
-        if len(rows) == 0:
-            return x
+    def _jitter(self, buf, order, p: PatchParams) -> None:
+        """Colour jitter as one 3x3 matrix plus offset per patch, clamped once."""
         dev = self.device
-        mats = colour_matrices(p.brightness[rows], p.saturation[rows], p.hue[rows])
-        cf = p.contrast[rows]
-        sel = torch.from_numpy(rows).to(dev) if len(rows) < len(p) else None
-        xs = x[sel] if sel is not None else x
-        m = len(rows)
-        # patch mean colour, summed exactly (integers in float64) so it does not depend on
-        # how the reduction is split over threads or batch rows
-        q = torch.round(xs.reshape(m, 3, -1) * 16777216.0).sum(dim=2, dtype=torch.float64)
-        mean = q.cpu().numpy() / (16777216.0 * xs.shape[2] * xs.shape[3])  # (m, 3)
-        grey = np.einsum("c,bcd,bd->b", np.array(GREY), mats, mean)
-        lin = mats * cf[:, None, None]
-        off = (1.0 - cf) * grey
-        coef = torch.from_numpy(np.concatenate([lin.reshape(m, 9), off[:, None]], axis=1)
-                                .astype(np.float32)).to(dev)
-        r, g, b = xs[:, 0], xs[:, 1], xs[:, 2]
-        chans = []
-        for ch in range(3):
-            c0 = coef[:, 3 * ch].view(m, 1, 1)
-            c1 = coef[:, 3 * ch + 1].view(m, 1, 1)
-            c2 = coef[:, 3 * ch + 2].view(m, 1, 1)
-            v = r * c0 + g * c1 + b * c2 + coef[:, 9].view(m, 1, 1)
-            chans.append(v)
-        res = torch.stack(chans, dim=1).clamp_(0.0, 1.0)
-        if sel is None:
-            return res
-        x[sel] = res
-        return x
+        S = self.config.size
+        for a, b in self._runs(p.jitter[order]):
+            rows = order[a:b]
+            m = b - a
+            x = buf[:, a:b]  # (3, m, S, S)
+            mats = colour_matrices(p.brightness[rows], p.saturation[rows], p.hue[rows])
+            cf = p.contrast[rows]
+            # patch mean colour, summed exactly (integers in float64), so it does not depend
+            # on how a reduction is split over threads or batch rows
+            qsum = torch.round(x.reshape(3, m, S * S) * 16777216.0).sum(dim=2, dtype=torch.float64)
+            mean = qsum.cpu().numpy().T / (16777216.0 * S * S)  # (m, 3)
+            grey = np.einsum("c,bcd,bd->b", np.array(GREY), mats, mean)
+            lin = mats * cf[:, None, None]
+            off = (1.0 - cf) * grey
+            coef = torch.from_numpy(np.concatenate([lin.reshape(m, 9), off[:, None]], axis=1)
+                                    .T.astype(np.float32).copy()).to(dev)  # (10, m)
+            col = [coef[i].view(m, 1, 1) for i in range(10)]
+            r, g, bl = x[0].clone(), x[1].clone(), x[2]
+            for ch in range(3):
+                v = r * col[3 * ch]
+                v.add_(g * col[3 * ch + 1])
+                v.add_(bl * col[3 * ch + 2])  # x[2] is overwritten only after its last read
+                v.add_(col[9])
+                torch.clamp(v, 0.0, 1.0, out=x[ch])
 
     # ------------------------------------------------------------------ public faces
     def batch(self, indices) -> torch.Tensor:
