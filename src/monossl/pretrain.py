@@ -52,6 +52,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (created; rerun with --resume to continue)")
     p.add_argument("--arch", default="cifar", help=f"trunk: {', '.join(ARCHS)} (default cifar)")
     p.add_argument("--conv1-kernel", type=int, default=None, help="CIFAR trunk: conv1 kernel size")
+    p.add_argument("--widths", default=None, help="CIFAR trunk: channels of conv1..conv4, e.g. 64,128,256,512")
     p.add_argument("--sobel", action="store_true", help="fixed Sobel front-end (greyscale + gradients)")
     p.add_argument("--image", action="append", default=None,
                    help="source image (path or builtin:NAME); repeat for several; omit to use --data's images")
@@ -59,6 +60,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch", action="append", default=[], metavar="KEY=VALUE",
                    help="override a patch-stream parameter, e.g. --patch rotation_degrees=10")
     p.add_argument("--patch-size", type=int, default=None, help="patch side S (default 32 for cifar, 256 for AlexNet)")
+    p.add_argument("--patch-device", default=None, help="where to make patches: cpu or cuda (default: --device)")
     p.add_argument("--num-patches", type=int, default=None,
                    help="use the stream's first N patches as a fixed training set (epochs); default: unlimited "
                         "(DeepCluster: 20000)")
@@ -67,6 +69,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="training epochs over a finite set (instead of --steps)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (RotNet: x4 samples)")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the method's)")
+    p.add_argument("--crop-scale", default=None, metavar="MIN,MAX",
+                   help="area range of the method's own random-resized crop (default: the method's)")
     p.add_argument("--clusters", type=int, default=None, help="DeepCluster: k (default scaled to the set size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -88,7 +92,19 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def build_source(args, trunk, seed: int, method_needs: str):
+def parse_range(option: str, text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} wants MIN,MAX, got {text!r}") from None
+    if not 0 < low <= high <= 1:
+        raise UserError(f"{option} wants 0 < MIN <= MAX <= 1, got {text!r}")
+    return low, high
+
+
+def build_source(args, trunk, seed: int, method_needs: str, device=None):
     """The training data: patch stream of --image, or --data's images (with labels when needed)."""
     from monossl.data.batches import StreamSource, TensorSource
 
@@ -109,7 +125,9 @@ def build_source(args, trunk, seed: int, method_needs: str):
 
     size = args.patch_size or (32 if trunk.input_size <= 64 else 256)
     patch_config = make_config(args.preset, size=size, **parse_overrides(args.patch))
-    stream = PatchStream(load_images(args.image), patch_config, seed=seed)
+    # patches are made where the training runs (on the GPU when there is one), unless asked otherwise
+    stream_device = resolve_device(args.patch_device) if args.patch_device else (device or "cpu")
+    stream = PatchStream(load_images(args.image), patch_config, seed=seed, device=stream_device)
     length = args.num_patches
     if length is None and args.method == "deepcluster":
         length = 20000
@@ -129,12 +147,20 @@ def run(args) -> int:
 
     torch.manual_seed(args.seed)
     trunk_config = {"sobel": True} if args.sobel else {}
+    if (args.conv1_kernel is not None or args.widths is not None) and args.arch != "cifar":
+        raise UserError("--conv1-kernel and --widths apply to --arch cifar only")
     if args.conv1_kernel is not None:
-        if args.arch != "cifar":
-            raise UserError("--conv1-kernel applies to --arch cifar only")
         trunk_config["conv1_kernel"] = args.conv1_kernel
+    if args.widths is not None:
+        try:
+            widths = [int(w) for w in args.widths.split(",")]
+        except ValueError:
+            widths = []
+        if len(widths) != 4 or min(widths) <= 0:
+            raise UserError(f"--widths wants four positive channel counts like 64,128,256,512, got {args.widths!r}")
+        trunk_config["widths"] = widths
     trunk = build_trunk(args.arch, **trunk_config)
-    source, data_info = build_source(args, trunk, args.seed, cls.needs)
+    source, data_info = build_source(args, trunk, args.seed, cls.needs, device)
 
     batch_size = args.batch_size or DEFAULT_BATCH.get(args.method, 64)
     if args.epochs is not None:
@@ -147,7 +173,8 @@ def run(args) -> int:
         raise UserError("--steps/--epochs and --batch-size must be positive")
 
     known = {f.name for f in fields(cls.Config)}
-    method_kwargs = {"lr": args.lr, "num_classes": data_info.get("num_classes"), "clusters": args.clusters}
+    method_kwargs = {"lr": args.lr, "num_classes": data_info.get("num_classes"), "clusters": args.clusters,
+                     "crop_scale": parse_range("--crop-scale", args.crop_scale)}
     method_config = cls.Config(**{k: v for k, v in method_kwargs.items() if v is not None and k in known})
     method = cls(trunk, total_steps, method_config)
 

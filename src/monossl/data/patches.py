@@ -67,10 +67,11 @@ DEFAULT_FIXED_AREA = 0.44
 
 FILL_MODES = ("black", "none")
 
-# Pyramid level choice: lod = log2(source pixels per output pixel) + LOD_BIAS, trilinear
-# between floor(lod) and floor(lod) + 1. -0.5 matched Pillow's antialiased bicubic resize
-# best over scales 1.5x-30x (on a photograph and a zone plate; see docs/patches.md).
-LOD_BIAS = -0.5
+# Antialiasing: the source is prefiltered at LEVELS_PER_OCTAVE sizes per octave; a patch
+# samples (bilinear) the level k = floor(LEVELS_PER_OCTAVE * log2(source pixels per output
+# pixel)), i.e. the smallest level whose texels are not larger than the output pixels.
+# Output pixels are then 1 to 1.41 texels apart: no aliasing, little extra blur.
+LEVELS_PER_OCTAVE = 2
 
 
 @dataclass(frozen=True)
@@ -349,50 +350,49 @@ def colour_matrices(brightness, saturation, hue) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- pyramid
 
-# Pillow's bicubic (a = -0.5) filter for a 2x reduction, 8 taps, normalised.
-_DECIMATE = np.array([-0.0234375, -0.0703125, 0.2265625, 0.8671875,
-                      0.8671875, 0.2265625, -0.0703125, -0.0234375]) / 2.0
-
-
-def _decimate(x: torch.Tensor) -> torch.Tensor:
-    """(1, 3, H, W) -> (1, 3, ceil(H/2), ceil(W/2)) with the bicubic reduction filter."""
-    k = torch.tensor(_DECIMATE, dtype=x.dtype, device=x.device)
-    _, c, h, w = x.shape
-    # pad to even size (edge), then 3 px edge padding each side for the 8-tap filter
-    x = F.pad(x, (3, 3 + (w % 2), 3, 3 + (h % 2)), mode="replicate")
-    x = F.conv2d(x.reshape(c, 1, *x.shape[2:]), k.view(1, 1, 1, 8), stride=(1, 2))
-    x = F.conv2d(x, k.view(1, 1, 8, 1), stride=(2, 1))
-    return x.reshape(1, c, *x.shape[2:])
-
-
 class _Pyramid:
-    """One image's levels packed into one texture: level 0 on the left, levels 1.. stacked
-    in a column to its right, each with a one-texel replicated border (so bilinear samples
-    up to half a texel outside a level read that level's edge, never a neighbour).
-    `table[l] = (x offset, y offset, width, height)` of level l's interior; values are
-    clamped to [0, 1] (the bicubic filter rings slightly), so every sample is in [0, 1]."""
+    """An image at LEVELS_PER_OCTAVE sizes per octave (level k: 2^(-k/2) x the size), each
+    level made from the full image with the antialiased bicubic resize Pillow uses
+    (`F.interpolate(antialias=True)`), all shelf-packed into one texture so one
+    `grid_sample` call serves every patch of the image.
 
-    def __init__(self, image: torch.Tensor, min_side: int = 2):
+    Each level has a one-texel replicated border, so a bilinear sample up to half a texel
+    outside a level reads that level's edge, never its neighbour. `table[k] = (x offset,
+    y offset, width, height)` of level k's interior. Values are clamped to [0, 1] (the
+    bicubic filter rings slightly), so every sample is in [0, 1].
+    """
+
+    def __init__(self, image: torch.Tensor, min_side: int = 4):
+        h0, w0 = image.shape[1:]
         levels = [image[None].clamp(0.0, 1.0)]
-        while min(levels[-1].shape[2:]) >= 2 * min_side:
-            levels.append(_decimate(levels[-1]).clamp_(0.0, 1.0))
-        h0, w0 = levels[0].shape[2:]
-        col_w = levels[1].shape[3] + 2 if len(levels) > 1 else 0
-        col_h = sum(lv.shape[2] + 2 for lv in levels[1:])
-        tex = image.new_zeros(1, 3, max(h0 + 2, col_h), w0 + 2 + col_w)
-        table = []
-        y = 0
-        for i, lv in enumerate(levels):
+        k = 1
+        while True:
+            f = 2.0 ** (-k / LEVELS_PER_OCTAVE)
+            h, w = round(h0 * f), round(w0 * f)
+            if min(h, w) < min_side:
+                break
+            lv = F.interpolate(image[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+            levels.append(lv.clamp_(0.0, 1.0))
+            k += 1
+        # shelf packing, largest first; shelf width = the two largest levels side by side
+        sizes = [(lv.shape[2] + 2, lv.shape[3] + 2) for lv in levels]
+        width = sizes[0][1] + (sizes[1][1] if len(sizes) > 1 else 0)
+        places, x, y, shelf_h = [], 0, 0, 0
+        for h, w in sizes:
+            if x + w > width:
+                x, y, shelf_h = 0, y + shelf_h, 0
+            places.append((x, y))
+            x, shelf_h = x + w, max(shelf_h, h)
+        height = y + shelf_h
+        tex = image.new_zeros(1, 3, height, width)
+        for (ox, oy), lv in zip(places, levels):
             h, w = lv.shape[2:]
-            ox, oy = (0, 0) if i == 0 else (w0 + 2, y)
             tex[:, :, oy:oy + h + 2, ox:ox + w + 2] = F.pad(lv, (1, 1, 1, 1), mode="replicate")
-            if i > 0:
-                y += h + 2
-            table.append((ox + 1, oy + 1, w, h))
-        self.texture = tex.contiguous()
-        self.table = np.array(table, dtype=np.float64)
+        self.texture = tex.contiguous(memory_format=torch.channels_last)
+        self.table = np.array([(ox + 1, oy + 1, lv.shape[3], lv.shape[2])
+                               for (ox, oy), lv in zip(places, levels)], dtype=np.float64)
         self.max_level = len(levels) - 1
-        self.height, self.width = image.shape[1:]
+        self.height, self.width = h0, w0
 
 
 # ---------------------------------------------------------------------------- the stream
@@ -562,10 +562,12 @@ class PatchStream:
 
     # ------------------------------------------------------------------ pixels
     def level_of_detail(self, p: PatchParams) -> np.ndarray:
-        """log2(source pixels per output pixel) along the step-2 box axes, biased by
-        LOD_BIAS; the pyramid levels sampled are floor(lod) and floor(lod) + 1."""
+        """Pyramid level of each patch before clipping to the image's levels:
+        floor(LEVELS_PER_OCTAVE * log2(source pixels per output pixel)), the scale taken
+        along the step-2 box axes (where the released generator's antialiased resize is)."""
         R = self.config.resize_side
-        return np.log2(np.maximum(np.maximum(p.box_w, p.box_h) / R, 1e-12)) + LOD_BIAS
+        s = np.maximum(np.maximum(p.box_w, p.box_h) / R, 1e-12)
+        return np.floor(LEVELS_PER_OCTAVE * np.log2(s) + 1e-9).astype(np.int64)
 
     def render(self, p: PatchParams) -> torch.Tensor:
         """Pixels of the patches described by `p`: (B, 3, S, S) float32 in [0, 1]."""
@@ -580,7 +582,7 @@ class PatchStream:
             self._render_chunk(p.subset(slice(start, stop)), out[start:stop])
         return out
 
-    def _affine_fill(self, buf: torch.Tensor, coef: np.ndarray, S: int) -> torch.Tensor:
+    def _affine_fill(self, buf: torch.Tensor, coef: np.ndarray) -> torch.Tensor:
         """buf[b, i, j, c] = coef[b, c, 0] * u_j + coef[b, c, 1] * v_i + coef[b, c, 2]
         (u, v: output pixel centres), written without an intermediate (B, S, S, 2) copy."""
         n = coef.shape[0]
@@ -606,40 +608,37 @@ class PatchStream:
             needs_fill = ((pre < 0) | (pre >= R)).any(axis=(1, 2))
         # work in an order where each (source, fill, jitter) group is one contiguous slice
         order = np.lexsort((p.jitter, needs_fill, p.source))
-        buf = torch.empty(3, n, S, S, device=dev)
-        grid = torch.empty(2 * n, S, S, 2, device=dev)
+        identity = bool((order == np.arange(n)).all())
+        buf = out if identity else torch.empty(n, 3, S, S, device=dev)
+        grid = torch.empty(n, S, S, 2, device=dev)
+        src_sorted = p.source[order]
         for k, pyr in enumerate(self.pyramids):
-            rows = order[p.source[order] == k]
-            if len(rows) == 0:
+            a, b = np.searchsorted(src_sorted, [k, k + 1])
+            if a == b:
                 continue
-            a, b = np.searchsorted(p.source[order], [k, k + 1])
+            rows = order[a:b]
             m = b - a
-            lk = np.clip(lod[rows], 0.0, pyr.max_level)
-            l0 = np.floor(lk).astype(np.int64)
-            l1 = np.minimum(l0 + 1, pyr.max_level)
-            lv = np.concatenate([l0, l1])
-            sc = 0.5 ** lv
-            tab = pyr.table[lv]
+            lv = np.clip(lod[rows], 0, pyr.max_level)
+            tab = pyr.table[lv]  # ox, oy, w, h
+            sc = tab[:, 2:] / np.array([pyr.width, pyr.height])  # level size / image size
             tex_h, tex_w = pyr.texture.shape[2:]
-            # texture coordinate = source * 0.5^level + level offset, normalised to [-1, 1]
-            Ak = np.concatenate([A[rows], A[rows]]) * sc[:, None, None]
-            tk = np.concatenate([t[rows], t[rows]]) * sc[:, None] + tab[:, :2]
+            # texture coordinate = source * level scale + level offset, normalised to [-1, 1]
+            Ak = A[rows] * sc[:, :, None]
+            tk = t[rows] * sc + tab[:, :2]
             norm = np.array([2.0 / tex_w, 2.0 / tex_h])
             coef = np.concatenate([Ak, tk[:, :, None]], axis=2) * norm[None, :, None]
             coef[:, :, 2] -= 1.0
-            g = self._affine_fill(grid[: 2 * m], coef, S)
-            sampled = F.grid_sample(pyr.texture, g.view(1, 2 * m * S, S, 2), mode="bilinear",
+            g = self._affine_fill(grid[:m], coef)
+            sampled = F.grid_sample(pyr.texture, g.view(1, m * S, S, 2), mode="bilinear",
                                     padding_mode="border", align_corners=False)
-            sampled = sampled.view(3, 2, m, S, S)
-            w1 = torch.from_numpy((lk - l0).astype(np.float32)).to(dev).view(1, m, 1, 1)
-            diff = sampled[:, 1] - sampled[:, 0]
-            diff.mul_(w1)
-            torch.add(sampled[:, 0], diff, out=buf[:, a:b])
+            buf[a:b].copy_(sampled.view(3, m, S, S).permute(1, 0, 2, 3))
         if needs_fill.any():
             self._apply_fill(buf, order, needs_fill, Q, q)
         if p.jitter.any():
             self._jitter(buf, order, p)
-        out.index_copy_(0, torch.from_numpy(order).to(dev), buf.permute(1, 0, 2, 3))
+        if not identity:  # back to the caller's order (index_select is a fast row copy)
+            inverse = torch.from_numpy(np.argsort(order)).to(dev)
+            torch.index_select(buf, 0, inverse, out=out)
 
     @staticmethod
     def _runs(flags: np.ndarray):
@@ -654,11 +653,11 @@ class PatchStream:
         for a, b in self._runs(needs_fill[order]):
             rows = order[a:b]
             coef = np.concatenate([Q[rows], q[rows][:, :, None] - R / 2.0], axis=2)
-            pre = self._affine_fill(torch.empty(b - a, S, S, 2, device=self.device), coef, S)
+            pre = self._affine_fill(torch.empty(b - a, S, S, 2, device=self.device), coef)
             # inside iff |x - R/2| <= R/2 and the same for y (boundary: x = R counts as fill)
             half = R / 2.0
             inside = (pre[..., 0] >= -half) & (pre[..., 0] < half) & (pre[..., 1] >= -half) & (pre[..., 1] < half)
-            buf[:, a:b].mul_(inside.unsqueeze(0))
+            buf[a:b].mul_(inside.unsqueeze(1))
 
     def _jitter(self, buf, order, p: PatchParams) -> None:
         """Colour jitter as one 3x3 matrix plus offset per patch, clamped once."""
@@ -667,26 +666,26 @@ class PatchStream:
         for a, b in self._runs(p.jitter[order]):
             rows = order[a:b]
             m = b - a
-            x = buf[:, a:b]  # (3, m, S, S)
+            x = buf[a:b]  # (m, 3, S, S)
             mats = colour_matrices(p.brightness[rows], p.saturation[rows], p.hue[rows])
             cf = p.contrast[rows]
             # patch mean colour, summed exactly (integers in float64), so it does not depend
             # on how a reduction is split over threads or batch rows
-            qsum = torch.round(x.reshape(3, m, S * S) * 16777216.0).sum(dim=2, dtype=torch.float64)
-            mean = qsum.cpu().numpy().T / (16777216.0 * S * S)  # (m, 3)
+            qsum = torch.round(x.reshape(m, 3, S * S) * 16777216.0).sum(dim=2, dtype=torch.float64)
+            mean = qsum.cpu().numpy() / (16777216.0 * S * S)  # (m, 3)
             grey = np.einsum("c,bcd,bd->b", np.array(GREY), mats, mean)
             lin = mats * cf[:, None, None]
             off = (1.0 - cf) * grey
             coef = torch.from_numpy(np.concatenate([lin.reshape(m, 9), off[:, None]], axis=1)
                                     .T.astype(np.float32).copy()).to(dev)  # (10, m)
             col = [coef[i].view(m, 1, 1) for i in range(10)]
-            r, g, bl = x[0].clone(), x[1].clone(), x[2]
+            r, g, bl = x[:, 0].clone(), x[:, 1].clone(), x[:, 2]
             for ch in range(3):
                 v = r * col[3 * ch]
                 v.add_(g * col[3 * ch + 1])
-                v.add_(bl * col[3 * ch + 2])  # x[2] is overwritten only after its last read
+                v.add_(bl * col[3 * ch + 2])  # channel 2 is overwritten only after its last read
                 v.add_(col[9])
-                torch.clamp(v, 0.0, 1.0, out=x[ch])
+                torch.clamp(v, 0.0, 1.0, out=x[:, ch])
 
     # ------------------------------------------------------------------ public faces
     def batch(self, indices) -> torch.Tensor:

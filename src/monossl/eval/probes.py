@@ -113,6 +113,11 @@ class ProbeProtocol:
     test_resize: int | None = None  # shorter side resized to this before the test crop(s)
     test_crops: int = 1  # 1 (centre crop) | 10 (TenCrop, logits averaged)
     eval_every: int = 1  # evaluate on test every N epochs (the final epoch always)
+    # BatchNorm1d(affine=False) statistics: "batch" = the usual train-mode BN (minibatch statistics,
+    # running averages at test time), "dataset" = the exact mean/variance of the training features,
+    # computed once and then fixed (BN in eval mode throughout; with the cache this standardises
+    # the cached features once, which makes each step about twice as fast on CPU)
+    bn_stats: str = "batch"
     description: str = ""
 
     @property
@@ -165,9 +170,9 @@ PROTOCOLS: dict[str, ProbeProtocol] = {
         name="cifar", archs=("cifar",),
         pools={"conv1": Pool("adaptive-avg", 8), "conv2": Pool("adaptive-avg", 6),
                "conv3": Pool("adaptive-avg", 4), "conv4": Pool("adaptive-avg", 4)},
-        epochs=25, lr=0.01, milestones=(15, 20), weight_decay=5e-4, batch_size=256,
+        epochs=25, lr=0.01, milestones=(15, 20), weight_decay=5e-4, batch_size=256, bn_stats="dataset",
         description="ours, for the CIFAR trunk on 32-px data: adaptive average pooling to 8/6/4/4, "
-                    "no augmentation, features cached once (fp16)",
+                    "no augmentation, features cached once (fp16), BatchNorm with exact train-set statistics",
     ),
     "asano-max": ProbeProtocol(
         name="asano-max", archs=ALEXNETS,
@@ -304,7 +309,11 @@ def _native_size(dataset) -> int | None:
 
 
 class LinearProbes(nn.Module):
-    """One BatchNorm1d(affine=False) + Linear per tap."""
+    """One BatchNorm1d(affine=False) + Linear per tap.
+
+    With `fixed_stats` (after `set_stats`) the BatchNorm layers stay in eval mode even when the
+    module is put in training mode: they apply the given statistics and learn nothing.
+    """
 
     def __init__(self, dims: dict[str, int], num_classes: int, generator: torch.Generator | None = None):
         super().__init__()
@@ -315,8 +324,29 @@ class LinearProbes(nn.Module):
         for head in self.heads.values():  # DeepCluster's init: N(0, 0.01), zero bias
             nn.init.normal_(head[1].weight, 0.0, 0.01, generator=generator)
             nn.init.zeros_(head[1].bias)
+        self.fixed_stats = False
 
-    def forward(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def set_stats(self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Fix every BatchNorm to the given (mean, biased variance) per tap."""
+        for name, (mean, var) in stats.items():
+            bn = self.heads[name][0]
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+        self.fixed_stats = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.fixed_stats:
+            for head in self.heads.values():
+                head[0].eval()
+        return self
+
+    def forward(self, feats: dict[str, torch.Tensor], standardized: bool = False) -> dict[str, torch.Tensor]:
+        """Logits per tap; `standardized=True` skips the BatchNorm (features already standardised
+        with the fixed statistics, as the cached path stores them)."""
+        if standardized:
+            return {name: head[1](feats[name]) for name, head in self.heads.items()}
         return {name: head(feats[name]) for name, head in self.heads.items()}
 
 
@@ -356,22 +386,20 @@ def _bar(total, desc, enabled, unit="it"):
 
 
 class _Runner:
-    """Holds the frozen trunk and the data for one probe run."""
+    """The frozen trunk, the data and the protocol of one probe run; yields features and scores."""
 
     def __init__(self, trunk, train, test, protocol, device, seed, progress, workers):
         self.trunk, self.train, self.test = trunk, train, test
         self.protocol, self.device, self.seed = protocol, device, seed
         self.progress, self.workers = progress, workers
-        self.channels_last = True  # faster for these convs on CPU (oneDNN) and CUDA alike
 
-    # -- one batch of images -> stored-precision features
+    # -- one batch of images -> features (fp16-rounded, as stored)
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         from monossl.device import autocast
 
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # channels-last: measured faster for these convs on CPU (oneDNN) as on CUDA
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(self.device):
             feats = pooled_features(self.trunk, x, self.protocol.pools)
         return {k: _to_store(v.float()) for k, v in feats.items()}
@@ -385,6 +413,9 @@ class _Runner:
         return torch.utils.data.DataLoader(dataset.with_transform(transform), batch_size=batch_size,
                                            shuffle=False, **kw)
 
+    def _native(self, dataset) -> bool:
+        return _native_size(dataset) == self.protocol.input_size
+
     # -- cached path
     def extract(self, dataset, dims: dict[str, int], desc: str) -> dict[str, torch.Tensor]:
         n = len(dataset)
@@ -392,19 +423,16 @@ class _Runner:
         cache = {k: torch.empty(n, d, dtype=torch.float16, device=store) for k, d in dims.items()}
         chunk = 256
         with _bar(n, desc, self.progress, unit="img") as bar:
-            if _native_size(dataset) == self.protocol.input_size:
-                for i in range(0, n, chunk):  # in-memory uint8 images: slice, no per-item overhead
-                    x = dataset.images[i:i + chunk].float().div_(255)
-                    for k, v in self.features(x).items():
-                        cache[k][i:i + len(x)] = v
-                    bar.update(len(x))
+            if self._native(dataset):  # in-memory uint8 images at the protocol's size: slice them
+                batches = ((dataset.images[i:i + chunk].float().div_(255), None) for i in range(0, n, chunk))
             else:
-                i = 0
-                for x, _y in self.loader(dataset, test_transform(self.protocol), batch_size=chunk):
-                    for k, v in self.features(x).items():
-                        cache[k][i:i + len(x)] = v
-                    i += len(x)
-                    bar.update(len(x))
+                batches = self.loader(dataset, test_transform(self.protocol), batch_size=chunk)
+            i = 0
+            for x, _y in batches:
+                for k, v in self.features(x).items():
+                    cache[k][i:i + len(x)] = v.to(store)
+                i += len(x)
+                bar.update(len(x))
         return cache
 
     def cached_batches(self, cache, labels, batches):
@@ -412,23 +440,16 @@ class _Runner:
             yield ({k: v[idx.to(v.device)].to(self.device, non_blocking=True).float() for k, v in cache.items()},
                    labels[idx].to(self.device))
 
-    def cached_eval(self, probes, cache, labels):
-        n = len(labels)
-        correct = {k: [0, 0] for k in cache}
-        with torch.no_grad():
-            for i in range(0, n, 1024):
-                y = labels[i:i + 1024].to(self.device)
-                logits = probes({k: v[i:i + 1024].to(self.device).float() for k, v in cache.items()})
-                for k, lg in logits.items():
-                    c1, c5 = _topk_correct(lg.float(), y)
-                    correct[k][0] += c1
-                    correct[k][1] += c5
-        return {k: (100.0 * c1 / n, 100.0 * c5 / n) for k, (c1, c5) in correct.items()}
+    def cached_eval(self, probes, cache, labels, standardized):
+        chunk = 1024
+        batches = (({k: v[i:i + chunk].to(self.device).float() for k, v in cache.items()}, labels[i:i + chunk])
+                   for i in range(0, len(labels), chunk))
+        return _score(probes, batches, len(labels), 1, self.device, standardized)
 
     # -- streaming path
     def streamed_batches(self, batches, epoch):
-        native = _native_size(self.train) == self.protocol.input_size and self.protocol.train_aug == "none"
-        if native:  # no augmentation on in-memory data at its own size: same images as the cache path
+        if self._native(self.train) and self.protocol.train_aug == "none":
+            # no augmentation on in-memory data at its own size: exactly the cache path's images
             for idx in batches:
                 x = self.train.images[idx].float().div_(255)
                 yield {k: v.float() for k, v in self.features(x).items()}, self.train.labels[idx].to(self.device)
@@ -439,24 +460,72 @@ class _Runner:
 
     def streamed_eval(self, probes):
         n_crops = self.protocol.test_crops
-        n = len(self.test)
-        correct = {k: [0, 0] for k in self.protocol.pools}
-        bs = max(1, self.protocol.batch_size // n_crops) if n_crops > 1 else self.protocol.batch_size
-        if _native_size(self.test) == self.protocol.input_size and n_crops == 1 and not self.protocol.test_resize:
-            it = ((self.test.images[i:i + bs].float().div_(255), self.test.labels[i:i + bs]) for i in range(0, n, bs))
+        bs = max(1, self.protocol.batch_size // n_crops)
+        if self._native(self.test) and n_crops == 1 and not self.protocol.test_resize:
+            it = ((self.test.images[i:i + bs].float().div_(255), self.test.labels[i:i + bs])
+                  for i in range(0, len(self.test), bs))
         else:
             it = self.loader(self.test, test_transform(self.protocol), batch_size=bs)
-        with torch.no_grad():
+
+        def batches():
             for x, y in it:
-                if x.ndim == 5:  # (B, crops, C, H, W)
+                if x.ndim == 5:  # (B, crops, C, H, W) -> (B * crops, C, H, W), crops of an image consecutive
                     x = x.flatten(0, 1)
-                logits = probes({k: v.float() for k, v in self.features(x).items()})
-                y = y.to(self.device)
-                for k, lg in logits.items():
-                    c1, c5 = _topk_correct(average_crop_logits(lg.float(), n_crops), y)
-                    correct[k][0] += c1
-                    correct[k][1] += c5
-        return {k: (100.0 * c1 / n, 100.0 * c5 / n) for k, (c1, c5) in correct.items()}
+                yield {k: v.float() for k, v in self.features(x).items()}, y
+
+        return _score(probes, batches(), len(self.test), n_crops, self.device, False)
+
+
+def _score(probes, batches, n, n_crops, device, standardized) -> dict[str, tuple[float, float]]:
+    """Top-1 / top-5 (%) per tap over `batches` of (features, labels)."""
+    correct = {k: [0, 0] for k in probes.heads}
+    with torch.no_grad():
+        for feats, y in batches:
+            y = y.to(device)
+            for k, lg in probes(feats, standardized=standardized).items():
+                c1, c5 = _topk_correct(average_crop_logits(lg.float(), n_crops), y)
+                correct[k][0] += c1
+                correct[k][1] += c5
+    return {k: (100.0 * c1 / n, 100.0 * c5 / n) for k, (c1, c5) in correct.items()}
+
+
+class _Moments:
+    """Per-feature mean and biased variance, accumulated in float64 over chunks."""
+
+    def __init__(self):
+        self.n, self.s, self.ss = 0, {}, {}
+
+    def add(self, feats: dict[str, torch.Tensor]) -> None:
+        for k, v in feats.items():
+            v = v.double()
+            self.s[k] = self.s.get(k, 0) + v.sum(0)
+            self.ss[k] = self.ss.get(k, 0) + (v * v).sum(0)
+        self.n += len(next(iter(feats.values())))
+
+    def result(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for k in self.s:
+            mean = self.s[k] / self.n
+            var = (self.ss[k] / self.n - mean * mean).clamp_(min=0)
+            out[k] = (mean.float(), var.float())
+        return out
+
+
+def _cache_stats(cache: dict[str, torch.Tensor], chunk: int = 4096):
+    m = _Moments()
+    n = len(next(iter(cache.values())))
+    for i in range(0, n, chunk):
+        m.add({k: v[i:i + chunk] for k, v in cache.items()})
+    return m.result()
+
+
+def _standardize_(cache: dict[str, torch.Tensor], stats, eps: float, chunk: int = 4096) -> None:
+    """In place: cache <- (cache - mean) / sqrt(var + eps), i.e. what the fixed BatchNorm computes."""
+    for k, v in cache.items():
+        mean, var = stats[k]
+        mean, rstd = mean.to(v.device), (var + eps).rsqrt().to(v.device)
+        for i in range(0, len(v), chunk):
+            v[i:i + chunk] = ((v[i:i + chunk].float() - mean) * rstd).to(torch.float16)
 
 
 def _fits_on_gpu(n: int, dims: dict[str, int]) -> bool:
@@ -477,8 +546,10 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
     dataset with `.labels`, `.classes` and `with_transform`). protocol: a ProbeProtocol or a
     preset name. device: "auto"/"cpu"/"cuda" or a torch.device. out_dir: if given, results.json
     and results.md are written there (atomically). cache=False forces the streaming path
-    (for checks). The caller's trunk is not modified (a frozen copy is probed).
-    With return_probes=True returns (result, LinearProbes).
+    (for checks). verbose prints the pooled sizes and the table; progress shows tqdm bars on a
+    terminal. workers: DataLoader processes for transformed data (default: cores - 1, at most 8).
+    The caller's trunk is not modified (a frozen copy is probed). Deterministic given the seed
+    (on CPU). With return_probes=True returns (result, LinearProbes on the device).
     """
     from monossl.device import resolve_device
 
@@ -486,6 +557,8 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
     protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol
     device = resolve_device(device) if isinstance(device, str) else device
     check_trunk(trunk, protocol)
+    if protocol.bn_stats not in ("batch", "dataset"):
+        raise ValueError(f"bn_stats must be 'batch' or 'dataset', not {protocol.bn_stats!r}")
     classes = list(train.classes)
     num_classes = len(classes)
     if list(test.classes) != classes:
@@ -500,38 +573,51 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
     shapes = pooled_shapes(frozen, protocol)
     dims = {k: v["pooled_size"] for k, v in shapes.items()}
     use_cache = cache and protocol.cacheable
+    fixed = protocol.bn_stats == "dataset"
     if verbose:
         print(f"probe {protocol.summary()}")
         print(f"  data: {dataset or getattr(train, 'source', '?')}: {len(train)} train / {len(test)} test, "
-              f"{num_classes} classes; device {device}; seed {seed}")
+              f"{num_classes} classes; device {device}; seed {seed}; "
+              f"{'cached' if use_cache else 'streamed'} features; BatchNorm statistics: {protocol.bn_stats}")
         for k, s in shapes.items():
             print(f"  {k}: {'x'.join(map(str, s['shape']))} -> {protocol.pools[k].describe()} -> "
                   f"{'x'.join(map(str, s['pooled_shape']))} = {s['pooled_size']} values")
         if use_cache:
             mb = (len(train) + len(test)) * sum(dims.values()) * 2 / 2**20
-            print(f"  caching pooled features in fp16: {mb:.0f} MiB")
+            print(f"  feature cache (fp16): {mb:.0f} MiB")
 
     runner = _Runner(frozen, train, test, protocol, device, seed, progress, workers)
     timings = {}
     history = []
+    n_train = len(train)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        g = torch.Generator().manual_seed(seed)
-        probes = LinearProbes(dims, num_classes, generator=g).to(device)
+        torch.manual_seed(seed)  # transforms in the main process draw from the global RNG
+        probes = LinearProbes(dims, num_classes, generator=torch.Generator().manual_seed(seed)).to(device)
 
+        t0 = time.perf_counter()
         if use_cache:
-            t0 = time.perf_counter()
             train_cache = runner.extract(train, dims, "features (train)")
             test_cache = runner.extract(test, dims, "features (test)")
             train_labels, test_labels = train.labels.clone(), test.labels.clone()
-            timings["extract_s"] = round(time.perf_counter() - t0, 2)
+            if fixed:
+                stats = _cache_stats(train_cache)
+                probes.set_stats({k: (m.to(device), v.to(device)) for k, (m, v) in stats.items()})
+                eps = probes.heads[next(iter(dims))][0].eps
+                _standardize_(train_cache, stats, eps)
+                _standardize_(test_cache, stats, eps)
+        elif fixed:  # one pass over the training data (with its transform) for the statistics
+            moments = _Moments()
+            for feats, _y in runner.streamed_batches(epoch_batches(n_train, protocol.batch_size, seed, 0), 0):
+                moments.add({k: v.cpu() for k, v in feats.items()})
+            probes.set_stats({k: (m.to(device), v.to(device)) for k, (m, v) in moments.result().items()})
+        timings["extract_s"] = round(time.perf_counter() - t0, 2)
 
         opt = torch.optim.SGD(probes.parameters(), lr=protocol.lr, momentum=protocol.momentum,
                               weight_decay=protocol.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(protocol.milestones), gamma=protocol.gamma)
+        standardized = use_cache and fixed  # the cache already holds what the fixed BatchNorm outputs
         t0 = time.perf_counter()
         eval_s = 0.0
-        n_train = len(train)
         steps_per_epoch = len(epoch_batches(n_train, protocol.batch_size, seed, 1))
         with _bar(protocol.epochs * steps_per_epoch, f"probe {protocol.name}", progress, unit="step") as bar:
             for epoch in range(1, protocol.epochs + 1):
@@ -543,21 +629,22 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
                 seen = 0
                 lr = opt.param_groups[0]["lr"]
                 for feats, y in it:
-                    logits = probes(feats)
-                    losses = {k: F.cross_entropy(lg, y) for k, lg in logits.items()}
                     opt.zero_grad(set_to_none=True)
-                    sum(losses.values()).backward()
+                    # one tap at a time: the heads are independent, and each tap's batch stays in cache
+                    for k, lg in probes(feats, standardized=standardized).items():
+                        loss = F.cross_entropy(lg, y)
+                        loss.backward()
+                        loss_sum[k] += loss.item() * len(y)
                     opt.step()
-                    for k, v in losses.items():
-                        loss_sum[k] += float(v) * len(y)
                     seen += len(y)
                     bar.update(1)
                 sched.step()
-                record = {"epoch": epoch, "lr": lr, "loss": {k: round(v / max(seen, 1), 4) for k, v in loss_sum.items()}}
+                record = {"epoch": epoch, "lr": lr,
+                          "loss": {k: round(v / max(seen, 1), 4) for k, v in loss_sum.items()}}
                 if epoch % protocol.eval_every == 0 or epoch == protocol.epochs:
                     te = time.perf_counter()
                     probes.eval()
-                    acc = (runner.cached_eval(probes, test_cache, test_labels) if use_cache
+                    acc = (runner.cached_eval(probes, test_cache, test_labels, standardized) if use_cache
                            else runner.streamed_eval(probes))
                     eval_s += time.perf_counter() - te
                     record["top1"] = {k: round(a[0], 2) for k, a in acc.items()}
@@ -567,14 +654,17 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
         timings["train_s"] = round(time.perf_counter() - t0, 2)
         timings["eval_s"] = round(eval_s, 2)
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
+    probes.eval()
 
     final = history[-1]
+    evaluated = [h for h in history if "top1" in h]
     taps = {}
     for k in dims:
-        evald = [h for h in history if "top1" in h]
-        best = max(evald, key=lambda h: h["top1"][k])  # first epoch reaching the max
+        best = max(evaluated, key=lambda h: h["top1"][k])  # the first epoch reaching the maximum
         taps[k] = {**shapes[k], "top1": final["top1"][k], "top5": final["top5"][k],
                    "best_top1": best["top1"][k], "best_epoch": best["epoch"]}
+    from monossl.runs import environment
+
     result = {
         "protocol": protocol.to_dict(),
         "seed": seed,
@@ -588,15 +678,13 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
         "device": str(device),
         "timings": timings,
         "history": history,
+        "environment": environment(),
     }
-    from monossl.runs import environment
-
-    result["environment"] = environment()
     if verbose:
         print(results_markdown(result), end="")
         t = timings
-        print(f"  time: {t['total_s']:.0f} s" + (f" (features {t['extract_s']:.0f} s, " if "extract_s" in t else " (")
-              + f"probe training {t['train_s']:.0f} s incl. evaluation {t['eval_s']:.0f} s)")
+        print(f"  time: {t['total_s']:.0f} s (features{' and statistics' if fixed and not use_cache else ''} "
+              f"{t['extract_s']:.0f} s, probe training {t['train_s']:.0f} s incl. evaluation {t['eval_s']:.0f} s)")
     if out_dir is not None:
         write_results(out_dir, result)
         if verbose:
