@@ -101,6 +101,12 @@ class PatchConfig:
         """R, the side step 2 resizes to: floor(sqrt(2) * S), as the released generator."""
         return int(math.sqrt(2) * self.size)
 
+    @property
+    def crop_offset(self) -> int:
+        """Where step 5's S x S crop starts in the R x R image: torchvision's CenterCrop
+        offset int(round((R - S) / 2)) (Python rounds halves to even)."""
+        return int(round((self.resize_side - self.size) / 2.0))
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["area_range"] = list(self.area_range)
@@ -451,8 +457,11 @@ class PatchStream:
                     f"initial crop fraction {config.initial_crop_fraction:g}: its short side must be at "
                     f"least {need} pixels"
                 )
-            img = img.to(self.device, torch.float32)
-            self.pyramids.append(_Pyramid(img))
+            # built on the CPU (identical on every device; CUDA's antialiased resize cannot
+            # do large reductions), then moved to the stream's device
+            pyr = _Pyramid(img.detach().to("cpu", torch.float32))
+            pyr.texture = pyr.texture.to(self.device)
+            self.pyramids.append(pyr)
             sides.append(int(config.initial_crop_fraction * min(h, w)))
         self.num_images = len(self.pyramids)
         self.image_sizes = np.array([(p.width, p.height) for p in self.pyramids], dtype=np.float64)
@@ -495,8 +504,9 @@ class PatchStream:
         R, S = cfg.resize_side, cfg.size
         if cfg.fill == "none":
             minv = np.abs(_inverse_warp(angle, shear))
-            foot_x = S * (minv[:, 0, 0] + minv[:, 0, 1]) / R
-            foot_y = S * (minv[:, 1, 0] + minv[:, 1, 1]) / R
+            reach = 2 * (R / 2.0 - cfg.crop_offset)  # >= S: the off-centre crop reaches further
+            foot_x = reach * (minv[:, 0, 0] + minv[:, 0, 1]) / R
+            foot_y = reach * (minv[:, 1, 0] + minv[:, 1, 1]) / R
         else:
             foot_x = foot_y = np.ones(n)
 
@@ -555,7 +565,9 @@ class PatchStream:
         Q = _inverse_warp(p.angle, p.shear) * flip[:, None, :]  # M^-1 F
         scale = np.stack([p.box_w / R, p.box_h / R], axis=1)
         A = Q * scale[:, :, None]
-        half = np.full((len(p), 2), S / 2.0)
+        # output pixel p sits at p + offset in the R x R image; the offset is torchvision's
+        # CenterCrop offset round((R - S) / 2), half a pixel off-centre when R - S is odd
+        half = np.full((len(p), 2), R / 2.0 - self.config.crop_offset)
         t = np.stack([p.center_x, p.center_y], axis=1) - np.einsum("bij,bj->bi", A, half)
         q = R / 2.0 - np.einsum("bij,bj->bi", Q, half)
         return A, t, Q, q

@@ -1,0 +1,316 @@
+"""`monossl filters`: the conv1 filters of one or more networks, side by side.
+
+What is drawn (PAPER.md section 6):
+
+* each conv1 filter with its **BatchNorm scale folded in**: conv1 has no bias and is followed by
+  BatchNorm, so in eval mode `BN(conv(x, W)) = conv(x, W * s) + (beta - running_mean * s)` with
+  `s = gamma / sqrt(running_var + eps)` per output channel. `W * s` is what the layer really
+  responds with; the shift `beta - running_mean * s` is a constant per channel and not drawn.
+* for a trunk with the fixed **Sobel front-end**, the *effective RGB filter*: conv1's
+  2-channel kernel (k x k) composed with the two 3x3 Sobel kernels (a (k+2) x (k+2) kernel),
+  spread over R, G, B by the greyscale weights. conv1 of a Sobel trunk sees only grey
+  gradients, so these filters are grey (drawn in grey).
+* each filter min-max normalised on its own (over its three colour channels together, so its
+  colours keep their balance), enlarged with nearest-neighbour, tiled in a grid.
+
+Filters act on the trunk's normalised input ((x - mean) / std, std about 0.225 for every
+channel); the per-channel std (0.229, 0.224, 0.225) is not folded in: it would change the
+colour balance by under 2 %.
+
+Networks are named by run directories (or trunk.pt files), by `random` / `random:SEED`
+(a freshly initialised trunk of `--arch`), or by `--random` (adds a random trunk from `--seed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from monossl.errors import UserError
+
+FIGURE_FORMATS = ("png", "pdf", "svg")
+
+
+# ---------------------------------------------------------------------------- filters
+
+
+def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Per-channel scale of an eval-mode BatchNorm: gamma / sqrt(running_var + eps)."""
+    gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+    return (gamma / torch.sqrt(bn.running_var + bn.eps)).detach()
+
+
+def bn_shift(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Per-channel shift of an eval-mode BatchNorm: beta - running_mean * scale."""
+    beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+    return (beta - bn.running_mean * bn_scale(bn)).detach()
+
+
+def conv1_bn(trunk) -> nn.BatchNorm2d | None:
+    """The BatchNorm that follows conv1 (None if the trunk has none)."""
+    stage = trunk.stages["conv1"]
+    for m in list(stage)[1:]:
+        if isinstance(m, nn.BatchNorm2d):
+            return m
+        if isinstance(m, nn.Conv2d):
+            break
+    return None
+
+
+def sobel_effective(weight: torch.Tensor, sobel) -> torch.Tensor:
+    """Compose conv1 weights (C, 2, k, k) acting on Sobel gradients with the Sobel front-end.
+
+    The front-end is grey = sum_c g_c x_c (1x1), then two 3x3 cross-correlations K_j; conv1
+    then cross-correlates with W[:, j]. Two cross-correlations compose into one whose kernel is
+    the full *convolution* of the two: E = sum_j W[:, j] * K_j (size k + 2), which is what
+    `conv_transpose2d` computes. Returns (C, 3, k + 2, k + 2): E spread over RGB by g.
+    Equal to Sobel + conv1 away from the border (zero padding differs at the border).
+    """
+    kernels = sobel.kernels.to(weight)  # (2, 1, 3, 3)
+    eff = F.conv_transpose2d(weight, kernels)  # (C, 1, k + 2, k + 2), summed over the 2 channels
+    grey = sobel.grey.to(weight).view(1, 3, 1, 1)
+    return eff * grey
+
+
+def conv1_filters(trunk, fold_bn: bool = True) -> torch.Tensor:
+    """conv1's filters as (C, 3, k, k) RGB kernels on the trunk's normalised input.
+
+    fold_bn: multiply each filter by its BatchNorm scale gamma / sqrt(running_var + eps).
+    Sobel trunks: the effective RGB filters (C, 3, k + 2, k + 2), see `sobel_effective`.
+    """
+    weight = trunk.conv1.weight.detach().float().cpu()
+    if fold_bn:
+        bn = conv1_bn(trunk)
+        if bn is not None:
+            weight = weight * bn_scale(bn).float().cpu().view(-1, 1, 1, 1)
+    if getattr(trunk, "sobel", None) is not None:
+        weight = sobel_effective(weight, trunk.sobel)
+    if weight.shape[1] != 3:
+        raise UserError(f"conv1 has {weight.shape[1]} input channels; expected RGB (3) or Sobel (2)")
+    return weight
+
+
+def normalise_filters(filters: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each filter to [0, 1] (over its channels together); flat -> 0.5."""
+    f = filters.detach().float()
+    flat = f.reshape(f.shape[0], -1)
+    lo = flat.min(1).values.view(-1, 1, 1, 1)
+    hi = flat.max(1).values.view(-1, 1, 1, 1)
+    span = hi - lo
+    out = (f - lo) / span.clamp_min(1e-12)
+    return torch.where(span > 1e-12, out, torch.full_like(out, 0.5))
+
+
+def grid_shape(n: int, ncols: int | None = None) -> tuple[int, int]:
+    """(rows, cols) of the grid for n filters: cols = ceil(sqrt(n)) unless given."""
+    if n <= 0:
+        raise ValueError("no filters to tile")
+    ncols = int(ncols or math.ceil(math.sqrt(n)))
+    ncols = max(1, min(ncols, n))
+    return math.ceil(n / ncols), ncols
+
+
+def filter_grid(filters: torch.Tensor, scale: int = 4, pad: int = 1, ncols: int | None = None,
+                pad_value: float = 1.0, grey: bool = False) -> np.ndarray:
+    """Tile filters (C, 3, k, k) into an (H, W, 3) float image in [0, 1].
+
+    Each filter is min-max normalised on its own, enlarged `scale` times (nearest neighbour)
+    and placed in a grid of `grid_shape(C, ncols)` cells separated by `pad` pixels of
+    `pad_value`. grey=True draws each filter's channel sum in grey (for Sobel trunks).
+    H = rows * k * scale + (rows + 1) * pad, W likewise with cols.
+    """
+    if filters.dim() != 4:
+        raise ValueError(f"filters must be (C, channels, k, k), got {tuple(filters.shape)}")
+    f = filters.detach().float().cpu()
+    if grey:
+        f = f.sum(1, keepdim=True)
+    f = normalise_filters(f)
+    if f.shape[1] == 1:
+        f = f.expand(-1, 3, -1, -1)
+    if scale > 1:
+        f = F.interpolate(f, scale_factor=scale, mode="nearest")
+    c, _, kh, kw = f.shape
+    rows, cols = grid_shape(c, ncols)
+    out = torch.full((3, rows * kh + (rows + 1) * pad, cols * kw + (cols + 1) * pad), float(pad_value))
+    for i in range(c):
+        r, q = divmod(i, cols)
+        y, x = pad + r * (kh + pad), pad + q * (kw + pad)
+        out[:, y:y + kh, x:x + kw] = f[i]
+    return out.permute(1, 2, 0).numpy()
+
+
+# ---------------------------------------------------------------------------- networks
+
+
+@dataclass
+class Network:
+    """A trunk with what identifies it: label for figures, meta, run directory (if any)."""
+
+    label: str
+    trunk: torch.nn.Module
+    meta: dict = field(default_factory=dict)
+    run_dir: Path | None = None
+    config: dict = field(default_factory=dict)
+
+
+def _image_name(spec) -> str:
+    if isinstance(spec, (list, tuple)):
+        names = [_image_name(s) for s in spec]
+        return names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
+    spec = str(spec)
+    if spec.startswith("builtin:"):
+        return spec.split(":", 1)[1]
+    return Path(spec).stem or spec
+
+
+def run_label(meta: dict, config: dict | None = None) -> str:
+    """'method, image, preset' (or 'method, data' for dataset runs; 'random (seed K)')."""
+    config = config or {}
+    method = meta.get("method") or config.get("method") or "?"
+    if method == "random":
+        seed = meta.get("seed", config.get("seed"))
+        return "random" if seed is None else f"random (seed {seed})"
+    image = meta.get("image") or config.get("image")
+    if image:
+        preset = meta.get("preset") or config.get("preset") or "all"
+        return f"{method}, {_image_name(image)}, {preset}"
+    data = meta.get("data") or config.get("data")
+    return f"{method}, {data}" if data else str(method)
+
+
+def random_network(arch: str = "cifar", seed: int = 0, **config) -> Network:
+    from monossl.models import build_trunk
+
+    torch.manual_seed(seed)
+    trunk = build_trunk(arch, **config)
+    meta = {"method": "random", "seed": seed, "arch": arch}
+    return Network(run_label(meta), trunk.eval(), meta)
+
+
+def load_network(spec, arch: str = "cifar") -> Network:
+    """A run directory / trunk.pt, or `random` / `random:SEED` (a fresh `arch` trunk)."""
+    from monossl.models import load_trunk
+
+    text = str(spec)
+    path = Path(text)
+    if not path.exists() and (text == "random" or text.startswith("random:")):
+        try:
+            seed = int(text.split(":", 1)[1]) if ":" in text else 0
+        except ValueError:
+            raise UserError(f"{text!r}: want random or random:SEED with an integer seed") from None
+        return random_network(arch, seed)
+    if not path.exists():
+        raise UserError(f"no such run: {text} (give a run directory, a trunk.pt, or random[:SEED])")
+    trunk, meta = load_trunk(path)
+    run_dir = path if path.is_dir() else path.parent
+    config = {}
+    if (run_dir / "config.json").is_file():
+        try:
+            config = json.loads((run_dir / "config.json").read_text())
+        except json.JSONDecodeError:
+            config = {}
+    return Network(run_label(meta, config), trunk.eval(), dict(meta), run_dir, config)
+
+
+def networks_from_args(args) -> list[Network]:
+    """`--random` (first) then the positional runs."""
+    nets = []
+    if getattr(args, "random", False):
+        nets.append(random_network(args.arch, args.seed))
+    for spec in getattr(args, "runs", None) or []:
+        nets.append(load_network(spec, args.arch))
+    return nets
+
+
+# ---------------------------------------------------------------------------- figure
+
+
+def figure_format(out) -> str:
+    suffix = Path(out).suffix.lower().lstrip(".")
+    if suffix not in FIGURE_FORMATS:
+        raise UserError(f"--out {out}: write a .png, .pdf or .svg file")
+    return suffix
+
+
+def new_figure(figsize):
+    """A matplotlib Figure without pyplot (no global state, no GUI backend: Agg when saved)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
+def save_figure(fig, out, dpi: int = 100) -> Path:
+    """Save a matplotlib figure atomically (format from the file name)."""
+    from monossl.runs import atomic_path
+
+    out = Path(out)
+    fmt = figure_format(out)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", facecolor="white")
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def filters_figure(networks: list[Network], scale: int = 4, ncols: int | None = None, title: str | None = None):
+    """A matplotlib figure: one panel per network, its conv1 grid, titled with its label."""
+    grids = [filter_grid(conv1_filters(n.trunk), scale=scale, ncols=ncols,
+                         grey=getattr(n.trunk, "sobel", None) is not None) for n in networks]
+    height = max(g.shape[0] for g in grids)
+    widths = [g.shape[1] for g in grids]
+    inch = 2.6 / max(height, 1)  # every grid about 2.6 in tall
+    fig = new_figure((max(sum(widths) * inch + 0.4 * len(grids), 3), 3.3))
+    axes = fig.subplots(1, len(grids), gridspec_kw={"width_ratios": widths}, squeeze=False)
+    for ax, g, n in zip(axes[0], grids, networks):
+        ax.imshow(g, interpolation="nearest")
+        ax.set_title(n.label, fontsize=9)
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def write_filters(networks: list[Network], out, scale: int = 4, ncols: int | None = None,
+                  title: str | None = None) -> Path:
+    if not networks:
+        raise UserError("no network to draw: give RUN directories or --random")
+    return save_figure(filters_figure(networks, scale, ncols, title), out)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="*", metavar="RUN",
+                        help="run directories or trunk.pt files (or random / random:SEED)")
+    parser.add_argument("--out", default="filters.png", help="figure to write: .png, .pdf or .svg (default filters.png)")
+    parser.add_argument("--random", action="store_true", help="add a randomly initialised trunk (first panel)")
+    parser.add_argument("--arch", default="cifar", help="architecture of random trunks (default cifar)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --random trunk (default 0)")
+    parser.add_argument("--scale", type=int, default=4, help="enlargement of each filter pixel (default 4)")
+    parser.add_argument("--cols", type=int, default=None, help="filters per grid row (default ceil(sqrt(C)))")
+    parser.add_argument("--title", default=None, help="figure title")
+
+
+def run(args) -> int:
+    figure_format(args.out)
+    if args.scale < 1 or (args.cols is not None and args.cols < 1):
+        raise UserError("--scale and --cols must be positive")
+    networks = networks_from_args(args)
+    if not networks:
+        raise UserError("give at least one RUN directory (or --random)")
+    write_filters(networks, args.out, args.scale, args.cols, args.title)
+    for n in networks:
+        f = conv1_filters(n.trunk)
+        print(f"{n.label}: {f.shape[0]} filters {f.shape[2]}x{f.shape[3]}")
+    print(f"wrote {args.out}")
+    return 0

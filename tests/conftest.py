@@ -1,0 +1,76 @@
+"""Shared fixtures: a small CIFAR-10 subset in the npz format, and a tiny ImageFolder tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+
+
+def _balanced(y: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    idx = [rng.choice(np.flatnonzero(y == c), per_class, replace=False) for c in range(10)]
+    return np.sort(np.concatenate(idx))
+
+
+def synthetic_cifar(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Class-dependent 32x32 images (a class colour plus a class-dependent stripe, and noise)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 10
+    rng.shuffle(y)
+    colours = rng.integers(30, 226, size=(10, 3))
+    x = np.empty((n, 32, 32, 3), dtype=np.uint8)
+    for i, c in enumerate(y):
+        img = np.tile(colours[c], (32, 32, 1)).astype(np.int16)
+        img[(c * 3) % 29:(c * 3) % 29 + 4] = 255 - img[(c * 3) % 29:(c * 3) % 29 + 4]
+        img += rng.integers(-25, 26, size=img.shape, dtype=np.int16)
+        x[i] = np.clip(img, 0, 255)
+    return x, y.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def cifar_subset_dir(tmp_path_factory) -> Path:
+    """A directory with cifar10_train.npz (500 images) and cifar10_test.npz (200), class-balanced,
+    taken from the real CIFAR-10 in ../shared/data/cifar10 when present, else synthetic.
+    A marker file, REAL or SYNTHETIC, says which."""
+    out = tmp_path_factory.mktemp("cifar10-subset")
+    rng = np.random.default_rng(0)
+    if (SHARED_CIFAR / "cifar10_train.npz").is_file() and (SHARED_CIFAR / "cifar10_test.npz").is_file():
+        for split, per_class in (("train", 50), ("test", 20)):
+            with np.load(SHARED_CIFAR / f"cifar10_{split}.npz") as d:
+                x, y = d["x"], d["y"]
+            idx = _balanced(y, per_class, rng)
+            np.savez(out / f"cifar10_{split}.npz", x=x[idx], y=y[idx])
+        (out / "REAL").write_text("")
+    else:
+        for split, n, seed in (("train", 500, 1), ("test", 200, 2)):
+            x, y = synthetic_cifar(n, seed)
+            np.savez(out / f"cifar10_{split}.npz", x=x, y=y)
+        (out / "SYNTHETIC").write_text("")
+    return out
+
+
+def write_imagefolder(root: Path, classes=("red", "green", "blue"), n_train: int = 4, n_val: int = 2,
+                      size: int = 40, seed: int = 0) -> Path:
+    """root/train/<class>/*.png and root/val/<class>/*.png, each class a noisy colour."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+    for split, n in (("train", n_train), ("val", n_val)):
+        for j, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            colour = np.array(base.get(c, ((j * 80) % 256, (j * 140) % 256, (j * 200) % 256)))
+            for i in range(n):
+                img = np.clip(colour + rng.integers(-20, 21, size=(size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{c}_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory) -> Path:
+    """A folder:PATH tree: train/ (4 per class) and val/ (2 per class), 3 colour classes, 40x40 PNGs."""
+    return write_imagefolder(tmp_path_factory.mktemp("imagefolder"))

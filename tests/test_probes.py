@@ -1,0 +1,215 @@
+"""Linear probes: pooled sizes per preset, ten-crop averaging, separable toy data, cached vs
+streamed features, the augmentation path on folders, and `monossl probe` end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from monossl.cli import main
+from monossl.data.datasets import TensorImages, load_pair
+from monossl.eval.probes import (
+    PROTOCOLS, LinearProbes, Pool, ProbeProtocol, average_crop_logits, get_protocol, pooled_features,
+    pooled_shapes, run_probe,
+)
+from monossl.eval.probes import test_transform as make_test_transform  # (not a test)
+from monossl.models import build_trunk, save_trunk
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one intra-op thread is faster, and far faster on a busy machine
+    (two spinning OpenMP threads on two shared cores slow small ops down ~8x)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sizes(trunk, name):
+    return {k: v["pooled_size"] for k, v in pooled_shapes(trunk, get_protocol(name)).items()}
+
+
+def test_pooled_sizes_cifar():
+    torch.manual_seed(0)
+    trunk = build_trunk("cifar")
+    assert sizes(trunk, "cifar") == {"conv1": 4096, "conv2": 4608, "conv3": 4096, "conv4": 8192}
+    feats = pooled_features(trunk.eval(), torch.rand(2, 3, 32, 32), get_protocol("cifar").pools)
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {
+        "conv1": (2, 4096), "conv2": (2, 4608), "conv3": (2, 4096), "conv4": (2, 8192)}
+
+
+def test_pooled_sizes_alexnet():
+    torch.manual_seed(0)
+    big = build_trunk("alexnet-big")
+    assert list(sizes(big, "asano-max").values()) == [9600, 9216, 9600, 9600, 9216]
+    assert list(sizes(big, "zhang-avg").values()) == [9600, 9216, 9600, 9600, 9216]
+    assert list(sizes(big, "rotnet-adaptive").values()) == [96 * 144, 256 * 49, 384 * 25, 384 * 36, 256 * 36]
+    small = build_trunk("alexnet-small")  # RotNet's own AlexNet: its pooling gives ~9k everywhere
+    assert list(sizes(small, "rotnet-adaptive").values()) == [9216, 9408, 9600, 9216, 9216]
+
+
+def test_pool_kinds():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    assert torch.equal(Pool("max", kernel=2, stride=2)(x), torch.nn.functional.max_pool2d(x, 2))
+    assert Pool("adaptive-avg", 3)(x).shape == (2, 3, 3, 3)
+    assert Pool("none")(x) is x
+
+
+def test_ten_crop_transform_and_averaging():
+    img = Image.fromarray(torch.randint(0, 256, (300, 260, 3), dtype=torch.uint8).numpy())
+    proto = get_protocol("asano-max")
+    crops = make_test_transform(proto)(img)
+    assert crops.shape == (10, 3, 224, 224) and crops.dtype == torch.float32
+    # the same ten crops as torchvision's TenCrop of the resized image (4 corners, centre, then flipped)
+    from torchvision.transforms import v2
+
+    F = v2.functional
+    resized = F.to_dtype(F.resize(F.to_image(img), 256), torch.float32, scale=True)
+    assert resized.shape == (3, 295, 256)  # shorter side to 256
+    ref = F.ten_crop(resized, 224)
+    assert all(torch.allclose(crops[i], ref[i], atol=1e-6) for i in range(10))
+    assert torch.allclose(crops[9], F.center_crop(resized, 224).flip(-1), atol=1e-6)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(12, 5)
+    x = torch.randn(4, 10, 12)  # 4 images, 10 crops each
+    logits = model(x.flatten(0, 1))
+    avg = average_crop_logits(logits, 10)
+    expected = torch.stack([torch.stack([model(x[b, c]) for c in range(10)]).mean(0) for b in range(4)])
+    assert avg.shape == (4, 5) and torch.allclose(avg, expected, atol=1e-6)
+    assert average_crop_logits(logits, 1) is logits
+
+
+def colour_dataset(n, seed):
+    """4 classes, each a solid colour with noise: linearly separable from any tap."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.tensor([[220, 30, 30], [30, 200, 40], [30, 40, 220], [200, 200, 40]])
+    y = torch.arange(n) % 4
+    x = colours[y][:, :, None, None] + torch.randint(-30, 31, (n, 3, 32, 32), generator=g)
+    return TensorImages(x.clamp(0, 255).to(torch.uint8), y, ["red", "green", "blue", "yellow"], "colours")
+
+
+def test_separable_toy_reaches_100():
+    torch.manual_seed(0)
+    trunk = build_trunk("cifar")
+    proto = get_protocol("cifar").with_overrides(epochs=4, batch_size=32)
+    result = run_probe(trunk, colour_dataset(128, 1), colour_dataset(64, 2), proto, device="cpu", seed=0,
+                       progress=False, verbose=False)
+    for tap, r in result["taps"].items():
+        assert r["top1"] >= 98.0, (tap, r)
+        assert r["top5"] == 100.0  # 4 classes: top-5 is top-4
+
+
+def test_cache_equals_streaming():
+    torch.manual_seed(0)
+    trunk = build_trunk("cifar")
+    train, test = colour_dataset(96, 3), colour_dataset(40, 4)
+    for bn_stats in ("dataset", "batch"):
+        proto = dataclasses.replace(get_protocol("cifar").with_overrides(epochs=2, batch_size=32), bn_stats=bn_stats)
+        kw = dict(device="cpu", seed=5, progress=False, verbose=False, return_probes=True)
+        cached, p1 = run_probe(trunk, train, test, proto, cache=True, **kw)
+        streamed, p2 = run_probe(trunk, train, test, proto, cache=False, **kw)
+        assert cached["cached_features"] and not streamed["cached_features"]
+        for k in cached["taps"]:
+            w1, w2 = p1.heads[k][1].weight, p2.heads[k][1].weight
+            assert torch.allclose(w1, w2, rtol=1e-2, atol=2e-4), (bn_stats, k, (w1 - w2).abs().max())
+            assert abs(cached["taps"][k]["top1"] - streamed["taps"][k]["top1"]) <= 2.5
+            bn1, bn2 = p1.heads[k][0], p2.heads[k][0]
+            assert torch.allclose(bn1.running_mean, bn2.running_mean, rtol=1e-3, atol=1e-3)
+    # the same seed gives the same probes
+    again, p3 = run_probe(trunk, train, test, proto, cache=True, **kw)
+    assert again["taps"] == cached["taps"]
+    assert all(torch.equal(a, b) for a, b in zip(p1.state_dict().values(), p3.state_dict().values()))
+
+
+def test_augmentation_path_on_folder(tiny_imagefolder):
+    """The streamed path with random-resized crops and ten test crops, on a tiny ImageFolder."""
+    torch.manual_seed(0)
+    trunk = build_trunk("cifar")
+    proto = ProbeProtocol(name="tiny-aug", archs=("cifar",), pools=get_protocol("cifar").pools, epochs=2, lr=0.01,
+                          milestones=(1,), batch_size=4, train_aug="rrc-flip", input_size=32, test_resize=36,
+                          test_crops=10)
+    train, val = load_pair(f"folder:{tiny_imagefolder}")
+    result = run_probe(trunk, train, val, proto, device="cpu", seed=0, progress=False, verbose=False, workers=0)
+    assert not result["cached_features"]
+    assert result["protocol"]["test_crops"] == 10
+    for r in result["taps"].values():
+        assert 0.0 <= r["top1"] <= 100.0 and r["top5"] == 100.0
+
+
+def test_with_overrides_scales_milestones():
+    p = get_protocol("asano-max").with_overrides(epochs=12, lr=0.1)
+    assert p.milestones == (3, 7, 10) and p.lr == 0.1 and p.epochs == 12
+    assert get_protocol("cifar").with_overrides(epochs=2).milestones == (1,)
+    assert PROTOCOLS["asano-max"].epochs == 36  # presets untouched
+
+
+def test_probes_fixed_stats_equal_standardisation():
+    probes = LinearProbes({"a": 6}, 3, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(10, 6) * 3 + 1
+    probes.set_stats({"a": (x.mean(0), x.var(0, unbiased=False))})
+    probes.train()
+    assert not probes.heads["a"][0].training
+    z = (x - x.mean(0)) / (x.var(0, unbiased=False) + 1e-5).sqrt()
+    assert torch.allclose(probes({"a": x})["a"], probes({"a": z}, standardized=True)["a"], atol=1e-5)
+
+
+def test_cli_end_to_end(cifar_subset_dir, tmp_path, capsys):
+    out = tmp_path / "probe-random"
+    rc = main(["probe", "--random", "--arch", "cifar", "--data", f"cifar10:{cifar_subset_dir}", "--epochs", "2",
+               "--batch-size", "64", "--device", "cpu", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "conv2: 128x16x16 -> adaptive-avg 6x6 -> 128x6x6 = 4608 values" in captured.out
+    result = json.loads((out / "results.json").read_text())
+    md = (out / "results.md").read_text()
+    assert "| tap | pooled size | top-1 (final) | top-5 (final) | best top-1 (extra) | best epoch |" in md
+    assert result["protocol"]["name"] == "cifar" and result["protocol"]["epochs"] == 2
+    assert result["trunk"]["arch"] == "cifar" and result["trunk"]["meta"]["method"] == "random"
+    assert result["n_train"] == 500 and result["n_test"] == 200 and result["seed"] == 0
+    assert "environment" in result and "total_s" in result["timings"]
+    tops = [r["top1"] for r in result["taps"].values()]
+    assert list(result["taps"]) == ["conv1", "conv2", "conv3", "conv4"]
+    for r in result["taps"].values():
+        assert 0 <= r["top1"] <= 100 and 0 <= r["top5"] <= 100 and r["top1"] <= r["top5"]
+        assert r["best_top1"] >= r["top1"] and 1 <= r["best_epoch"] <= 2
+    if (cifar_subset_dir / "REAL").exists():
+        assert sum(tops) / len(tops) > 20.0, tops  # chance is 10%
+    else:
+        assert min(tops) > 30.0, tops
+
+
+def test_cli_probe_run_dir_and_arch_mismatch(cifar_subset_dir, tmp_path, capsys):
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_trunk(run / "trunk.pt", build_trunk("cifar"), {"method": "test"})
+    rc = main(["probe", str(run), "--protocol", "asano-max", "--data", f"cifar10:{cifar_subset_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "cifar trunk, but protocol asano-max is for alexnet-big/alexnet-small" in err[0]
+    rc = main(["probe", str(run), "--arch", "alexnet-big", "--data", f"cifar10:{cifar_subset_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "holds a cifar trunk" in err[0]
+    # a run directory probes into RUN/probe-<protocol>
+    rc = main(["probe", str(run), "--data", f"cifar10:{cifar_subset_dir}", "--epochs", "1", "--subset", "100",
+               "--test-subset", "50", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads((run / "probe-cifar" / "results.json").read_text())
+    assert result["n_train"] == 100 and result["trunk"]["meta"]["method"] == "test"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["probe"], "give a RUN_DIR"),
+    (["probe", "--random"], "--random needs --out"),
+    (["probe", "x", "--random", "--out", "o"], "not both"),
+    (["probe", "--random", "--out", "o", "--protocol", "nope"], "invalid choice"),
+])
+def test_cli_usage_errors(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
