@@ -59,27 +59,12 @@ def main():
         return [r["taps"][t]["top1"] for t in ("conv1", "conv2", "conv3", "conv4")]
 
     for name in [v.strip() for v in args.variants.split(",")]:
-        config, extra = VARIANTS[name]
-        torch.manual_seed(args.seed)
-        random_acc = probe(build_trunk("cifar", **config), {"method": "random"})
-        for steps in [int(s) for s in args.steps.split(",")]:
-            run_dir = out / f"{name.replace(' ', '_')}_{steps}"
-            t0 = time.perf_counter()
-            if not (run_dir / "trunk.pt").exists():
-                argv = ["pretrain", "--method", "rotnet", "--image", "builtin:astronaut", "--steps", str(steps),
-                        "--batch-size", str(args.batch_size), "--conv1-kernel", str(config["conv1_kernel"]),
-                        "--widths", ",".join(map(str, config["widths"])), "--device", args.device,
-                        "--seed", str(args.seed), "--out", str(run_dir), "--quiet", *extra]
-                if (run_dir / "last.pt").exists():
-                    argv.append("--resume")
-                assert cli(argv) == 0
-            train_s = time.perf_counter() - t0
-            rot_acc = probe(load_trunk(run_dir)[0], {"method": "rotnet"})
-            gap = [a - b for a, b in zip(rot_acc, random_acc)]
-            rows.append([name, steps, *random_acc, *rot_acc, *gap, round(train_s)])
-            records.append({"variant": name, "config": config, "extra": extra, "steps": steps,
-                            "random": random_acc, "rotnet": rot_acc, "train_s": train_s})
-            print(f"{name} steps {steps}: random {random_acc} rotnet {rot_acc} ({train_s:.0f} s)", flush=True)
+        try:
+            sweep_variant(name, args, out, probe, rows, records)
+        except Exception:  # report and go on: one broken variant should not cost the others
+            import traceback
+
+            traceback.print_exc()
 
     header = ["variant", "steps"] + [f"random {t}" for t in "1234"] + [f"rotnet {t}" for t in "1234"] + \
              [f"gap {t}" for t in "1234"] + ["train s"]
@@ -88,6 +73,30 @@ def main():
     write_json(out / "sweep.json", {"records": records, "protocol": protocol.to_dict(), "data": args.data,
                                     "environment": environment()})
     (out / "sweep.md").write_text(table)
+
+
+def sweep_variant(name, args, out, probe, rows, records):
+    config, extra = VARIANTS[name]
+    torch.manual_seed(args.seed)
+    random_acc = probe(build_trunk("cifar", **config), {"method": "random"})
+    for steps in [int(s) for s in args.steps.split(",")]:
+        run_dir = out / f"{name.replace(' ', '_')}_{steps}"
+        t0 = time.perf_counter()
+        if not (run_dir / "trunk.pt").exists():
+            argv = ["pretrain", "--method", "rotnet", "--image", "builtin:astronaut", "--steps", str(steps),
+                    "--batch-size", str(args.batch_size), "--conv1-kernel", str(config["conv1_kernel"]),
+                    "--widths", ",".join(map(str, config["widths"])), "--device", args.device,
+                    "--seed", str(args.seed), "--out", str(run_dir), "--quiet", *extra]
+            if (run_dir / "last.pt").exists():
+                argv.append("--resume")
+            assert cli(argv) == 0
+        train_s = time.perf_counter() - t0
+        rot_acc = probe(load_trunk(run_dir)[0], {"method": "rotnet"})
+        gap = [a - b for a, b in zip(rot_acc, random_acc)]
+        rows.append([name, steps, *random_acc, *rot_acc, *gap, round(train_s)])
+        records.append({"variant": name, "config": config, "extra": extra, "steps": steps,
+                        "random": random_acc, "rotnet": rot_acc, "train_s": train_s})
+        print(f"{name} steps {steps}: random {random_acc} rotnet {rot_acc} ({train_s:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

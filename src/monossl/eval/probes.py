@@ -611,6 +611,9 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
                 moments.add({k: v.cpu() for k, v in feats.items()})
             probes.set_stats({k: (m.to(device), v.to(device)) for k, (m, v) in moments.result().items()})
         timings["extract_s"] = round(time.perf_counter() - t0, 2)
+        quiet_bars = not (progress and sys.stderr.isatty())  # then log a line per epoch instead
+        if verbose and quiet_bars and (use_cache or fixed):
+            print(f"  features{'' if use_cache else ' statistics'}: {timings['extract_s']:.0f} s", flush=True)
 
         opt = torch.optim.SGD(probes.parameters(), lr=protocol.lr, momentum=protocol.momentum,
                               weight_decay=protocol.weight_decay)
@@ -650,6 +653,10 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
                     record["top1"] = {k: round(a[0], 2) for k, a in acc.items()}
                     record["top5"] = {k: round(a[1], 2) for k, a in acc.items()}
                     bar.set_postfix_str(f"epoch {epoch} top-1 " + "/".join(f"{a[0]:.1f}" for a in acc.values()))
+                    if verbose and quiet_bars:
+                        print(f"  epoch {epoch}/{protocol.epochs} lr {lr:g}: top-1 "
+                              + " ".join(f"{k} {a[0]:.1f}" for k, a in acc.items())
+                              + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
                 history.append(record)
         timings["train_s"] = round(time.perf_counter() - t0, 2)
         timings["eval_s"] = round(eval_s, 2)

@@ -247,6 +247,15 @@ def new_figure(figsize):
     return Figure(figsize=figsize)
 
 
+def readable(path) -> None:
+    """Give a file the usual permissions (mkstemp makes them 0600): 0666 minus the umask."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_figure(fig, out, dpi: int = 100) -> Path:
     """Save a matplotlib figure atomically (format from the file name)."""
     from monossl.runs import atomic_path
@@ -256,6 +265,7 @@ def save_figure(fig, out, dpi: int = 100) -> Path:
     try:
         with atomic_path(out) as tmp:
             fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", facecolor="white")
+            readable(tmp)
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out

@@ -90,15 +90,17 @@ def load_pair(content, style, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return resize_longer(c, size), resize_longer(s, size)
 
 
-def stylize(trunk, content, style, size: int = 256, steps: int = 100, style_weight: float = 1e4,
+def stylize(trunk, content, style, size: int = 256, steps: int = 100, style_weight: float = 100.0,
             content_weight: float = 1.0, style_taps=None, content_tap=None, pool: str = "avg",
-            init: str = "content", seed: int = 0, device="cpu", log=print) -> dict:
+            init: str = "content", seed: int = 0, device="cpu", max_seconds: float | None = None,
+            log=print) -> dict:
     """Gatys style transfer; returns {"image": (3, H, W) in [0, 1], "style_loss": [start, end],
     "content_loss": [start, end], "loss": [start, end], "iterations", "evaluations", "seconds",
     "history": [(evaluation, style_loss, content_loss)], "style_taps", "content_tap"}.
 
     content / style: (3, H, W) tensors in [0, 1] or image specs (paths, builtin:NAME), resized so
     their longer side is `size`. steps: L-BFGS iterations (about one trunk forward+backward each).
+    max_seconds: also stop after the round (20 iterations) that passes this wall-clock time.
     style_loss is the unweighted (relative) style term, content_loss the content term, loss the
     weighted total (see the module docstring).
     """
@@ -166,6 +168,9 @@ def stylize(trunk, content, style, size: int = 256, steps: int = 100, style_weig
             x.clamp_(0, 1)
         if not torch.isfinite(x).all():
             raise UserError("style transfer diverged (non-finite pixels); lower --style-weight")
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            log(f"  stopped after {done} iterations: --max-seconds {max_seconds:g} passed")
+            break
     with torch.no_grad():
         s1, c1 = (float(v) for v in losses(x))
     seconds = time.perf_counter() - t0
@@ -178,7 +183,7 @@ def stylize(trunk, content, style, size: int = 256, steps: int = 100, style_weig
         "content_loss": [c0, c1],
         "loss": [style_weight * s0 + content_weight * c0, style_weight * s1 + content_weight * c1],
         "style_ratio": ratio,
-        "iterations": steps,
+        "iterations": min(done, steps),
         "evaluations": len(history),
         "seconds": seconds,
         "history": history,
@@ -194,6 +199,7 @@ def save_image(img: torch.Tensor, out) -> Path:
     from PIL import Image
 
     from monossl.runs import atomic_path
+    from monossl.viz.filters import readable
 
     out = Path(out)
     fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}.get(out.suffix.lower())
@@ -203,6 +209,7 @@ def save_image(img: torch.Tensor, out) -> Path:
     try:
         with atomic_path(out) as tmp:
             Image.fromarray(arr).save(tmp, format=fmt)
+            readable(tmp)
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out
@@ -243,7 +250,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "(--compare); default stylized.png")
     parser.add_argument("--size", type=int, default=256, help="longer side in pixels (default 256)")
     parser.add_argument("--steps", type=int, default=100, help="L-BFGS iterations (default 100)")
-    parser.add_argument("--style-weight", type=float, default=1e4, help="style weight (default 1e4)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="per network, stop after the round of 20 iterations that passes this time")
+    parser.add_argument("--style-weight", type=float, default=100.0, help="style weight (default 100)")
     parser.add_argument("--content-weight", type=float, default=1.0, help="content weight (default 1)")
     parser.add_argument("--style-taps", default=None, help="comma-separated taps for style (default conv1..conv4)")
     parser.add_argument("--content-tap", default=None, help="tap for content (default conv3)")
@@ -276,7 +285,8 @@ def run(args) -> int:
         print(f"[{net.label}]")
         r = stylize(net.trunk, args.content, args.style, size=args.size, steps=args.steps,
                     style_weight=args.style_weight, content_weight=args.content_weight, style_taps=style_taps,
-                    content_tap=args.content_tap, pool=args.pool, init=args.init, seed=args.seed, device=device)
+                    content_tap=args.content_tap, pool=args.pool, init=args.init, seed=args.seed, device=device,
+                    max_seconds=args.max_seconds)
         results.append((net.label, r))
         content, style = r["content"], r["style"]
     if args.compare is None:

@@ -1,0 +1,164 @@
+"""Figures of the report: the per-layer bar chart and the contact sheet of training patches.
+
+Made with matplotlib's object API (no pyplot, no GUI backend; Agg when saved) and readable in
+black and white: every row of the bar chart has its own hatch and grey level, and the paper's
+numbers are black markers, so no information is carried by colour alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from monossl.errors import UserError
+
+# grey levels and hatches of the rows, in order (white first: prints cleanly)
+FACES = ("white", "0.80", "0.55", "0.30", "0.92", "0.68", "0.42", "0.15")
+HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
+
+# friendlier names of the rows `monossl compare` writes
+ROW_LABELS = {
+    "random": "random",
+    "rotnet": "one image (RotNet)",
+    "rotnet-full": "full data (RotNet)",
+    "supervised": "supervised",
+}
+
+
+def _taps_of(table: dict) -> list[str]:
+    taps: list[str] = []
+    for cells in table.values():
+        for t in cells:
+            if t not in taps:
+                taps.append(t)
+    return taps
+
+
+def layer_bars_figure(table: dict, paper: dict | None = None, title: str | None = None,
+                      row_labels: dict | None = None, ylabel: str = "linear-probe top-1 (%)"):
+    """Grouped bars: one group per tap (conv1, conv2, ...), one bar per row of `table`
+    ({row: {tap: value}}, drawn in its order). paper: {row: {tap: value}} for the rows whose
+    paper number is known, drawn as a black diamond on that bar (legend: "paper")."""
+    from monossl.viz.filters import new_figure
+
+    if not table:
+        raise UserError("no results to plot")
+    rows = list(table)
+    taps = _taps_of(table)
+    labels = {**ROW_LABELS, **(row_labels or {})}
+    paper = paper or {}
+    n = len(rows)
+    width = 0.8 / n
+    fig = new_figure((max(5.0, 1.3 * len(taps) + 0.35 * n * len(taps)), 3.6))
+    ax = fig.subplots()
+    x = np.arange(len(taps))
+    values = []
+    for i, row in enumerate(rows):
+        ys = [table[row].get(t) for t in taps]
+        ys_plot = [np.nan if y is None else float(y) for y in ys]
+        values += [y for y in ys_plot if not np.isnan(y)]
+        pos = x - 0.4 + width * (i + 0.5)
+        ax.bar(pos, ys_plot, width, label=labels.get(row, row), facecolor=FACES[i % len(FACES)],
+               edgecolor="black", hatch=HATCHES[i % len(HATCHES)], linewidth=0.8)
+        pp = [paper.get(row, {}).get(t) for t in taps]
+        if any(p is not None for p in pp):
+            px = [p_ for p_, v in zip(pos, pp) if v is not None]
+            py = [float(v) for v in pp if v is not None]
+            values += py
+            ax.plot(px, py, linestyle="none", marker="D", markersize=6, markerfacecolor="black",
+                    markeredgecolor="white", label="paper" if "paper" not in ax.get_legend_handles_labels()[1] else None)
+    ax.set_xticks(x, taps)
+    ax.set_ylabel(ylabel)
+    if values:  # bars start at 0 (honest lengths)
+        ax.set_ylim(0, max(values) * 1.08 + 1)
+    ax.grid(axis="y", color="0.85", linewidth=0.6)
+    ax.set_axisbelow(True)
+    handles, names = ax.get_legend_handles_labels()
+    order = [i for i, k in enumerate(names) if k != "paper"] + [i for i, k in enumerate(names) if k == "paper"]
+    ax.legend([handles[i] for i in order], [names[i] for i in order], fontsize=8, ncol=min(3, n + 1), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+def write_layer_bars(table: dict, out, paper: dict | None = None, title: str | None = None,
+                     row_labels: dict | None = None) -> Path:
+    from monossl.viz.filters import save_figure
+
+    return save_figure(layer_bars_figure(table, paper, title, row_labels), out)
+
+
+# ---------------------------------------------------------------------------- patches
+
+
+def tile_images(images: torch.Tensor, ncols: int | None = None, pad: int = 1, pad_value: float = 1.0) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] -> an (H', W', 3) grid, cols = ceil(sqrt(N)) unless given."""
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError("images must be a non-empty (N, 3, H, W) tensor")
+    n, _, h, w = images.shape
+    ncols = max(1, min(int(ncols or math.ceil(math.sqrt(n))), n))
+    nrows = math.ceil(n / ncols)
+    out = torch.full((3, nrows * h + (nrows + 1) * pad, ncols * w + (ncols + 1) * pad), float(pad_value))
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        out[:, y:y + h, x:x + w] = images[i].detach().float().cpu().clamp(0, 1)
+    return out.permute(1, 2, 0).numpy()
+
+
+def read_run_config(run_dir) -> dict:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no config.json (not a run directory)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg})") from None
+
+
+def patches_from_config(config: dict, n: int = 64) -> torch.Tensor:
+    """The first n training patches of a run (its config.json): the same patches it trained on
+    (the stream is a pure function of images, patch config and seed)."""
+    from monossl.data.patches import PatchConfig, PatchStream
+
+    images = config.get("image")
+    if not images or "patch_config" not in config:
+        raise UserError("this run was not trained on the patches of an image (no image/patch_config in config.json)")
+    images = [images] if isinstance(images, str) else list(images)
+    stream = PatchStream(images, PatchConfig.from_dict(config["patch_config"]), seed=int(config.get("seed", 0)))
+    return stream.batch(range(n))
+
+
+def contact_sheet_figure(patches: torch.Tensor, title: str | None = None, ncols: int | None = None):
+    from monossl.viz.filters import new_figure
+
+    grid = tile_images(patches, ncols)
+    h, w = grid.shape[:2]
+    fig = new_figure((4.5, 4.5 * h / w + 0.4))
+    ax = fig.subplots()
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=8)
+    return fig
+
+
+def run_patch_title(config: dict, n: int) -> str:
+    from monossl.viz.filters import _image_name
+
+    cfg = config.get("patch_config", {})
+    return (f"first {n} training patches: {_image_name(config.get('image'))}, preset {config.get('preset', '?')}, "
+            f"{cfg.get('size', '?')} px, seed {config.get('seed', 0)}")
+
+
+def write_contact_sheet(run_dir, out, n: int = 64, ncols: int | None = None) -> Path:
+    """Contact sheet of a run's first n training patches (from its config.json)."""
+    from monossl.viz.filters import save_figure
+
+    config = read_run_config(run_dir)
+    patches = patches_from_config(config, n)
+    return save_figure(contact_sheet_figure(patches, run_patch_title(config, n), ncols), out, dpi=120)

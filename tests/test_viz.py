@@ -1,0 +1,275 @@
+"""conv1 filters, style transfer, plots and the report (monossl.viz)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from monossl.cli import COMMANDS, main
+from monossl.errors import UserError
+from monossl.models import build_trunk, load_trunk
+from monossl.viz import filters, plots, report, style
+
+
+def _randomise_bn(trunk, seed=0):
+    """Give every BatchNorm non-trivial gamma, beta and running statistics (eval mode)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in trunk.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=g) * 2 - 0.5  # some negative gammas too
+            m.bias.data = torch.randn(n, generator=g)
+            m.running_mean = torch.randn(n, generator=g)
+            m.running_var = torch.rand(n, generator=g) * 3 + 0.1
+    return trunk.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real 3-step RotNet run on the built-in astronaut (trunk.pt + config.json)."""
+    out = tmp_path_factory.mktemp("viz") / "rotnet"
+    assert main(["pretrain", "--method", "rotnet", "--image", "builtin:astronaut", "--steps", "3",
+                 "--batch-size", "8", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture
+def viz_commands(monkeypatch):
+    for name, module in (("filters", "monossl.viz.filters"), ("stylize", "monossl.viz.style"),
+                         ("report", "monossl.viz.report")):
+        monkeypatch.setitem(COMMANDS, name, (module, name))
+
+
+# ---------------------------------------------------------------------------- filters
+
+
+def test_filter_grid_size_and_normalisation():
+    f = torch.randn(10, 3, 5, 5)
+    grid = filters.filter_grid(f, scale=3, pad=1)
+    assert filters.grid_shape(10) == (3, 4)
+    assert grid.shape == (3 * 15 + 4, 4 * 15 + 5, 3)
+    assert grid.min() >= 0 and grid.max() <= 1
+    # each cell is min-max normalised on its own: its minimum is 0 and its maximum 1
+    cell = grid[1:16, 1 + 2 * 16:1 + 2 * 16 + 15]  # row 0, column 2: filter 2
+    assert cell.min() == 0 and cell.max() == 1
+    # nearest enlargement: 3x3 blocks are constant
+    assert (cell[:3, :3] == cell[0, 0]).all()
+    assert filters.filter_grid(f, scale=1, pad=0, ncols=10).shape == (5, 50, 3)
+
+
+def test_filters_figure_labels_from_meta(tiny_run):
+    trunk, meta = load_trunk(tiny_run)
+    assert filters.run_label(meta) == "rotnet, astronaut, all"
+    assert filters.run_label({"method": "supervised", "data": "cifar10"}) == "supervised, cifar10"
+    nets = [filters.random_network("cifar", 3), filters.load_network(tiny_run)]
+    fig = filters.filters_figure(nets)
+    assert [ax.get_title() for ax in fig.axes] == ["random (seed 3)", "rotnet, astronaut, all"]
+
+
+def test_bn_folding_reproduces_conv1_bn_up_to_the_shift():
+    torch.manual_seed(0)
+    trunk = _randomise_bn(build_trunk("cifar"))
+    conv, bn = trunk.stages["conv1"][0], trunk.stages["conv1"][1]
+    x = trunk._input(torch.rand(2, 3, 20, 20))
+    with torch.no_grad():
+        reference = bn(conv(x))  # BN(conv(x, W)) = scale * conv(x, W) + beta - running_mean * scale
+        folded = F.conv2d(x, filters.conv1_filters(trunk), padding=conv.padding)  # conv(x, W * scale)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = (bn.bias - bn.running_mean * scale).view(1, -1, 1, 1)
+    torch.testing.assert_close(folded, reference - shift, atol=1e-4, rtol=1e-4)
+    # and without folding it is the raw weight
+    torch.testing.assert_close(filters.conv1_filters(trunk, fold_bn=False), conv.weight.detach())
+
+
+def test_sobel_effective_filter_reproduces_sobel_then_conv1():
+    torch.manual_seed(1)
+    trunk = _randomise_bn(build_trunk("cifar", sobel=True))
+    conv, bn = trunk.stages["conv1"][0], trunk.stages["conv1"][1]
+    eff = filters.conv1_filters(trunk)
+    k = conv.kernel_size[0]
+    assert eff.shape == (64, 3, k + 2, k + 2)
+    x = (torch.rand(2, 3, 24, 24) - trunk.mean) / trunk.std  # what the Sobel front-end sees
+    with torch.no_grad():
+        real = bn(conv(trunk.sobel(x)))
+        mine = F.conv2d(x, eff, padding=(k + 2) // 2)
+    shift = filters.bn_shift(bn).view(1, -1, 1, 1)
+    c = k // 2  # zero padding of the intermediate gradients differs within k//2 of the border
+    torch.testing.assert_close(mine[..., c:-c, c:-c], (real - shift)[..., c:-c, c:-c], atol=1e-4, rtol=1e-4)
+    # grey: every filter's R, G, B kernels are proportional to the greyscale weights, drawn in grey
+    grey = trunk.sobel.grey.view(3)
+    torch.testing.assert_close(eff[:, 1] * grey[0], eff[:, 0] * grey[1])
+    grid = filters.filter_grid(eff, grey=True)
+    assert (grid[..., 0] == grid[..., 1]).all()
+
+
+def test_filters_cli(tiny_run, tmp_path, viz_commands, capsys):
+    out = tmp_path / "f.png"
+    assert main(["filters", "--random", str(tiny_run), "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    assert "rotnet, astronaut, all: 64 filters 5x5" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- style
+
+
+def test_style_loss_decreases():
+    torch.manual_seed(0)
+    trunk = build_trunk("cifar")
+    r = style.stylize(trunk, "builtin:astronaut", "builtin:coffee", size=32, steps=12, log=lambda *_: None)
+    s0, s1 = r["style_loss"]
+    assert s1 < 0.5 * s0, r["style_loss"]
+    assert r["image"].shape == (3, 32, 32)
+    assert 0 <= r["image"].min() and r["image"].max() <= 1
+    assert r["content_loss"][0] == 0  # starts from the content image
+    # the caller's trunk is untouched (stylize works on a frozen eval copy with average pools)
+    assert trunk.training and all(p.requires_grad for p in trunk.parameters())
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in trunk.modules()) == 3
+
+
+def test_gram_and_taps():
+    f = torch.randn(1, 4, 3, 5)
+    g = style.gram(f)
+    torch.testing.assert_close(g[0], f[0].reshape(4, 15) @ f[0].reshape(4, 15).T / 60)
+    trunk = build_trunk("cifar")
+    assert style.default_taps(trunk) == (["conv1", "conv2", "conv3", "conv4"], "conv3")
+    with pytest.raises(UserError, match="unknown tap"):
+        style.stylize(trunk, torch.rand(3, 16, 16), torch.rand(3, 16, 16), size=16, steps=1, content_tap="conv9",
+                      log=lambda *_: None)
+
+
+def test_stylize_compare_cli(tiny_run, tmp_path, viz_commands, capsys):
+    out = tmp_path / "cmp.png"
+    assert main(["stylize", "--content", "builtin:astronaut", "--style", "builtin:coffee", "--random",
+                 "--compare", str(tiny_run), "--size", "16", "--steps", "2", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    text = capsys.readouterr().out
+    assert text.count("style loss at start") == 2 and text.count("style loss at end") == 2
+    single = tmp_path / "one.png"
+    assert main(["stylize", "--run", str(tiny_run), "--size", "16", "--steps", "1", "--out", str(single)]) == 0
+    from PIL import Image
+
+    assert Image.open(single).size == (16, 16)
+
+
+# ---------------------------------------------------------------------------- plots, report
+
+
+def test_layer_bars_black_and_white():
+    table = {"random": {"conv1": 50.0, "conv2": 40.0}, "rotnet": {"conv1": 55.5, "conv2": 52.0}}
+    fig = plots.layer_bars_figure(table, paper={"random": {"conv1": 57.8, "conv2": 55.5}})
+    ax = fig.axes[0]
+    hatches = {p.get_hatch() for p in ax.patches}
+    assert len(hatches) == 2  # rows differ by hatch, not by colour alone
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["random", "one image (RotNet)", "paper"]
+
+
+def test_contact_sheet_from_run_config(tiny_run, tmp_path):
+    config = plots.read_run_config(tiny_run)
+    patches = plots.patches_from_config(config, n=6)
+    assert patches.shape == (6, 3, 32, 32)
+    assert plots.tile_images(patches, ncols=3, pad=1).shape == (2 * 32 + 3, 3 * 32 + 4, 3)
+    out = plots.write_contact_sheet(tiny_run, tmp_path / "p.png", n=6)
+    assert out.stat().st_size > 1000
+
+
+def _md_tables(text):
+    """Markdown tables of a page: list of (header, rows of cells)."""
+    tables, cur = [], None
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if cur is None:
+                cur = (cells, [])
+            elif not set("".join(cells)) <= {"-"}:
+                cur[1].append(cells)
+        elif cur is not None:
+            tables.append(cur)
+            cur = None
+    if cur is not None:
+        tables.append(cur)
+    return tables
+
+
+def test_report_numbers_equal_the_results_files(tiny_run, tmp_path, viz_commands):
+    compare = tmp_path / "compare"
+    compare.mkdir()
+    table = {"random": {"conv1": 30.0, "conv2": 22.33, "conv3": 13.333333333333334, "conv4": 19.3},
+             "rotnet": {"conv1": 29.67, "conv2": 30.01, "conv3": 30.5, "conv4": 33.33},
+             "supervised": {"conv1": 61.25, "conv2": 70.0, "conv3": 72.125, "conv4": 0.1}}
+    rows = {r: {"trunk": {"arch": "cifar", "meta": {"method": "rotnet" if r == "rotnet" else r}}} for r in table}
+    (compare / "results.json").write_text(json.dumps({"config": {"data": "cifar10", "seed": 4}, "table": table,
+                                                      "rows": rows}))
+    probe = tmp_path / "probe" / "results.json"
+    probe.parent.mkdir()
+    probe.write_text(json.dumps({"dataset": "cifar10", "protocol": {"name": "cifar"},
+                                 "trunk": {"arch": "cifar", "meta": {"method": "bigan", "image": ["builtin:coffee"],
+                                                                     "preset": "rotation+scale"}},
+                                 "taps": {t: {"top1": v, "top5": 90.0} for t, v in
+                                          {"conv1": 44.44, "conv2": 55.55, "conv3": 66.0, "conv4": 7.125}.items()}}))
+    out = tmp_path / "report"
+    assert main(["report", str(compare), str(probe), str(tiny_run), "--out", str(out), "--patches", "9"]) == 0
+    md = (out / "report.md").read_text()
+    tables = _md_tables(md)
+    ours, probes = tables[0], tables[1]
+
+    def check(parsed, expected, paper_rows):
+        header, body = parsed
+        assert len(body) == len(expected)
+        for (row, cells), line in zip(expected.items(), body):
+            for tap, value in cells.items():
+                assert float(line[header.index(tap)]) == value, (row, tap)
+                prow = paper_rows.get(row)
+                if prow:
+                    assert float(line[header.index(f"{tap} (paper)")]) == report.PAPER_CIFAR10_BIGAN[prow][tap]
+                elif f"{tap} (paper)" in header:
+                    assert line[header.index(f"{tap} (paper)")] == ""
+
+    check(ours, table, {"random": "Random features", "supervised": "Fully supervised"})
+    probe_cells = {"bigan, coffee, rotation+scale": {t: v["top1"] for t, v in json.loads(probe.read_text())["taps"].items()}}
+    check(probes, probe_cells, {"bigan, coffee, rotation+scale": "Rot. & scale"})
+    assert probes[1][0][0].startswith("bigan, coffee, rotation+scale")
+    # the paper's table is reproduced as in PAPER.md
+    paper_header, paper_body = tables[2]
+    assert {r[0]: [float(v) for v in r[1:]] for r in paper_body} == {
+        k: [v[t] for t in ("conv1", "conv2", "conv3", "conv4")] for k, v in report.PAPER_CIFAR10_BIGAN.items()}
+    # the figures exist and the HTML is self-contained with the same numbers
+    for name in ("bars-1.png", "bars-2.png", "filters.png", "patches.png"):
+        assert (out / name).is_file() and f"({name})" in md
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4
+    assert not re.search(r'src="(?!data:)', page)
+    for cells in table.values():
+        for v in cells.values():
+            assert f"<td>{v!r}</td>" in page
+
+
+def test_report_reads_a_compare_directory_with_its_runs(tiny_run, tmp_path):
+    import shutil
+
+    compare = tmp_path / "cmp"
+    shutil.copytree(tiny_run, compare / "rotnet")
+    (compare / "results.json").write_text(json.dumps({"config": {"seed": 2},
+                                                      "table": {"random": {"conv1": 1.5}, "rotnet": {"conv1": 2.5}}}))
+    got = report.gather([str(compare)])
+    assert got.runs == ["random:2", str(compare / "rotnet")]
+    assert got.patch_runs == [compare / "rotnet"]
+    assert len(got.tables) == 1 and got.tables[0].ours == {"random": {"conv1": 1.5}, "rotnet": {"conv1": 2.5}}
+
+
+@pytest.mark.parametrize("argv", [
+    ["filters", "no/such/run", "--out", "x.png"],
+    ["stylize", "--run", "no/such/run", "--out", "x.png"],
+    ["stylize", "--compare", "random", "no/such/run", "--out", "x.png"],
+    ["report", "no/such/run", "--out", "rep"],
+    ["filters", "--random", "--out", "x.gif"],
+])
+def test_commands_give_one_line_errors(argv, viz_commands, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("monossl: error: ") and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())  # nothing written
