@@ -436,9 +436,21 @@ class _Runner:
         return cache
 
     def cached_batches(self, cache, labels, batches):
+        # Reused gather buffers: fresh multi-MB tensors every step cost page faults (sys time) on CPU.
+        # Reusing the fp32 buffer is safe: the previous step's backward is done before the next gather.
+        bufs = {}
         for idx in batches:
-            yield ({k: v[idx.to(v.device)].to(self.device, non_blocking=True).float() for k, v in cache.items()},
-                   labels[idx].to(self.device))
+            feats = {}
+            for k, v in cache.items():
+                b = len(idx)
+                if k not in bufs or bufs[k][0].shape[0] < b:
+                    bufs[k] = (torch.empty(b, v.shape[1], dtype=v.dtype, device=v.device),
+                               torch.empty(b, v.shape[1], dtype=torch.float32, device=self.device))
+                half, full = bufs[k][0][:b], bufs[k][1][:b]
+                torch.index_select(v, 0, idx.to(v.device), out=half)
+                full.copy_(half)  # blocking: `half` is reused at the next step
+                feats[k] = full
+            yield feats, labels[idx].to(self.device)
 
     def cached_eval(self, probes, cache, labels, standardized):
         chunk = 1024

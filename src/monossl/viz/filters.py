@@ -189,8 +189,9 @@ def run_label(meta: dict, config: dict | None = None) -> str:
 def random_network(arch: str = "cifar", seed: int = 0, **config) -> Network:
     from monossl.models import build_trunk
 
-    torch.manual_seed(seed)
-    trunk = build_trunk(arch, **config)
+    with torch.random.fork_rng(devices=[]):  # the same trunk as `torch.manual_seed(seed); build_trunk(arch)`
+        torch.manual_seed(seed)
+        trunk = build_trunk(arch, **config)
     meta = {"method": "random", "seed": seed, "arch": arch}
     return Network(run_label(meta), trunk.eval(), meta)
 
