@@ -40,11 +40,13 @@ def main():
     p.add_argument("--arch", default="cifar")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (x4 rotations)")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--widths", default=None, help="CIFAR trunk widths, e.g. 32,64,128,256")
     p.add_argument("--contiguous", action="store_true", help="NCHW instead of channels-last")
     args = p.parse_args()
 
     torch.manual_seed(0)
-    trunk = build_trunk(args.arch)
+    config = {"widths": [int(w) for w in args.widths.split(",")]} if args.widths else {}
+    trunk = build_trunk(args.arch, **config)
     method = RotNet(trunk, total_steps=10**6)
     fmt = torch.contiguous_format if args.contiguous else memory_format(torch.device("cpu"))
     method.to(memory_format=fmt)

@@ -92,6 +92,24 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def trunk_config_from(widths: str | None, conv1_kernel: int | None) -> dict:
+    """CIFAR-trunk options from the command line (`--widths 64,128,256,512`, `--conv1-kernel 5`)."""
+    config = {}
+    if conv1_kernel is not None:
+        if conv1_kernel < 1:
+            raise UserError(f"--conv1-kernel must be a positive size, got {conv1_kernel}")
+        config["conv1_kernel"] = conv1_kernel
+    if widths is not None:
+        try:
+            channels = [int(w) for w in widths.split(",")]
+        except ValueError:
+            channels = []
+        if len(channels) != 4 or min(channels) <= 0:
+            raise UserError(f"--widths wants four positive channel counts like 64,128,256,512, got {widths!r}")
+        config["widths"] = channels
+    return config
+
+
 def parse_range(option: str, text: str | None) -> tuple[float, float] | None:
     if text is None:
         return None
@@ -146,19 +164,11 @@ def run(args) -> int:
     runs.ensure_writable_dir(out)
 
     torch.manual_seed(args.seed)
-    trunk_config = {"sobel": True} if args.sobel else {}
     if (args.conv1_kernel is not None or args.widths is not None) and args.arch != "cifar":
         raise UserError("--conv1-kernel and --widths apply to --arch cifar only")
-    if args.conv1_kernel is not None:
-        trunk_config["conv1_kernel"] = args.conv1_kernel
-    if args.widths is not None:
-        try:
-            widths = [int(w) for w in args.widths.split(",")]
-        except ValueError:
-            widths = []
-        if len(widths) != 4 or min(widths) <= 0:
-            raise UserError(f"--widths wants four positive channel counts like 64,128,256,512, got {args.widths!r}")
-        trunk_config["widths"] = widths
+    trunk_config = trunk_config_from(args.widths, args.conv1_kernel)
+    if args.sobel:
+        trunk_config["sobel"] = True
     trunk = build_trunk(args.arch, **trunk_config)
     source, data_info = build_source(args, trunk, args.seed, cls.needs, device)
 

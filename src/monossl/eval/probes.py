@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -62,19 +63,28 @@ class Pool:
 
     kind: "adaptive-avg" / "adaptive-max" (to `size` x `size`), "avg" / "max" (`kernel`,
     `stride`, `padding`; avg counts padding, as DeepCluster's eval_linear), or "none".
+    Instead of `size`, adaptive pools may take `values`: the side is then the smallest that
+    gives at least that many values for the tap's channel count, ceil(sqrt(values / C)), at
+    most the map's own side. That keeps every tap near the same size whatever the widths.
     """
 
     kind: str
     size: int | None = None
+    values: int | None = None
     kernel: int | None = None
     stride: int | None = None
     padding: int = 0
 
+    def side(self, channels: int, height: int) -> int:
+        if self.values is not None:
+            return min(height, math.ceil(math.sqrt(self.values / channels)))
+        return self.size
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "adaptive-avg":
-            return F.adaptive_avg_pool2d(x, self.size)
+            return F.adaptive_avg_pool2d(x, self.side(x.shape[1], x.shape[2]))
         if self.kind == "adaptive-max":
-            return F.adaptive_max_pool2d(x, self.size)
+            return F.adaptive_max_pool2d(x, self.side(x.shape[1], x.shape[2]))
         if self.kind == "avg":
             return F.avg_pool2d(x, self.kernel, self.stride, self.padding)
         if self.kind == "max":
@@ -84,6 +94,8 @@ class Pool:
         raise ValueError(f"unknown pooling kind {self.kind!r}")
 
     def describe(self) -> str:
+        if self.kind.startswith("adaptive") and self.values is not None:
+            return f"{self.kind} to >= {self.values} values"
         if self.kind.startswith("adaptive"):
             return f"{self.kind} {self.size}x{self.size}"
         if self.kind in ("avg", "max"):
@@ -168,10 +180,10 @@ _ALEX_KSP = {"conv1": (6, 6, 3), "conv2": (4, 4, 0), "conv3": (3, 3, 1), "conv4"
 PROTOCOLS: dict[str, ProbeProtocol] = {
     "cifar": ProbeProtocol(
         name="cifar", archs=("cifar",),
-        pools={"conv1": Pool("adaptive-avg", 8), "conv2": Pool("adaptive-avg", 6),
-               "conv3": Pool("adaptive-avg", 4), "conv4": Pool("adaptive-avg", 4)},
+        pools={tap: Pool("adaptive-avg", values=4096) for tap in ("conv1", "conv2", "conv3", "conv4")},
         epochs=25, lr=0.01, milestones=(15, 20), weight_decay=5e-4, batch_size=256, bn_stats="dataset",
-        description="ours, for the CIFAR trunk on 32-px data: adaptive average pooling to 8/6/4/4, "
+        description="ours, for the CIFAR trunk on 32-px data: adaptive average pooling of each tap to "
+                    "ceil(sqrt(4096/C))^2 positions (64-128-256-512 channels: 8/6/4/3, 4096-4608 values), "
                     "no augmentation, features cached once (fp16), BatchNorm with exact train-set statistics",
     ),
     "asano-max": ProbeProtocol(

@@ -33,6 +33,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="all", help="augmentation preset of the patch stream (default all)")
     p.add_argument("--rows", default="random,rotnet,supervised",
                    help=f"comma-separated rows among {', '.join(ROWS)} (default random,rotnet,supervised)")
+    p.add_argument("--widths", default=None, help="CIFAR trunk channels, e.g. 64,128,256,512 (default: the trunk's)")
+    p.add_argument("--conv1-kernel", type=int, default=None, help="CIFAR trunk conv1 kernel (default: the trunk's)")
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rotnet-steps", type=int, default=None, help="RotNet training steps (default: pretrain's)")
@@ -69,7 +71,9 @@ def run(args) -> int:
     if args.test_subset:
         test_set = subset(test_set, args.test_subset, seed=args.seed)
     protocol = get_protocol("cifar").with_overrides(epochs=args.probe_epochs)
-    common = ["--seed", str(args.seed), "--device", args.device] + (["--quiet"] if args.quiet else [])
+    trunk_options = (["--widths", args.widths] if args.widths else []) + \
+        (["--conv1-kernel", str(args.conv1_kernel)] if args.conv1_kernel else [])
+    common = ["--seed", str(args.seed), "--device", args.device, *trunk_options] + (["--quiet"] if args.quiet else [])
     data_arg = args.data if not args.subset else None
 
     results, timings = {}, {}
@@ -87,7 +91,8 @@ def run(args) -> int:
         print(f"[{row}] {ROWS[row]}")
         if row == "random":
             torch.manual_seed(args.seed)
-            trunk, meta = build_trunk("cifar"), {"method": "random", "seed": args.seed}
+            config = pretrain.trunk_config_from(args.widths, args.conv1_kernel)
+            trunk, meta = build_trunk("cifar", **config), {"method": "random", "seed": args.seed}
         else:
             if not (row_dir / "trunk.pt").exists():
                 argv = ["--out", str(row_dir), *common]
@@ -114,7 +119,8 @@ def run(args) -> int:
 
     table = write_table(out, rows, results, {
         "data": args.data, "image": image, "preset": args.preset, "seed": args.seed, "rows": rows,
-        "subset": args.subset, "test_subset": args.test_subset, "protocol": protocol.to_dict(),
+        "subset": args.subset, "test_subset": args.test_subset,
+        "trunk": {"widths": args.widths, "conv1_kernel": args.conv1_kernel}, "protocol": protocol.to_dict(),
         "seconds_per_row": timings,
     })
     print()
