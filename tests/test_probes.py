@@ -36,11 +36,13 @@ def sizes(trunk, name):
 
 def test_pooled_sizes_cifar():
     torch.manual_seed(0)
-    trunk = build_trunk("cifar")
-    assert sizes(trunk, "cifar") == {"conv1": 4096, "conv2": 4608, "conv3": 4096, "conv4": 4608}
+    trunk = build_trunk("cifar")  # 32-64-128-256 channels: pooled to 12/8/6/4 positions a side
+    assert sizes(trunk, "cifar") == {"conv1": 4608, "conv2": 4096, "conv3": 4608, "conv4": 4096}
     feats = pooled_features(trunk.eval(), torch.rand(2, 3, 32, 32), get_protocol("cifar").pools)
     assert {k: tuple(v.shape) for k, v in feats.items()} == {
-        "conv1": (2, 4096), "conv2": (2, 4608), "conv3": (2, 4096), "conv4": (2, 4608)}
+        "conv1": (2, 4608), "conv2": (2, 4096), "conv3": (2, 4608), "conv4": (2, 4096)}
+    wide = build_trunk("cifar", widths=(64, 128, 256, 512))  # the same rule: 8/6/4/3
+    assert sizes(wide, "cifar") == {"conv1": 4096, "conv2": 4608, "conv3": 4096, "conv4": 4608}
 
 
 def test_pooled_sizes_alexnet():
@@ -165,7 +167,7 @@ def test_cli_end_to_end(cifar_subset_dir, tmp_path, capsys):
                "--batch-size", "64", "--device", "cpu", "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "conv2: 128x16x16 -> adaptive-avg to >= 4096 values -> 128x6x6 = 4608 values" in captured.out
+    assert "conv2: 64x16x16 -> adaptive-avg to >= 4096 values -> 64x8x8 = 4096 values" in captured.out
     result = json.loads((out / "results.json").read_text())
     md = (out / "results.md").read_text()
     assert "| tap | pooled size | top-1 (final) | top-5 (final) | best top-1 (extra) | best epoch |" in md

@@ -78,6 +78,10 @@ def append_jsonl(path, record: dict) -> None:
         f.write(json.dumps(record, default=_json_default) + "\n")
 
 
+def write_jsonl(path, records: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
+
+
 def read_jsonl(path) -> list[dict]:
     """Read metrics.jsonl, ignoring a last line cut short by a crash."""
     records = []

@@ -79,9 +79,9 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
         start_step, order = ckpt["step"], ckpt.get("order")
         if is_main():
             # drop log lines written after that checkpoint: they will be written again
-            kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl") 
+            kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl")
                     if r.get("step", 0) < start_step or (r.get("step") == start_step and "event" not in r)]
-            runs.write_text(run_dir / "metrics.jsonl", "".join(runs.json.dumps(r) + "\n" for r in kept))
+            runs.write_jsonl(run_dir / "metrics.jsonl", kept)
 
     end_step = loop.total_steps if loop.stop_after is None else min(loop.total_steps, loop.stop_after)
     show = (sys.stderr.isatty() if progress is None else progress) and is_main()
@@ -123,10 +123,10 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
         with autocast(device):
             metrics = method.step(batch, step)
         for k, v in metrics.items():
-            if not math.isfinite(v):
-                save_reason = f"{k} became {v} at step {step}"
+            if not math.isfinite(v):  # checkpoints are only written after finite steps: last.pt is good
                 bar.close()
-                raise UserError(f"training stopped: {save_reason}; the last good checkpoint is {ckpt_path}")
+                raise UserError(f"training stopped: {k} became {v} at step {step}; "
+                                f"the last good checkpoint is {ckpt_path}")
             pending.setdefault(k, []).append(v)
         images_seen += batch["images"].shape[0] * world_size
         bar.update(1)

@@ -10,9 +10,10 @@ SGD, momentum 0.9 and a step schedule. What differs between published results is
 
 Presets (`PROTOCOLS`, see docs/probes.md):
 
-    cifar            ours, for the CIFAR trunk on 32-px data: adaptive average pooling to
-                     8/6/4/4 spatial (64x8x8=4096, 128x6x6=4608, 256x4x4=4096, 512x4x4=8192),
-                     no augmentation, 1 test crop -> features cached once in fp16.
+    cifar            ours, for the CIFAR trunk on 32-px data: adaptive average pooling of each
+                     tap to the smallest side giving >= 4096 values (32-64-128-256 channels:
+                     32x12x12=4608, 64x8x8=4096, 128x6x6=4608, 256x4x4=4096), no augmentation,
+                     1 test crop -> features cached once in fp16.
     asano-max        the authors' AlexNet probe: max-pool (k,s,p) conv1 (6,6,3) conv2 (4,4,0)
                      conv3 (3,3,1) conv4 (3,3,1) conv5 (2,2,0) -> 9600/9216/9600/9600/9216 on
                      alexnet-big; 36 epochs, lr 0.01 /10 at 10,20,30, wd 1e-5, batch 192;

@@ -109,7 +109,7 @@ class CifarTrunk(Trunk):
     arch = "cifar"
     input_size = 32
 
-    def __init__(self, widths=(64, 128, 256, 512), conv1_kernel: int = 5, sobel: bool = False):
+    def __init__(self, widths=(32, 64, 128, 256), conv1_kernel: int = 5, sobel: bool = False):
         cin = 2 if sobel else 3
         w1, w2, w3, w4 = widths
         stages = [

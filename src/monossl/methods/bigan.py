@@ -1,0 +1,326 @@
+"""BiGAN (Donahue et al., 2017): an encoder E, a generator G and a joint discriminator D(x, z).
+
+D tells real pairs (x, E(x)) from generated pairs (G(z), z); E and G are trained together to
+fool it. At the optimum E inverts G, so E (the trunk we probe) must describe images well
+enough to be told apart from the latent code that made them (PAPER.md §2). The CIFAR-10
+ablation of the paper trained it at 32 px ("MonoGAN").
+
+Networks (see docs/bigan.md):
+  * E = the trunk + `Linear(trunk.feature_dim, latent_dim)`. The trunk takes RGB in [0, 1]
+    and normalises itself; E reads the batch at the trunk's input size.
+  * G: DCGAN generator, z (200-d, uniform in [-1, 1]) -> Linear -> 4x4 -> transposed 4x4/2
+    convs with BatchNorm + ReLU -> tanh image in [-1, 1], 32 px (64 px: one more block).
+  * D: x-branch of 4x4/2 convs with LeakyReLU(0.2) down to 4x4; z-branch of two 512-unit
+    layers; concatenated -> dropout -> 1024 -> dropout -> one logit. No BatchNorm in D (real
+    and generated pairs go through it in one batch; batch statistics would leak the label).
+
+Losses (non-saturating): D minimises BCE(D(x, E(x)), 1) + BCE(D(G(z), z), 0);
+E and G minimise BCE(D(x, E(x)), 0) + BCE(D(G(z), z), 1) (the labels swapped).
+Adam lr 2e-4, betas (0.5, 0.999) for D and for (E, G); constant lr for the first half of
+training, then linear decay to 0 (Donahue et al.'s schedule; `lr_decay_start`).
+
+Each step logs d_real = mean D(x, E(x)), d_fake = mean D(G(z), z) (probabilities, from
+the discriminator's pass before its update), d_loss, g_loss, e_loss, eg_loss = g_loss +
+e_loss, recon_ratio = mean ||x - G(E(x))|| / mean ||x - G(E(x'))|| with x' the batch rolled
+by one (1 = G(E(x)) knows nothing of x; lower = E and G invert each other), and lr.
+
+Stop rules: losses that become NaN/inf stop the run in the training loop (train.py) with
+the last good checkpoint kept; when the discriminator wins outright (d_real > 1 - margin
+and d_fake < margin) for `d_win_patience` consecutive steps, `step` raises UserError, so
+the checkpoint on disk stays the last one written before.
+
+Sample grids (real patches / G(E(x)) / G(z) for a fixed z, in eval mode): `end_epoch`
+(finite sources) and `after_step` (every `sample_every` steps and at the last step; the
+loop must call it, see docs/bigan.md) write run_dir/samples/*.png atomically.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from monossl.errors import UserError
+from monossl.methods.augment import random_resized_crop
+from monossl.methods.base import Method, set_lr
+
+
+@dataclass
+class BiGANConfig:
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    latent_dim: int = 200
+    #: side of G's output and D's input: 32 for the CIFAR trunk, 64 for AlexNet (None: from the trunk)
+    image_size: int | None = None
+    g_width: int = 64  # channels of G's last hidden block (x2 per block towards z)
+    d_width: int = 64  # channels of D's first conv (x2 per block)
+    d_dropout: float = 0.2
+    #: fraction of training after which lr decays linearly to 0 (1.0: constant lr)
+    lr_decay_start: float = 0.5
+    #: the method's own random-resized crop (area range) before E/D; None: horizontal flip only,
+    #: so that the patch stream's preset alone decides the scale augmentation (the ablation's point)
+    crop_scale: tuple[float, float] | None = None
+    flip_prob: float = 0.5
+    #: D "wins outright" when mean D(x,E(x)) > 1 - d_win_margin and mean D(G(z),z) < d_win_margin
+    d_win_margin: float = 0.01
+    #: ... for this many consecutive steps: the run stops (0: never)
+    d_win_patience: int = 200
+    sample_every: int = 500  # steps between sample grids of `after_step` (0: only at the end)
+    sample_count: int = 16  # images per row of a sample grid
+
+
+def _dcgan_init(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+def _blocks(size: int) -> int:
+    """Number of x2 resolution steps between 4x4 and `size` (32 -> 3, 64 -> 4)."""
+    n = int(round(math.log2(size / 4)))
+    if size < 8 or 4 * 2**n != size:
+        raise UserError(f"BiGAN image_size must be 4 x a power of two (32, 64, ...), got {size}")
+    return n
+
+
+class Generator(nn.Module):
+    """DCGAN generator: z -> (B, 3, size, size) in [-1, 1]."""
+
+    def __init__(self, latent_dim: int = 200, size: int = 32, width: int = 64):
+        super().__init__()
+        n = _blocks(size)
+        ch = width * 2 ** (n - 1)
+        self.size, self.latent_dim, self.top = size, latent_dim, ch
+        self.fc = nn.Sequential(nn.Linear(latent_dim, ch * 16, bias=False), nn.BatchNorm1d(ch * 16), nn.ReLU(True))
+        layers = []
+        for _ in range(n - 1):
+            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
+            ch //= 2
+        layers += [nn.ConvTranspose2d(ch, 3, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        _dcgan_init(self)
+
+    def forward(self, z):
+        return self.net(self.fc(z).view(-1, self.top, 4, 4))
+
+
+class Discriminator(nn.Module):
+    """Joint D(x, z) -> one logit per pair; x in [-1, 1] at `size` px, z latent_dim-d."""
+
+    def __init__(self, latent_dim: int = 200, size: int = 32, width: int = 64, dropout: float = 0.2):
+        super().__init__()
+        n = _blocks(size)
+        layers, ch, cin = [], width, 3
+        for _ in range(n):
+            layers += [nn.Conv2d(cin, ch, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+            cin, ch = ch, ch * 2
+        self.x_net = nn.Sequential(*layers, nn.Flatten())
+        self.z_net = nn.Sequential(nn.Linear(latent_dim, 512), nn.LeakyReLU(0.2, True),
+                                   nn.Linear(512, 512), nn.LeakyReLU(0.2, True))
+        self.joint = nn.Sequential(nn.Dropout(dropout), nn.Linear(cin * 16 + 512, 1024), nn.LeakyReLU(0.2, True),
+                                   nn.Dropout(dropout), nn.Linear(1024, 1))
+        self.size = size
+        _dcgan_init(self)
+
+    def forward(self, x, z):
+        return self.joint(torch.cat([self.x_net(x), self.z_net(z)], 1)).squeeze(1)
+
+
+def _resize(images, size: int):
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=images.shape[-1] > size)
+
+
+def _bce(logits, target: float):
+    return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), target))
+
+
+class BiGAN(Method):
+    name = "bigan"
+    Config = BiGANConfig
+
+    def __init__(self, trunk, total_steps: int, config: BiGANConfig | None = None):
+        super().__init__(trunk, total_steps)
+        c = config or BiGANConfig()
+        if c.image_size is None:
+            # the 32-px MonoGAN for the CIFAR trunk; 64 px for the AlexNet path (E reads 224 px).
+            # Filled in place, so that the config pretrain writes to config.json says what ran.
+            c.image_size = 32 if trunk.input_size <= 64 else 64
+        self.config = c
+        self.head = nn.Linear(trunk.feature_dim, c.latent_dim)  # E = head(trunk(x))
+        self.generator = Generator(c.latent_dim, c.image_size, c.g_width)
+        self.discriminator = Discriminator(c.latent_dim, c.image_size, c.d_width, c.d_dropout)
+        betas = tuple(c.betas)
+        self._opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=c.lr, betas=betas)
+        eg = list(self.trunk.parameters()) + list(self.head.parameters()) + list(self.generator.parameters())
+        self._opt_eg = torch.optim.Adam(eg, lr=c.lr, betas=betas)
+        self.d_win_streak = 0
+        self._grid_real: torch.Tensor | None = None  # the last batch's first images, for sample grids
+
+    # ------------------------------------------------------------------ pieces
+
+    def optimizers(self):
+        return {"d": self._opt_d, "eg": self._opt_eg}
+
+    def encode(self, images01):
+        """E: images in [0, 1] (any size; resized to the trunk's input) -> latent codes."""
+        return self.head(self.trunk(_resize(images01, self.trunk.input_size)))
+
+    def forward(self, images01):
+        return self.encode(images01)
+
+    def sample_latent(self, n: int, device=None, generator: torch.Generator | None = None):
+        """z ~ U[-1, 1]^latent_dim."""
+        z = torch.rand(n, self.config.latent_dim, generator=generator)
+        return (z * 2 - 1).to(device if device is not None else self.head.weight.device)
+
+    def lr_at(self, step: int) -> float:
+        start = self.config.lr_decay_start * self.total_steps
+        if step < start or self.config.lr_decay_start >= 1:
+            return self.config.lr
+        return self.config.lr * max(0.0, (self.total_steps - step) / max(1.0, self.total_steps - start))
+
+    def augment(self, images01):
+        c = self.config
+        if c.crop_scale is not None:
+            return random_resized_crop(images01, images01.shape[-1], scale=c.crop_scale, flip_prob=c.flip_prob)
+        if c.flip_prob > 0:
+            flip = torch.rand(images01.shape[0]) < c.flip_prob
+            images01 = torch.where(flip.to(images01.device)[:, None, None, None], images01.flip(-1), images01)
+        return images01
+
+    # ------------------------------------------------------------------ one update
+
+    def step(self, batch, step):
+        c = self.config
+        x01 = self.augment(batch["images"])
+        x = _resize(x01, c.image_size) * 2 - 1  # D's and G's domain: [-1, 1] at image_size
+        b = x.shape[0]
+        lr = self.lr_at(step)
+        set_lr(self._opt_d, lr)
+        set_lr(self._opt_eg, lr)
+
+        z = self.sample_latent(b, x.device)
+        ex = self.encode(x01)  # E(x)
+        gz = self.generator(z)  # G(z)
+
+        # discriminator: real pairs (x, E(x)) -> 1, generated pairs (G(z), z) -> 0
+        logits = self.discriminator(torch.cat([x, gz.detach()]), torch.cat([ex.detach(), z]))
+        real_logit, fake_logit = logits[:b], logits[b:]
+        d_loss = _bce(real_logit, 1.0) + _bce(fake_logit, 0.0)
+        self._opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.optimizer_step(self._opt_d)
+
+        # encoder + generator: the labels swapped (non-saturating), through the updated D
+        logits = self.discriminator(torch.cat([x, gz]), torch.cat([ex, z]))
+        e_loss = _bce(logits[:b], 0.0)
+        g_loss = _bce(logits[b:], 1.0)
+        eg_loss = e_loss + g_loss
+        self._opt_eg.zero_grad(set_to_none=True)
+        eg_loss.backward()
+        self.optimizer_step(self._opt_eg)
+        self._opt_d.zero_grad(set_to_none=True)  # D's gradients of the E/G loss are not used
+
+        with torch.no_grad():
+            d_real = torch.sigmoid(real_logit.float()).mean().item()
+            d_fake = torch.sigmoid(fake_logit.float()).mean().item()
+            recon = self.generator(ex.detach()).float()
+            xf = x.float()
+            own = (xf - recon).flatten(1).norm(dim=1).mean()
+            other = (xf - recon.roll(1, 0)).flatten(1).norm(dim=1).mean()
+            recon_ratio = (own / other.clamp_min(1e-12)).item() if b > 1 else float("nan")
+            self._grid_real = x01[: c.sample_count].detach().float().cpu().clone()
+
+        self._check_discriminator(d_real, d_fake, step)
+        return {"d_real": d_real, "d_fake": d_fake, "d_loss": d_loss.item(), "g_loss": g_loss.item(),
+                "e_loss": e_loss.item(), "eg_loss": eg_loss.item(), "recon_ratio": recon_ratio, "lr": lr}
+
+    def _check_discriminator(self, d_real: float, d_fake: float, step: int) -> None:
+        c = self.config
+        wins = d_real > 1 - c.d_win_margin and d_fake < c.d_win_margin
+        self.d_win_streak = self.d_win_streak + 1 if wins else 0
+        if c.d_win_patience and self.d_win_streak >= c.d_win_patience:
+            first = step - self.d_win_streak + 1
+            raise UserError(
+                f"training stopped: the BiGAN discriminator has won outright for {self.d_win_streak} consecutive "
+                f"steps (steps {first}-{step}: mean D(x,E(x)) > {1 - c.d_win_margin:g} and mean D(G(z),z) < "
+                f"{c.d_win_margin:g}; now {d_real:.4f} and {d_fake:.4f}), so E and G no longer learn. The run "
+                f"directory's last.pt is the last checkpoint written before this step; try a lower --lr or "
+                f"another --seed rather than --resume, which would replay the same steps")
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def extra_state(self) -> dict:
+        return {"d_win_streak": self.d_win_streak}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.d_win_streak = int(state.get("d_win_streak", 0))
+
+    # ------------------------------------------------------------------ sample grids
+
+    @torch.no_grad()
+    def sample_grid(self, real01: torch.Tensor | None = None, n: int | None = None, seed: int = 0) -> torch.Tensor:
+        """(3n, 3, S, S) in [0, 1]: n real patches, their reconstructions G(E(x)), and G(z) for a
+        fixed z (seeded, so grids of one run are comparable over time). Eval mode; training mode
+        is restored afterwards (no BatchNorm statistic is touched)."""
+        n = n or self.config.sample_count
+        device = self.head.weight.device
+        if real01 is None:
+            real01 = self._grid_real
+        if real01 is None:
+            raise ValueError("no real images yet: call step() first or pass real01")
+        real01 = real01[:n].to(device).float()
+        n = real01.shape[0]
+        was_training = self.training
+        self.eval()
+        try:
+            recon = self.generator(self.encode(real01))
+            fake = self.generator(self.sample_latent(n, device, torch.Generator().manual_seed(seed)))
+        finally:
+            self.train(was_training)
+        real = _resize(real01, self.config.image_size)
+        return torch.cat([real, (recon.float() + 1) / 2, (fake.float() + 1) / 2]).clamp(0, 1).cpu()
+
+    def write_samples(self, path) -> Path | None:
+        """Save the sample grid (rows: real, G(E(x)), G(z)) as a PNG, atomically."""
+        if self._grid_real is None:
+            return None
+        import numpy as np
+        from PIL import Image
+
+        from monossl.runs import atomic_path
+        from monossl.viz.plots import tile_images
+
+        grid = self.sample_grid()
+        n = grid.shape[0] // 3
+        array = (tile_images(grid, ncols=n) * 255).round().astype(np.uint8)
+        image = Image.fromarray(array)
+        scale = max(1, 256 // max(1, image.width // n))  # small patches: enlarge (nearest) to be visible
+        scale = min(scale, 4)
+        if scale > 1:
+            image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
+        return path
+
+    def end_epoch(self, epoch: int, run_dir) -> None:
+        self.write_samples(Path(run_dir) / "samples" / f"epoch{epoch:04d}.png")
+
+    def after_step(self, done: int, run_dir) -> None:
+        """Every `sample_every` steps and at the last step: run_dir/samples/stepNNNNNN.png."""
+        every = self.config.sample_every
+        if (every and done % every == 0) or done == self.total_steps:
+            self.write_samples(Path(run_dir) / "samples" / f"step{done:06d}.png")

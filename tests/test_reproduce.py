@@ -1,0 +1,141 @@
+"""`monossl reproduce cifar10-augmentations`: a complete table from a tiny run, reruns skip finished
+rows and resume unfinished ones, other settings are refused, stopped rows are reported, findings."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from monossl import cli
+from monossl.errors import UserError
+from monossl.experiments import reproduce
+from monossl.viz.report import PAPER_CIFAR10_BIGAN
+
+# tiny settings: the smoke budget shrunk further (the smoke budget itself is run by hand, see docs/bigan.md)
+TINY = ["--steps", "2", "--batch-size", "8", "--probe-epochs", "1", "--subset", "100", "--test-subset", "50",
+        "--widths", "8,8,16,16", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _registered(monkeypatch):
+    # until cli.COMMANDS registers it
+    monkeypatch.setitem(cli.COMMANDS, "reproduce", ("monossl.experiments.reproduce", "the paper's tables"))
+
+
+def _reproduce(out, data_dir, *extra):
+    return cli.main(["reproduce", "cifar10-augmentations", "--method", "bigan", "--budget", "smoke",
+                     "--data", f"cifar10:{data_dir}", "--out", str(out), *TINY, *extra])
+
+
+def test_smoke_table_is_complete_and_a_rerun_skips_finished_rows(tmp_path, cifar_subset_dir, capsys):
+    out = tmp_path / "rep"
+    assert _reproduce(out, cifar_subset_dir) == 0
+    for row in reproduce.ROWS:
+        assert (out / row / "trunk.pt").exists() and (out / row / "probe-cifar" / "results.json").exists(), row
+    for row in reproduce.PRESET_ROWS:
+        config = json.loads((out / row / "config.json").read_text())
+        assert config["method"] == "bigan" and config["preset"] == row and config["total_steps"] == 2
+
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["table"]) == list(reproduce.ROWS)
+    for row, cells in results["table"].items():
+        paper = PAPER_CIFAR10_BIGAN[results["paper_rows"][row]]
+        assert list(cells) == ["conv1", "conv2", "conv3", "conv4"]
+        for tap, cell in cells.items():
+            assert 0 <= cell["ours"] <= 100 and cell["paper"] == paper[tap]
+            assert cell["diff"] == pytest.approx(cell["ours"] - cell["paper"], abs=0.01)
+    assert results["paper_rows"]["none"] == "No aug." and results["paper_rows"]["random"] == "Random features"
+    assert len(results["findings"]) == 4 and all(f["holds"] in (True, False) for f in results["findings"])
+    assert all(f["holds"] for f in results["paper_findings"])
+
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 40 and {r["status"] for r in rows} == {"done"}
+    md = (out / "table.md").read_text()
+    assert md.count("\n| ") == 11 and "[paper: All]" in md and "The paper's findings in our numbers" in md
+    assert (out / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the report command reads the table with our paper numbers
+    from monossl.viz.report import table_from_results
+
+    t = table_from_results(results, "results.json")
+    assert t.paper["all"]["conv1"] == 68.1
+
+    # a rerun trains and probes nothing
+    capsys.readouterr()
+    stamp = {row: (out / row / "probe-cifar" / "results.json").stat().st_mtime_ns for row in reproduce.ROWS}
+    assert _reproduce(out, cifar_subset_dir) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done before") == 10
+    assert stamp == {row: (out / row / "probe-cifar" / "results.json").stat().st_mtime_ns for row in reproduce.ROWS}
+
+    # other settings for the same --out are refused
+    assert cli.main(["reproduce", "cifar10-augmentations", "--method", "bigan", "--data", f"cifar10:{cifar_subset_dir}",
+                     "--out", str(out), *TINY, "--steps", "3"]) == 2
+    assert "other settings (steps)" in capsys.readouterr().err
+
+
+def test_an_interrupted_row_is_resumed(tmp_path, cifar_subset_dir):
+    import argparse
+
+    out = tmp_path / "rep"
+    parser = argparse.ArgumentParser()
+    reproduce.configure(parser)
+    args = parser.parse_args(["cifar10-augmentations", "--data", f"cifar10:{cifar_subset_dir}", "--out", str(out),
+                              *TINY, "--steps", "3", "--rows", "none"])
+    s = reproduce.settings(args)
+    # the row's pretraining was interrupted after 1 of 3 steps
+    reproduce._pretrain(reproduce._row_argv("none", s, out / "none", args) + ["--stop-after", "1"])
+    assert (out / "none" / "last.pt").exists() and not (out / "none" / "trunk.pt").exists()
+    assert reproduce.run(args) == 0
+    log = [json.loads(line) for line in (out / "none" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 3]  # resumed from step 1 (a restart would be refused: last.pt exists)
+    # and equal to an uninterrupted run of the row
+    reproduce._pretrain(reproduce._row_argv("none", s, tmp_path / "whole", args))
+    a = torch.load(out / "none" / "trunk.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "whole" / "trunk.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert list(json.loads((out / "results.json").read_text())["table"]) == ["none"]
+
+
+def test_stopped_rows_are_reported_and_the_others_finish(tmp_path, cifar_subset_dir, monkeypatch, capsys):
+    from monossl.methods.bigan import BiGAN
+
+    def always_wins(self, d_real, d_fake, step):
+        raise UserError("training stopped: the BiGAN discriminator has won outright (test)")
+
+    monkeypatch.setattr(BiGAN, "_check_discriminator", always_wins)
+    out = tmp_path / "rep"
+    assert _reproduce(out, cifar_subset_dir, "--rows", "random,none") == 1
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["table"]) == ["random"] and "won outright" in results["stopped"]["none"]
+    md = (out / "table.md").read_text()
+    assert "stopped (57.9)" in md and "Row `none` stopped: training stopped" in md
+    assert "1 row(s) stopped: none" in capsys.readouterr().out
+
+
+def test_findings_on_the_papers_numbers_and_a_failing_table():
+    paper = {r: PAPER_CIFAR10_BIGAN[reproduce.paper_row(r)] for r in reproduce.ROWS}
+    assert [f["holds"] for f in reproduce.findings(paper)] == [True, True, True, True]
+    bad = {r: dict(v) for r, v in paper.items()}
+    bad["jitter"]["conv1"] = 70.0  # a row without scale beats the rows with scale
+    bad["none"]["conv1"] = 50.0  # and no-aug. is far from random
+    assert [f["holds"] for f in reproduce.findings(bad)] == [False, True, True, False]
+    assert reproduce.findings({})[0]["holds"] is None
+
+
+def test_settings_budgets_and_bad_options():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    reproduce.configure(parser)
+    s = reproduce.settings(parser.parse_args(["cifar10-augmentations", "--method", "deepcluster", "--budget", "quick"]))
+    assert s["dc_patches"] == 4096 and s["dc_epochs"] == 4 and s["probe_subset"] == 10000
+    assert s["image"] == ["builtin:astronaut"] and s["rows"] == list(reproduce.ROWS)
+    s = reproduce.settings(parser.parse_args(["cifar10-augmentations", "--rows", "all,random"]))
+    assert s["rows"] == ["random", "all"]  # the paper's order
+    with pytest.raises(UserError, match="unknown row"):
+        reproduce.settings(parser.parse_args(["cifar10-augmentations", "--rows", "everything"]))
+    with pytest.raises(UserError, match="--widths"):
+        reproduce.settings(parser.parse_args(["cifar10-augmentations", "--widths", "8,8"]))
