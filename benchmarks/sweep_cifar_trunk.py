@@ -11,7 +11,6 @@ README's table comes from `monossl compare`.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

@@ -17,12 +17,6 @@ TINY = ["--steps", "2", "--batch-size", "8", "--probe-epochs", "1", "--subset", 
         "--widths", "8,8,16,16", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _registered(monkeypatch):
-    # until cli.COMMANDS registers it
-    monkeypatch.setitem(cli.COMMANDS, "reproduce", ("monossl.experiments.reproduce", "the paper's tables"))
-
-
 def _reproduce(out, data_dir, *extra):
     return cli.main(["reproduce", "cifar10-augmentations", "--method", "bigan", "--budget", "smoke",
                      "--data", f"cifar10:{data_dir}", "--out", str(out), *TINY, *extra])
@@ -131,7 +125,7 @@ def test_settings_budgets_and_bad_options():
     parser = argparse.ArgumentParser()
     reproduce.configure(parser)
     s = reproduce.settings(parser.parse_args(["cifar10-augmentations", "--method", "deepcluster", "--budget", "quick"]))
-    assert s["dc_patches"] == 4096 and s["dc_epochs"] == 4 and s["probe_subset"] == 10000
+    assert s["dc_patches"] == 8192 and s["dc_epochs"] == 8 and s["probe_subset"] == 10000
     assert s["image"] == ["builtin:astronaut"] and s["rows"] == list(reproduce.ROWS)
     s = reproduce.settings(parser.parse_args(["cifar10-augmentations", "--rows", "all,random"]))
     assert s["rows"] == ["random", "all"]  # the paper's order

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from monossl.cli import COMMANDS, main
+from monossl.cli import main
 from monossl.errors import UserError
 from monossl.models import build_trunk, load_trunk
 from monossl.viz import filters, plots, report, style
@@ -44,13 +44,6 @@ def tiny_run(tmp_path_factory):
     assert main(["pretrain", "--method", "rotnet", "--image", "builtin:astronaut", "--steps", "3",
                  "--batch-size", "8", "--out", str(out), "--quiet"]) == 0
     return out
-
-
-@pytest.fixture
-def viz_commands(monkeypatch):
-    for name, module in (("filters", "monossl.viz.filters"), ("stylize", "monossl.viz.style"),
-                         ("report", "monossl.viz.report")):
-        monkeypatch.setitem(COMMANDS, name, (module, name))
 
 
 # ---------------------------------------------------------------------------- filters
@@ -115,7 +108,7 @@ def test_sobel_effective_filter_reproduces_sobel_then_conv1():
     assert (grid[..., 0] == grid[..., 1]).all()
 
 
-def test_filters_cli(tiny_run, tmp_path, viz_commands, capsys):
+def test_filters_cli(tiny_run, tmp_path, capsys):
     out = tmp_path / "f.png"
     assert main(["filters", "--random", str(tiny_run), "--out", str(out)]) == 0
     assert out.stat().st_size > 1000
@@ -150,7 +143,7 @@ def test_gram_and_taps():
                       log=lambda *_: None)
 
 
-def test_stylize_compare_cli(tiny_run, tmp_path, viz_commands, capsys):
+def test_stylize_compare_cli(tiny_run, tmp_path, capsys):
     out = tmp_path / "cmp.png"
     assert main(["stylize", "--content", "builtin:astronaut", "--style", "builtin:coffee", "--random",
                  "--compare", str(tiny_run), "--size", "16", "--steps", "2", "--out", str(out)]) == 0
@@ -203,7 +196,7 @@ def _md_tables(text):
     return tables
 
 
-def test_report_numbers_equal_the_results_files(tiny_run, tmp_path, viz_commands):
+def test_report_numbers_equal_the_results_files(tiny_run, tmp_path):
     compare = tmp_path / "compare"
     compare.mkdir()
     table = {"random": {"conv1": 30.0, "conv2": 22.33, "conv3": 13.333333333333334, "conv4": 19.3},
@@ -276,7 +269,7 @@ def test_report_reads_a_compare_directory_with_its_runs(tiny_run, tmp_path):
     ["report", "no/such/run", "--out", "rep"],
     ["filters", "--random", "--out", "x.gif"],
 ])
-def test_commands_give_one_line_errors(argv, viz_commands, capsys, tmp_path, monkeypatch):
+def test_commands_give_one_line_errors(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err

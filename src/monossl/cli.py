@@ -22,6 +22,7 @@ COMMANDS = {
     "pretrain": ("monossl.pretrain", "pretrain a trunk with a self-supervised or supervised method"),
     "probe": ("monossl.eval.probes", "train linear probes on every conv tap of a frozen trunk"),
     "compare": ("monossl.experiments.compare", "the main job: random vs one-image RotNet vs supervised"),
+    "reproduce": ("monossl.experiments.reproduce", "the paper's tables in one command (cifar10-augmentations)"),
     "filters": ("monossl.viz.filters", "draw the conv1 filters of runs side by side (BatchNorm folded in)"),
     "stylize": ("monossl.viz.style", "Gatys style transfer with a trunk, or several side by side (--compare)"),
     "report": ("monossl.viz.report", "one Markdown + self-contained HTML page of results tables and figures"),

@@ -189,7 +189,7 @@ def run(args) -> int:
     method = cls(trunk, total_steps, method_config)
 
     config = {
-        "method": args.method, "arch": trunk.arch, "arch_config": trunk.config, "method_config": asdict(method_config),
+        "method": args.method, "arch": trunk.arch, "arch_config": trunk.config, "method_config": asdict(method.config),
         "seed": args.seed, "batch_size": batch_size, "total_steps": total_steps, "device": str(device),
         "source": source.describe(), **data_info,
     }

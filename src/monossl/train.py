@@ -142,6 +142,8 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
             bar.set_postfix({k: f"{v:.3g}" for k, v in last_record.items() if k in ("loss", "images_per_s")})
         if spe is not None and done % spe == 0 and hasattr(method, "end_epoch") and is_main():
             method.end_epoch(epoch, run_dir)
+        if hasattr(method, "after_step") and is_main():
+            method.after_step(done, run_dir)
         if done % loop.checkpoint_every == 0 or done == end_step:
             save(done)
     bar.close()

@@ -501,7 +501,7 @@ class PatchStream:
 
         # footprint of the output square per unit box size (fill="none" only):
         # extent of |M^-1 F| (S/2, S/2) in R-space, per axis, relative to R
-        R, S = cfg.resize_side, cfg.size
+        R = cfg.resize_side
         if cfg.fill == "none":
             minv = np.abs(_inverse_warp(angle, shear))
             reach = 2 * (R / 2.0 - cfg.crop_offset)  # >= S: the off-centre crop reaches further
@@ -558,7 +558,7 @@ class PatchStream:
     def output_to_source(self, p: PatchParams):
         """(A, t) with source = A @ output + t, in continuous pixel coordinates (pixel
         centres at k + 0.5), and (Q, q) with pre-warp R-space = Q @ output + q."""
-        S, R = self.config.size, self.config.resize_side
+        R = self.config.resize_side
         flip = np.ones((len(p), 2))
         flip[p.hflip, 0] = -1.0
         flip[p.vflip, 1] = -1.0

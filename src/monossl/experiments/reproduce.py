@@ -27,7 +27,7 @@ import csv
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -71,9 +71,9 @@ BUDGETS = {
         note="a check that every piece runs; the numbers mean nothing"),
     "quick": Budget(
         "quick",
-        steps={"bigan": 300, "rotnet": 180, "supervised": 250}, batch={"bigan": 32, "rotnet": 32, "deepcluster": 64,
+        steps={"bigan": 400, "rotnet": 600, "supervised": 500}, batch={"bigan": 32, "rotnet": 32, "deepcluster": 64,
                                                                         "supervised": 128},
-        dc_patches=4096, dc_epochs=4, probe_subset=10000, probe_test_subset=2000, probe_epochs=15,
+        dc_patches=8192, dc_epochs=8, probe_subset=10000, probe_test_subset=2000, probe_epochs=15,
         note="the whole table for one method in about an hour on 2 CPU cores (estimate in docs/bigan.md)"),
     "paper": Budget(
         "paper",
@@ -93,7 +93,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="smoke (minutes, a check), quick (about 1 h on 2 CPU cores), paper (GPU); default smoke")
     p.add_argument("--image", action="append", default=None,
                    help="source image of the augmentation rows (default: the built-in default image)")
-    p.add_argument("--data", default="cifar10", help="labelled dataset for probes and the supervised row (default cifar10)")
+    p.add_argument("--data", default="cifar10",
+                   help="labelled dataset for probes and the supervised row (default cifar10)")
     p.add_argument("--out", default=None, help="output directory (default runs/reproduce-METHOD-BUDGET)")
     p.add_argument("--rows", default=None, help=f"comma-separated subset of the rows ({', '.join(ROWS)}); default all")
     p.add_argument("--seed", type=int, default=0)
@@ -334,7 +335,8 @@ def write_table(out: Path, rows: list[str], results: dict, stopped: dict, config
     for row in rows:
         label = f"{_label(row, method)} [paper: {paper_row(row)}]"
         if row in table:
-            body.append([label] + [f"{c['ours']:.1f} ({c['paper']:.1f}, {c['diff']:+.1f})" for c in table[row].values()])
+            body.append([label] + [f"{c['ours']:.1f} ({c['paper']:.1f}, {c['diff']:+.1f})"
+                                   for c in table[row].values()])
         else:
             why = "stopped" if row in stopped else "not run"
             body.append([label] + [f"{why} ({PAPER_CIFAR10_BIGAN[paper_row(row)][t]:.1f})" for t in TAPS])
@@ -354,7 +356,8 @@ def write_table(out: Path, rows: list[str], results: dict, stopped: dict, config
     lines += [runs.markdown_table(header, body).rstrip("\n"), "", "The paper's findings in our numbers:", ""]
     for f_ours, f_paper in zip(ours_found, paper_found):
         detail = f" ({f_ours['detail']})" if f_ours["detail"] else ""
-        lines.append(f"- {f_ours['finding']}: {_mark(f_ours['holds'])}{detail}; in the paper: {_mark(f_paper['holds'])}")
+        lines.append(f"- {f_ours['finding']}: {_mark(f_ours['holds'])}{detail}; "
+                     f"in the paper: {_mark(f_paper['holds'])}")
     for row, message in stopped.items():
         lines += ["", f"Row `{row}` stopped: {message}"]
     md = "\n".join(lines) + "\n"

@@ -13,6 +13,8 @@ Optional hooks the loop calls when a method defines them:
     source; may return {"order": LongTensor of the epoch's sample indices (DeepCluster's
     cluster-uniform sampler), "log": {name: float} written to metrics.jsonl}.
   * `end_epoch(epoch, run_dir)`: after an epoch's last step (e.g. sample grids).
+  * `after_step(steps_done, run_dir)`: after every step, on rank 0 (BiGAN's sample grids on an
+    unlimited stream, which has no epochs).
   * `extra_state() / load_extra_state(state)`: method state outside parameters/buffers
     (e.g. DeepCluster's pseudo-labels) to keep in checkpoints.
 """
