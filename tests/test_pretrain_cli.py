@@ -98,3 +98,5 @@ def test_compare_writes_the_table_and_skips_finished_rows(tmp_path, cifar_subset
     capsys.readouterr()
     assert main(argv) == 0  # rerun: every row is skipped
     assert capsys.readouterr().out.count("done before") == 3
+    assert main(argv[:-2] + ["2", "--quiet"]) == 2  # other probe epochs: refused, not mixed into the table
+    assert "other settings (probe_epochs)" in capsys.readouterr().err

@@ -93,7 +93,7 @@ def test_sobel_effective_filter_reproduces_sobel_then_conv1():
     conv, bn = trunk.stages["conv1"][0], trunk.stages["conv1"][1]
     eff = filters.conv1_filters(trunk)
     k = conv.kernel_size[0]
-    assert eff.shape == (64, 3, k + 2, k + 2)
+    assert eff.shape == (conv.out_channels, 3, k + 2, k + 2)
     x = (torch.rand(2, 3, 24, 24) - trunk.mean) / trunk.std  # what the Sobel front-end sees
     with torch.no_grad():
         real = bn(conv(trunk.sobel(x)))
@@ -112,7 +112,7 @@ def test_filters_cli(tiny_run, tmp_path, capsys):
     out = tmp_path / "f.png"
     assert main(["filters", "--random", str(tiny_run), "--out", str(out)]) == 0
     assert out.stat().st_size > 1000
-    assert "rotnet, astronaut, all: 64 filters 5x5" in capsys.readouterr().out
+    assert "rotnet, astronaut, all: 32 filters 5x5" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------- style

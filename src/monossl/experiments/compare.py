@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import time
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def _pretrain(argv: list[str]) -> None:
 def run(args) -> int:
     from monossl.data.datasets import load_pair, subset
     from monossl.data.sources import DEFAULT_IMAGE
-    from monossl.eval.probes import get_protocol, run_probe
+    from monossl.eval.probes import get_protocol, run_probe, write_results
     from monossl.models import build_trunk, load_trunk
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -76,6 +77,20 @@ def run(args) -> int:
     common = ["--seed", str(args.seed), "--device", args.device, *trunk_options] + (["--quiet"] if args.quiet else [])
     data_arg = args.data if not args.subset else None
 
+    # the rows of one --out must come from one set of settings: refuse to mix
+    settings = {k: getattr(args, k) for k in ("data", "image", "preset", "seed", "rotnet_steps", "supervised_steps",
+                                               "probe_epochs", "subset", "test_subset", "widths", "conv1_kernel")}
+    settings_path = out / "settings.json"
+    if settings_path.exists():
+        before = json.loads(settings_path.read_text())
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        if changed:
+            raise UserError(f"{out} holds a comparison made with other settings ({', '.join(changed)}); "
+                            "use another --out")
+    else:
+        runs.write_json(settings_path, settings)
+
+    started = time.perf_counter()
     results, timings = {}, {}
     for row in rows:
         row_dir = out / row
@@ -83,8 +98,6 @@ def run(args) -> int:
         t0 = time.perf_counter()
         if (probe_dir / "results.json").exists():
             print(f"[{row}] done before: {probe_dir / 'results.json'}")
-            import json
-
             results[row] = json.loads((probe_dir / "results.json").read_text())
             timings[row] = results[row].get("compare_seconds")
             continue
@@ -112,8 +125,6 @@ def run(args) -> int:
         result = run_probe(trunk, train_set, test_set, protocol, device=args.device, seed=args.seed,
                            out_dir=None, progress=not args.quiet, meta=meta, dataset=data_arg or args.data)
         result["compare_seconds"] = round(time.perf_counter() - t0, 1)
-        from monossl.eval.probes import write_results
-
         write_results(probe_dir, result)
         results[row], timings[row] = result, result["compare_seconds"]
 
@@ -125,7 +136,7 @@ def run(args) -> int:
     })
     print()
     print(table, end="")
-    print(f"wrote {out / 'table.md'}, table.csv and results.json")
+    print(f"wrote {out / 'table.md'}, table.csv and results.json ({time.perf_counter() - started:.0f} s)")
     return 0
 
 
