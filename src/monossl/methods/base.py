@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def step_lr(base_lr: float, step: int, total_steps: int, milestones=(0.3, 0.6, 0.9), gamma: float = 0.1) -> float:
@@ -82,3 +83,32 @@ class Method(nn.Module):
         self.load_state_dict(state["model"])
         for name, opt in self.optimizers().items():
             opt.load_state_dict(state["optimizers"][name])
+
+
+class LinearHeadMethod(Method):
+    """A trunk plus one linear head trained with cross-entropy and SGD (Nesterov momentum):
+    what RotNet (4 rotation classes) and the supervised baseline (the dataset's classes) share.
+    The config needs `lr`, `momentum` and `weight_decay`."""
+
+    def __init__(self, trunk, total_steps: int, config, num_outputs: int):
+        super().__init__(trunk, total_steps)
+        self.config = config
+        self.head = nn.Linear(trunk.feature_dim, num_outputs)
+        self._opt = torch.optim.SGD(self.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True,
+                                    weight_decay=config.weight_decay)
+
+    def optimizers(self):
+        return {"sgd": self._opt}
+
+    def forward(self, images):
+        return self.head(self.trunk(images))
+
+    def classification_step(self, images, labels, lr: float) -> tuple[float, float]:
+        """One SGD step on cross-entropy at learning rate `lr`; returns (loss, accuracy %)."""
+        set_lr(self._opt, lr)
+        logits = self(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        self._opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer_step(self._opt)
+        return loss.item(), accuracy(logits, labels)

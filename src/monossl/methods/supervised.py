@@ -9,12 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
 from monossl.methods.augment import pad_crop_flip, random_resized_crop
-from monossl.methods.base import Method, accuracy, set_lr, step_lr
+from monossl.methods.base import LinearHeadMethod, step_lr
 
 
 @dataclass
@@ -25,23 +21,14 @@ class SupervisedConfig:
     num_classes: int = 10
 
 
-class Supervised(Method):
+class Supervised(LinearHeadMethod):
     name = "supervised"
     Config = SupervisedConfig
     needs = "labelled"
 
     def __init__(self, trunk, total_steps: int, config: SupervisedConfig | None = None):
-        super().__init__(trunk, total_steps)
-        self.config = config or SupervisedConfig()
-        self.head = nn.Linear(trunk.feature_dim, self.config.num_classes)
-        self._opt = torch.optim.SGD(self.parameters(), lr=self.config.lr, momentum=self.config.momentum,
-                                    nesterov=True, weight_decay=self.config.weight_decay)
-
-    def optimizers(self):
-        return {"sgd": self._opt}
-
-    def forward(self, images):
-        return self.head(self.trunk(images))
+        config = config or SupervisedConfig()
+        super().__init__(trunk, total_steps, config, config.num_classes)
 
     def step(self, batch, step):
         images, labels = batch["images"], batch["labels"]
@@ -50,10 +37,5 @@ class Supervised(Method):
         else:
             images = random_resized_crop(images, self.trunk.input_size, scale=(0.08, 1.0))
         lr = step_lr(self.config.lr, step, self.total_steps, milestones=(0.5, 0.75))
-        set_lr(self._opt, lr)
-        logits = self(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        self._opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer_step(self._opt)
-        return {"loss": loss.item(), "acc": accuracy(logits, labels), "lr": lr}
+        loss, acc = self.classification_step(images, labels, lr)
+        return {"loss": loss, "acc": acc, "lr": lr}
