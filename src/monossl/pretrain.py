@@ -31,7 +31,7 @@ METHODS = {
 
 # Default budgets (steps at the default batch size) per method on the CIFAR trunk, sized so
 # that the main job fits in about 15 minutes on 2 CPU cores; see README for what they reach.
-DEFAULT_STEPS = {"rotnet": 500, "supervised": 700, "deepcluster": 256, "bigan": 1500}
+DEFAULT_STEPS = {"rotnet": 800, "supervised": 500, "deepcluster": 256, "bigan": 1500}
 DEFAULT_BATCH = {"rotnet": 64, "supervised": 128, "deepcluster": 128, "bigan": 64}
 
 
