@@ -74,18 +74,8 @@ def test_overrides_deka_and_fill(tmp_path, capsys):
     assert np.array_equal(np.load(out / "patches.npy"), gen.to_uint8(st.batch(range(12))))
 
 
-def test_resume_skips_finished_files(tmp_path, capsys):
-    out = tmp_path / "p"
-    args = ["generate", "--size", "16", "--count", "30", "--out", str(out), "--format", "png",
-            "--batch-size", "8", "--workers", "1"]  # in-process, so the spy sees every batch
-    assert _main(args, capsys)[0] == 0
-    folder = out / "train" / "dummy"
-    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
-    mtimes = {f: (folder / f).stat().st_mtime_ns for f in before}
-    removed = [f"patch_{i:07d}.png" for i in (0, 7, 8, 29)]
-    for f in removed:
-        (folder / f).unlink()
-    (folder / ".patch_0000007.png.tmp").write_bytes(b"half a file")  # left by a crash
+def _rerun_counting_renders(args, capsys) -> list[int]:
+    """Run `generate` again and return the patch indices it rendered (a spy on PatchStream.batch)."""
     calls = []
     real_batch = PatchStream.batch
 
@@ -98,6 +88,22 @@ def test_resume_skips_finished_files(tmp_path, capsys):
         assert _main(args, capsys)[0] == 0
     finally:
         PatchStream.batch = real_batch
+    return calls
+
+
+def test_resume_skips_finished_files(tmp_path, capsys):
+    out = tmp_path / "p"
+    args = ["generate", "--size", "16", "--count", "30", "--out", str(out), "--format", "png",
+            "--batch-size", "8", "--workers", "1"]  # in-process, so the spy sees every batch
+    assert _main(args, capsys)[0] == 0
+    folder = out / "train" / "dummy"
+    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+    mtimes = {f: (folder / f).stat().st_mtime_ns for f in before}
+    removed = [f"patch_{i:07d}.png" for i in (0, 7, 8, 29)]
+    for f in removed:
+        (folder / f).unlink()
+    (folder / ".patch_0000007.png.tmp").write_bytes(b"half a file")  # left by a crash
+    calls = _rerun_counting_renders(args, capsys)
     assert sorted(calls) == [0, 7, 8, 29]  # only the missing ones were rendered
     assert sorted(os.listdir(folder)) == sorted(before)  # temp file gone, all back
     for f in before:
@@ -141,17 +147,7 @@ def test_resume_after_interrupt(tmp_path, capsys, fmt):
         assert 0 < len(files) < 40 and not any(f.endswith(".tmp") for f in files)
         for f in files:  # every file that exists is complete
             Image.open(out / "train" / "dummy" / f).load()
-    calls = []
-
-    def spy(self, indices):
-        calls.extend(int(i) for i in indices)
-        return real_batch(self, indices)
-
-    PatchStream.batch = spy
-    try:
-        assert _main(args, capsys)[0] == 0
-    finally:
-        PatchStream.batch = real_batch
+    calls = _rerun_counting_renders(args, capsys)
     if fmt == "npy":
         assert sorted(calls) == list(range(24, 40))
         assert np.array_equal(np.load(out / "patches.npy"), _expected(40))
