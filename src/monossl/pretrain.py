@@ -8,6 +8,7 @@ without `--image`, the images of `--data` are used without their labels (the pap
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 from dataclasses import asdict, fields
@@ -195,7 +196,8 @@ def run(args) -> int:
     }
     if args.resume:
         previous = json.loads((out / "config.json").read_text())
-        changed = [k for k in config if k != "device" and json.dumps(previous.get(k), default=str) != json.dumps(config[k], default=str)]
+        as_json = functools.partial(json.dumps, default=str)  # compares tuples and lists alike
+        changed = [k for k in config if k != "device" and as_json(previous.get(k)) != as_json(config[k])]
         if changed:
             raise UserError(f"--resume: the options differ from the run in {out} ({', '.join(changed)})")
     elif is_main():
