@@ -100,3 +100,12 @@ def test_compare_writes_the_table_and_skips_finished_rows(tmp_path, cifar_subset
     assert capsys.readouterr().out.count("done before") == 3
     assert main(argv[:-2] + ["2", "--quiet"]) == 2  # other probe epochs: refused, not mixed into the table
     assert "other settings (probe_epochs)" in capsys.readouterr().err
+
+
+def test_image_too_small_is_named_and_leaves_no_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["pretrain", "--method", "rotnet", "--image", "builtin:coffee", "--arch", "alexnet-big", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "builtin:coffee is 600x400 pixels" in err and "at least 512 pixels" in err and err.count("\n") == 1
+    assert not out.exists()

@@ -146,7 +146,7 @@ def build_source(args, trunk, seed: int, method_needs: str, device=None):
     patch_config = make_config(args.preset, size=size, **parse_overrides(args.patch))
     # patches are made where the training runs (on the GPU when there is one), unless asked otherwise
     stream_device = resolve_device(args.patch_device) if args.patch_device else (device or "cpu")
-    stream = PatchStream(load_images(args.image), patch_config, seed=seed, device=stream_device)
+    stream = PatchStream(load_images(args.image), patch_config, seed=seed, device=stream_device, names=args.image)
     length = args.num_patches
     if length is None and args.method == "deepcluster":
         length = 8192  # DeepCluster needs a fixed set: its pseudo-labels are per index
@@ -162,7 +162,6 @@ def run(args) -> int:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if args.resume and not (out / "config.json").exists():
         raise UserError(f"--resume: {out} holds no run to resume (no config.json)")
-    runs.ensure_writable_dir(out)
 
     torch.manual_seed(args.seed)
     if (args.conv1_kernel is not None or args.widths is not None) and args.arch != "cifar":
@@ -172,6 +171,7 @@ def run(args) -> int:
         trunk_config["sobel"] = True
     trunk = build_trunk(args.arch, **trunk_config)
     source, data_info = build_source(args, trunk, args.seed, cls.needs, device)
+    runs.ensure_writable_dir(out)  # only now: bad input leaves no empty run directory behind
 
     batch_size = args.batch_size or DEFAULT_BATCH.get(args.method, 64)
     if args.epochs is not None:

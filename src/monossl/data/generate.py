@@ -354,7 +354,7 @@ def run(args) -> int:
     from monossl.device import resolve_device
 
     device = resolve_device(args.device)
-    stream = PatchStream(images, config, seed=args.seed, device=device)
+    stream = PatchStream(images, config, seed=args.seed, device=device, names=specs)
 
     out = Path(args.out)
     meta = {

@@ -424,10 +424,11 @@ class PatchStream:
 
     images: a (3, H, W) tensor, or a list of them (each patch picks its source image
     uniformly, deterministically from (seed, index)), or spec strings for `load_images`.
+    names: what to call each image in error messages (its file or built-in name).
     """
 
     def __init__(self, images, config: PatchConfig | None = None, seed: int = 0,
-                 device="cpu", chunk_pixels: int = 1 << 18):
+                 device="cpu", chunk_pixels: int = 1 << 18, names=None):
         from monossl.data.sources import load_images
 
         config = (config or PatchConfig()).validate()
@@ -435,6 +436,7 @@ class PatchStream:
             images = [images]
         images = list(images)
         if images and all(isinstance(x, str) for x in images):
+            names = names or list(images)
             images = load_images(images)
         if not images:
             raise UserError("no source image given")
@@ -452,8 +454,9 @@ class PatchStream:
                 raise UserError(f"source image {k} must be a (3, H, W) tensor")
             h, w = img.shape[1:]
             if min(h, w) < need:
+                name = names[k] if names else f"source image {k}"
                 raise UserError(
-                    f"source image {k} is {w}x{h} pixels, too small for patch size {config.size} with "
+                    f"{name} is {w}x{h} pixels, too small for patch size {config.size} with "
                     f"initial crop fraction {config.initial_crop_fraction:g}: its short side must be at "
                     f"least {need} pixels"
                 )
