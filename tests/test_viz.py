@@ -112,7 +112,7 @@ def test_filters_cli(tiny_run, tmp_path, capsys):
     out = tmp_path / "f.png"
     assert main(["filters", "--random", str(tiny_run), "--out", str(out)]) == 0
     assert out.stat().st_size > 1000
-    assert "rotnet, astronaut, all: 32 filters 5x5" in capsys.readouterr().out
+    assert "rotnet, astronaut, all: 32 filters 3x3" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------- style

@@ -102,14 +102,15 @@ class Trunk(nn.Module):
 class CifarTrunk(Trunk):
     """Four conv blocks for 32-px images; see docs/models.md for why this design.
 
-    conv1: `conv1_kernel` x `conv1_kernel`, stride 1 (large enough to show what it learned),
-    then 2x2 max-pool after conv1..conv3; 3x3 convs after that; global average pool -> widths[3].
+    conv1: `conv1_kernel` x `conv1_kernel` (3 by default: with 5x5 one-image RotNet fell below
+    the random trunk at conv1, see docs/models.md), stride 1; a 2x2 max-pool before conv2..conv4;
+    3x3 convs after that; global average pool -> widths[3].
     """
 
     arch = "cifar"
     input_size = 32
 
-    def __init__(self, widths=(32, 64, 128, 256), conv1_kernel: int = 5, sobel: bool = False):
+    def __init__(self, widths=(32, 64, 128, 256), conv1_kernel: int = 3, sobel: bool = False):
         cin = 2 if sobel else 3
         w1, w2, w3, w4 = widths
         stages = [
