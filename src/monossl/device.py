@@ -4,7 +4,7 @@ All code asks this module for its device instead of calling `.cuda()`: `auto` me
 CUDA when there is one, else CPU. On CUDA we train in bf16 autocast (it pays on
 tensor-core GPUs); on CPU we stay in fp32 (bf16 is slower there without AMX, and would
 change the numbers). Channels-last pays on both: on this project's 2-core CPU machine RotNet
-trained at 146 images/s with it against 137 without on the default CIFAR trunk, and about 2x
+trained at 146 images/s with it against 137 without on the 32-64-128-256 trunk (5x5 conv1), about 2x
 faster on the 64-128-256-512 trunk (benchmarks/bench_train.py, --contiguous for NCHW).
 """
 
