@@ -24,7 +24,8 @@ from monossl.runs import environment, markdown_table, write_json
 
 # name -> (trunk config, extra pretrain options)
 VARIANTS = {
-    "k5 w64 (default)": ({"conv1_kernel": 5, "widths": [64, 128, 256, 512]}, []),
+    "k3 w32 (default)": ({"conv1_kernel": 3, "widths": [32, 64, 128, 256]}, []),
+    "k5 w64": ({"conv1_kernel": 5, "widths": [64, 128, 256, 512]}, []),
     "k3 w64": ({"conv1_kernel": 3, "widths": [64, 128, 256, 512]}, []),
     "k7 w64": ({"conv1_kernel": 7, "widths": [64, 128, 256, 512]}, []),
     "k9 w64": ({"conv1_kernel": 9, "widths": [64, 128, 256, 512]}, []),
