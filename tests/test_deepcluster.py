@@ -230,3 +230,14 @@ def test_tiny_run_through_the_cli(tmp_path):
     assert steps[-1]["step"] == 16 and all(np.isfinite(r["loss"]) and 0 <= r["cluster_acc"] <= 100 for r in steps)
     config = json.loads((out / "config.json").read_text())
     assert config["method_config"]["clusters"] == 8 and config["total_steps"] == 16
+    # DeepCluster gets the Sobel front-end unless told otherwise
+    assert config["arch_config"]["sobel"] is True and config["method_config"]["lr"] == 0.1
+    from monossl.models import load_trunk
+
+    assert load_trunk(out)[0].sobel is not None
+
+    plain = tmp_path / "dc-rgb"
+    assert main(["pretrain", "--method", "deepcluster", "--image", "builtin:astronaut", "--num-patches", "64",
+                 "--steps", "1", "--batch-size", "32", "--clusters", "4", "--widths", "8,8,16,16", "--no-sobel",
+                 "--out", str(plain), "--quiet"]) == 0
+    assert json.loads((plain / "config.json").read_text())["arch_config"]["sobel"] is False

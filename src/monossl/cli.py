@@ -63,6 +63,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("monossl: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
+    finally:
+        dist = sys.modules.get("torch.distributed")  # not imported: nothing to leave (and no torch start-up)
+        if dist is not None and dist.is_available() and dist.is_initialized():  # under torchrun
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ import torch
 
 from monossl import runs
 from monossl.device import resolve_device
+from monossl.distributed import is_main, setup, sync_batchnorm, world
 from monossl.errors import UserError
 from monossl.models import ARCHS, build_trunk, save_trunk
-from monossl.train import LoopConfig, is_main, train
+from monossl.train import LoopConfig, train
 
 # method name -> (module, class). Each class has a `Config` dataclass of its hyper-parameters.
 METHODS = {
@@ -32,8 +33,12 @@ METHODS = {
 
 # Default budgets (steps at the default batch size) per method on the CIFAR trunk, sized so
 # that the main job fits in about 15 minutes on 2 CPU cores; see README for what they reach.
-DEFAULT_STEPS = {"rotnet": 800, "supervised": 500, "deepcluster": 256, "bigan": 1500}
+# DeepCluster: 16 epochs over 8,192 patches (docs/deepcluster.md has the sweep behind it).
+DEFAULT_STEPS = {"rotnet": 800, "supervised": 500, "deepcluster": 1024, "bigan": 1500}
 DEFAULT_BATCH = {"rotnet": 64, "supervised": 128, "deepcluster": 128, "bigan": 64}
+# DeepCluster clusters colour first unless its input is greyscale gradients (Caron et al.
+# use the Sobel front-end too); on one image it is what lets it beat random features.
+DEFAULT_SOBEL = {"deepcluster": True}
 
 
 def method_class(name: str):
@@ -54,7 +59,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="cifar", help=f"trunk: {', '.join(ARCHS)} (default cifar)")
     p.add_argument("--conv1-kernel", type=int, default=None, help="CIFAR trunk: conv1 kernel size")
     p.add_argument("--widths", default=None, help="CIFAR trunk: channels of conv1..conv4, e.g. 64,128,256,512")
-    p.add_argument("--sobel", action="store_true", help="fixed Sobel front-end (greyscale + gradients)")
+    p.add_argument("--sobel", action=argparse.BooleanOptionalAction, default=None,
+                   help="fixed Sobel front-end (greyscale + gradients); default on for deepcluster, off otherwise")
     p.add_argument("--image", action="append", default=None,
                    help="source image (path or builtin:NAME); repeat for several; omit to use --data's images")
     p.add_argument("--preset", default="all", help="augmentation preset of the patch stream (default all)")
@@ -75,6 +81,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clusters", type=int, default=None, help="DeepCluster: k (default scaled to the set size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm over the global batch instead of each process's part")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -156,7 +164,7 @@ def build_source(args, trunk, seed: int, method_needs: str, device=None):
 
 def run(args) -> int:
     cls = method_class(args.method)
-    device = resolve_device(args.device)
+    device = setup(resolve_device(args.device))  # joins torchrun's process group, if any
     out = Path(args.out)
     if (out / "last.pt").exists() and not args.resume:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -167,9 +175,11 @@ def run(args) -> int:
     if (args.conv1_kernel is not None or args.widths is not None) and args.arch != "cifar":
         raise UserError("--conv1-kernel and --widths apply to --arch cifar only")
     trunk_config = trunk_config_from(args.widths, args.conv1_kernel)
-    if args.sobel:
+    if args.sobel if args.sobel is not None else DEFAULT_SOBEL.get(args.method, False):
         trunk_config["sobel"] = True
     trunk = build_trunk(args.arch, **trunk_config)
+    if args.sync_bn and world()[1] > 1:
+        sync_batchnorm(trunk, device)
     source, data_info = build_source(args, trunk, args.seed, cls.needs, device)
     runs.ensure_writable_dir(out)  # only now: bad input leaves no empty run directory behind
 
@@ -192,12 +202,16 @@ def run(args) -> int:
     config = {
         "method": args.method, "arch": trunk.arch, "arch_config": trunk.config, "method_config": asdict(method.config),
         "seed": args.seed, "batch_size": batch_size, "total_steps": total_steps, "device": str(device),
+        "world_size": world()[1], "sync_bn": bool(args.sync_bn),
         "source": source.describe(), **data_info,
     }
     if args.resume:
         previous = json.loads((out / "config.json").read_text())
         as_json = functools.partial(json.dumps, default=str)  # compares tuples and lists alike
-        changed = [k for k in config if k != "device" and as_json(previous.get(k)) != as_json(config[k])]
+        # the device and the number of processes may change (a step is the same global batch in any
+        # world size); keys an older version did not write are not compared
+        changed = [k for k in config if k not in ("device", "world_size") and k in previous
+                   and as_json(previous[k]) != as_json(config[k])]
         if changed:
             raise UserError(f"--resume: the options differ from the run in {out} ({', '.join(changed)})")
     elif is_main():

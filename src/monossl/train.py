@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from monossl import runs
 from monossl.device import autocast, memory_format
+from monossl.distributed import all_mean, is_main, world
 from monossl.errors import UserError
 
 
@@ -35,16 +36,6 @@ class LoopConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     stop_after: int | None = None  # stop (checkpointed) once this many steps are done; for tests/debugging
-
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main() -> bool:
-    return world()[0] == 0
 
 
 def steps_per_epoch(source, batch_size: int) -> int | None:
@@ -60,9 +51,11 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
 
     Returns {"step": steps done, "finished": bool, "metrics": last logged record}.
     """
+    rank, world_size = world()
+    if loop.batch_size % world_size:
+        raise UserError(f"--batch-size {loop.batch_size} must be a multiple of the number of processes ({world_size})")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    rank, world_size = world()
     method.to(device, memory_format=memory_format(device))
     if world_size > 1:
         # every rank starts from rank 0's weights
@@ -115,11 +108,15 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
             indices = order[pos:pos + loop.batch_size]
         indices = indices[rank::world_size]
         batch = source.fetch(indices)
+        if device.type == "cuda":  # pinned host memory lets the copy overlap with queued GPU work
+            batch = {k: (v.pin_memory() if torch.is_tensor(v) and v.device.type == "cpu" else v)
+                     for k, v in batch.items()}
         batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if "images" in batch:
             batch["images"] = batch["images"].contiguous(memory_format=memory_format(device))
 
-        torch.manual_seed(loop.seed * 1_000_003 + step * 7919 + rank)
+        # the same seed on every rank: random draws are made for the global batch (distributed.py)
+        torch.manual_seed(loop.seed * 1_000_003 + step * 7919)
         with autocast(device):
             metrics = method.step(batch, step)
         for k, v in metrics.items():
@@ -134,7 +131,8 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
         done = step + 1
         if done % loop.log_every == 0 or done == end_step:
             now = time.perf_counter()
-            last_record = {"step": done, "epoch": epoch, **{k: sum(v) / len(v) for k, v in pending.items()},
+            means = all_mean({k: sum(v) / len(v) for k, v in pending.items()})  # over ranks: the global batch's
+            last_record = {"step": done, "epoch": epoch, **means,
                            "images_per_s": images_seen / max(now - t_log, 1e-9)}
             pending, images_seen, t_log = {}, 0, now
             if is_main():

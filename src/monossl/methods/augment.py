@@ -4,6 +4,10 @@ Written by hand rather than with torchvision.transforms because those draw per s
 from the global RNG and run one image at a time; here every parameter of a batch is
 drawn in one call from the generator we are given (so a step is reproducible from its
 seed) and the whole batch is resampled at once on whatever device it lives on.
+
+Under torchrun each rank holds every W-th sample of the global batch: the parameters are
+drawn for the whole global batch (the same on every rank) and each rank keeps its rows, so a
+sample is augmented the same way whatever the number of processes (monossl/distributed.py).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from monossl.distributed import global_count, local_rows
 
 
 def random_resized_crop(images: torch.Tensor, out_size: int, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3),
@@ -22,16 +28,19 @@ def random_resized_crop(images: torch.Tensor, out_size: int, scale=(0.25, 1.0), 
     (crops that do not fit are shrunk to fit: with these ranges that only clips extreme aspects).
     """
     b, _, h, w = images.shape
-    area = torch.empty(b).uniform_(scale[0], scale[1], generator=generator)
-    log_ratio = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    n = global_count(b)
+    area = torch.empty(n).uniform_(scale[0], scale[1], generator=generator)
+    log_ratio = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    u_x, u_y, u_flip = (torch.rand(n, generator=generator) for _ in range(3))
+    area, log_ratio, u_x, u_y, u_flip = (local_rows(t) for t in (area, log_ratio, u_x, u_y, u_flip))
     aspect = torch.exp(log_ratio)
     # crop width/height as fractions of the image side
     cw = torch.sqrt(area * aspect).clamp(max=1.0)
     ch = torch.sqrt(area / aspect).clamp(max=1.0)
     # centre position in [-1, 1] normalised coordinates so that the crop stays inside
-    cx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - cw)
-    cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - ch)
-    flip = torch.rand(b, generator=generator) < flip_prob
+    cx = (u_x * 2 - 1) * (1 - cw)
+    cy = (u_y * 2 - 1) * (1 - ch)
+    flip = u_flip < flip_prob
     sx = torch.where(flip, -cw, cw)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0] = sx
@@ -48,9 +57,10 @@ def pad_crop_flip(images: torch.Tensor, padding: int = 4, flip_prob: float = 0.5
     """The standard CIFAR augmentation: zero-pad, random crop back to size, horizontal flip."""
     b, c, h, w = images.shape
     padded = F.pad(images, (padding,) * 4)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
-    flip = torch.rand(b, generator=generator) < flip_prob
+    n = global_count(b)
+    dx = local_rows(torch.randint(0, 2 * padding + 1, (n,), generator=generator))
+    dy = local_rows(torch.randint(0, 2 * padding + 1, (n,), generator=generator))
+    flip = local_rows(torch.rand(n, generator=generator)) < flip_prob
     # gather crops with one advanced-indexing op instead of a Python loop over the batch
     rows = (dy[:, None] + torch.arange(h)[None]).to(images.device)  # (B, H)
     cols = (dx[:, None] + torch.arange(w)[None])  # (B, W)

@@ -18,8 +18,11 @@ Every epoch (`begin_epoch`, called by the training loop at each epoch boundary):
      cluster ids are new); the trunk's optimiser persists across epochs.
 
 Each step: the method's random-resized crop + flip, cross-entropy on the pseudo-labels
-of the batch's indices; both optimisers step. SGD lr 0.05, momentum 0.9, weight decay
-1e-5 (PAPER.md §2); constant lr unless `lr_milestones` is set.
+of the batch's indices; both optimisers step. SGD lr 0.1 (PAPER.md: 0.05), momentum 0.9,
+weight decay 1e-5; constant lr unless `lr_milestones` is set.
+
+Under torchrun every rank extracts features of one block of the N samples, they are
+gathered on every rank, rank 0 runs PCA and k-means and broadcasts the labels.
 
 Memory (see docs/deepcluster.md): when N <= pca_sample the N x D features are held in
 fp16 and projected after the fit; otherwise a first pass extracts the PCA subsample
@@ -40,11 +43,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from monossl.device import autocast
+from monossl.distributed import broadcast, gather_rows, is_main, shard_range
 from monossl.errors import UserError
 from monossl.methods.augment import random_resized_crop
 from monossl.methods.base import Method, accuracy, set_lr, step_lr
@@ -64,7 +67,7 @@ def default_clusters(n: int) -> int:
 
 @dataclass
 class DeepClusterConfig:
-    lr: float = 0.05
+    lr: float = 0.1  # 0.05 in PAPER.md; 0.1 does better in our short budgets (docs/deepcluster.md)
     momentum: float = 0.9
     weight_decay: float = 1e-5
     lr_milestones: tuple[float, ...] = ()  # fractions of training where lr drops 10x; () = constant lr
@@ -313,11 +316,15 @@ class DeepCluster(Method):
         """Trunk features of `indices` in eval mode without augmentation, chunk by chunk.
 
         Without `pca`: (len, D) fp16. With `pca`: each chunk is projected at once, (len, dim) fp32.
+        Under torchrun each rank extracts one block of `indices` and every rank gets them all.
         """
         device = self._device()
-        out = None
-        for i in range(0, len(indices), self.config.feature_batch):
-            idx = indices[i:i + self.config.feature_batch]
+        start, stop = shard_range(len(indices))
+        mine = indices[start:stop]
+        out = torch.empty(len(mine), pca.dim if pca is not None else self.trunk.feature_dim,
+                          dtype=torch.float32 if pca is not None else torch.float16)
+        for i in range(0, len(mine), self.config.feature_batch):
+            idx = mine[i:i + self.config.feature_batch]
             images = source.fetch(idx)["images"].to(device, non_blocking=True)
             images = _eval_view(images, self.trunk.input_size).contiguous(memory_format=torch.channels_last)
             with autocast(device):
@@ -325,11 +332,8 @@ class DeepCluster(Method):
             f = f.float().cpu()
             if not torch.isfinite(f).all():
                 raise UserError("DeepCluster: the trunk's features are not finite (training diverged?)")
-            f = pca.transform(f) if pca is not None else f.half()
-            if out is None:
-                out = torch.empty(len(indices), f.shape[1], dtype=f.dtype)
-            out[i:i + len(idx)] = f
-        return out
+            out[i:i + len(idx)] = pca.transform(f) if pca is not None else f.half()
+        return gather_rows(out, len(indices))
 
     def cluster(self, source, epoch: int) -> tuple[torch.Tensor, dict]:
         """Pseudo-labels (N,) of the source's first N samples for this epoch, and the epoch's statistics."""
@@ -357,15 +361,22 @@ class DeepCluster(Method):
             self.trunk.train(was_training)
         x.div_(x.norm(dim=1, keepdim=True).clamp_(min=1e-12))  # L2-normalise in place: no second N x 256 copy
         feature_time = time.perf_counter() - t0
-        labels, stats = run_kmeans(x, k, seed=_seed(seed, epoch, 2), niter=cfg.kmeans_iters, init=cfg.kmeans_init)
+        if is_main():  # under torchrun rank 0 clusters and the others receive its labels
+            labels, stats = run_kmeans(x, k, seed=_seed(seed, epoch, 2), niter=cfg.kmeans_iters,
+                                       init=cfg.kmeans_init)
+        else:
+            labels, stats = np.zeros(n, dtype=np.int64), {}
+        labels = broadcast(torch.from_numpy(labels))
+        if not stats:
+            sizes = torch.bincount(labels, minlength=k)
+            stats = {"clusters_nonempty": int((sizes > 0).sum()), "largest_cluster_frac": float(sizes.max() / n)}
         stats.update({"k": k, "feature_time_s": feature_time, "pca_dim": pca.dim})
-        return torch.from_numpy(labels), stats
+        return labels, stats
 
     def begin_epoch(self, epoch: int, source) -> dict:
         if source.length is None:
             raise UserError("DeepCluster needs a finite training set: give --num-patches or --data")
-        labels, log = self.cluster(source, epoch)
-        labels = _broadcast(labels)  # distributed: every rank uses rank 0's clustering
+        labels, log = self.cluster(source, epoch)  # the same labels on every rank
         if self.labels is not None and self.labels.shape == labels.shape:
             log["nmi_prev"] = nmi(self.labels.numpy(), labels.numpy())
         self.labels, self.k, self.epoch = labels, log["k"], epoch
@@ -374,7 +385,7 @@ class DeepCluster(Method):
         self._new_head(self.k, torch.Generator().manual_seed(_seed(seed, epoch, 4)))
         collapsed = log["largest_cluster_frac"] > self.config.collapse_fraction or log["clusters_nonempty"] < 2
         log["collapse"] = float(collapsed)
-        if collapsed and _is_main():
+        if collapsed and is_main():
             print(f"WARNING: deepcluster epoch {epoch}: the clustering collapsed: the largest cluster holds "
                   f"{100 * log['largest_cluster_frac']:.1f}% of the {source.length} samples and "
                   f"{log['clusters_nonempty']} of {log['k']} clusters are non-empty. Try fewer --clusters, more "
@@ -404,15 +415,3 @@ class DeepCluster(Method):
         self.optimizer_step(self._head_opt)
         return {"loss": loss.item(), "cluster_acc": accuracy(logits, labels), "lr": lr}
 
-
-def _is_main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _broadcast(labels: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return labels
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = labels.to(device)
-    dist.broadcast(t, 0)
-    return t.cpu()

@@ -1,0 +1,186 @@
+"""Data parallelism through `torchrun` (PyTorch DDP), for every command that trains or extracts.
+
+    torchrun --nproc_per_node 8 -m monossl.cli pretrain --method rotnet --arch alexnet-big ...
+
+`setup(device)` joins the process group when torchrun started us (it sets WORLD_SIZE): NCCL on
+CUDA, each rank on GPU LOCAL_RANK; gloo on CPU (what the test suite uses). The rest of the code
+asks `world()` and `is_main()`; only rank 0 writes files.
+
+How the pieces stay equal to one process with the same global batch (tested on 2 CPU processes):
+  * the loop gives rank r the samples r, r + W, r + 2W, ... of each global batch;
+  * every random draw of a step is made for the whole global batch on every rank (same seed) and
+    each rank keeps its rows (`local_rows`), so a sample gets the same crop in any world size;
+  * gradients are averaged over ranks before each optimiser step (methods/base.py);
+  * with `--sync-bn`, BatchNorm uses the statistics of the global batch (`sync_batchnorm`).
+Without --sync-bn each rank normalises with its own part of the batch, as plain DDP does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from monossl.errors import UserError
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def setup(device: torch.device) -> torch.device:
+    """Join torchrun's process group if there is one; returns this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return device
+    if not dist.is_available():
+        raise UserError("WORLD_SIZE is set (torchrun?) but this torch build has no torch.distributed")
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but torch sees {torch.cuda.device_count()} GPU(s); "
+                            "give torchrun --nproc_per_node at most the number of GPUs")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    # DeepCluster's clustering runs on rank 0 while the others wait: allow long epochs
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    return device
+
+
+def collective_device() -> torch.device:
+    """Where tensors must live for collectives: the rank's GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def local_rows(t: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a tensor drawn for the whole global batch (rows rank, rank + W, ...)."""
+    rank, size = world()
+    return t[rank::size] if size > 1 else t
+
+
+def global_count(local: int) -> int:
+    """How many rows to draw so that `local_rows` leaves `local` for this rank."""
+    return local * world()[1]
+
+
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """rank `src`'s tensor on every rank (a no-op when not distributed); returns it on t's device."""
+    if world()[1] == 1:
+        return t
+    moved = t.to(collective_device())
+    dist.broadcast(moved, src)
+    return moved.to(t.device)
+
+
+def all_mean(values: dict[str, float]) -> dict[str, float]:
+    """The mean over ranks of each value (the same keys on every rank)."""
+    if world()[1] == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t)
+    t /= world()[1]
+    return dict(zip(keys, t.tolist()))
+
+
+def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Concatenate the ranks' row blocks (rank 0's first) into `total` rows, on every rank.
+
+    Rank r holds rows [r * per, (r + 1) * per) of the result, per = ceil(total / W) (the last
+    rank may hold fewer): what `shard_range` hands out.
+    """
+    size = world()[1]
+    if size == 1:
+        return local
+    per = -(-total // size)
+    # gloo has no 16-bit all_gather: send those as float32 (exact) there
+    wire = torch.float32 if dist.get_backend() == "gloo" and local.element_size() == 2 else local.dtype
+    padded = torch.zeros((per, *local.shape[1:]), dtype=wire, device=collective_device())
+    padded[:local.shape[0]] = local.to(padded.device, wire)
+    out = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(out, padded)
+    return torch.cat(out)[:total].to(local.device, local.dtype)
+
+
+def shard_range(total: int) -> tuple[int, int]:
+    """The contiguous block [start, stop) of `total` items this rank handles (see gather_rows)."""
+    rank, size = world()
+    per = -(-total // size)
+    return min(rank * per, total), min((rank + 1) * per, total)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiable: the gradient of each rank's input is the sum of the
+    ranks' output gradients (torch.distributed.nn's version of this is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class _GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d with the batch statistics of all ranks, on any device.
+
+    torch.nn.SyncBatchNorm runs on GPUs only; this is the same computation for CPU (gloo),
+    through a differentiable all-reduce of the sums, so the gradients are those
+    of BatchNorm over the global batch. Same parameters and buffers as BatchNorm2d: its
+    checkpoints load into plain BatchNorm2d.
+    """
+
+    def forward(self, x):
+        if not self.training or world()[1] == 1:
+            return super().forward(x)
+        n_local = x.shape[0] * x.shape[2] * x.shape[3]
+        stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)),
+                           x.new_full((1,), float(n_local))])
+        stats = _AllReduceSum.apply(stats)
+        c = x.shape[1]
+        n = stats[2 * c]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_(min=0)
+        with torch.no_grad():
+            if self.track_running_stats:
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)  # unbiased, as BatchNorm
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Swap every BatchNorm2d for a global-batch one: torch's SyncBatchNorm on CUDA, ours elsewhere."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = _GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(module, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return module
+

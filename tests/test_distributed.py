@@ -1,0 +1,132 @@
+"""Data parallelism: torchrun with 2 gloo processes on CPU equals one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from monossl.distributed import (
+    _GlobalBatchNorm2d,
+    gather_rows,
+    shard_range,
+    sync_batchnorm,
+)
+from monossl.models import load_trunk
+from monossl.runs import read_jsonl
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+
+
+def _env():
+    # one thread per process: two processes share the 2 cores of the CI machine
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _monossl(args, nproc=1, timeout=300):
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "monossl.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "monossl.cli", *args]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def _weights(run_dir):
+    trunk, _ = load_trunk(run_dir)
+    return trunk.state_dict()
+
+
+ROTNET = ["pretrain", "--method", "rotnet", "--image", "builtin:astronaut", "--widths", "8,16,16,32",
+          "--batch-size", "16", "--quiet"]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_rotnet(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _monossl([*ROTNET, "--steps", "20", "--out", str(one)])
+    _monossl([*ROTNET, "--steps", "20", "--out", str(two), "--sync-bn"], nproc=2)
+    la, lb = _losses(one), _losses(two)
+    assert [s for s, _ in la] == [s for s, _ in lb] == [10, 20]
+    for (_, a), (_, b) in zip(la, lb):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    # weights: after 20 steps at lr 0.1 float rounding has grown (relative differences up to a few
+    # percent in small BatchNorm biases), so they are compared after 3 steps, in the resume test
+    wa, wb = _weights(one), _weights(two)
+    assert wa.keys() == wb.keys()
+    config = json.loads((two / "config.json").read_text())
+    assert config["world_size"] == 2 and config["sync_bn"] is True
+    # only rank 0 wrote: one line per logged step
+    assert len(read_jsonl(two / "metrics.jsonl")) == len(read_jsonl(one / "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_in_one_process(tmp_path):
+    """Weights and BatchNorm statistics of 2 processes equal one process's; a DDP run stopped
+    midway and resumed in a single process ends where one process would."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    args = [*ROTNET, "--steps", "3"]
+    _monossl([*args, "--out", str(ref)])
+    _monossl([*args, "--out", str(run), "--sync-bn", "--stop-after", "2"], nproc=2)
+    assert not (run / "trunk.pt").exists() and (run / "last.pt").exists()
+    two_steps = torch.load(run / "last.pt", weights_only=False)["training"]["model"]
+    _monossl([*args, "--out", str(run), "--sync-bn", "--resume"])
+    wa, wb = _weights(ref), _weights(run)
+    assert wa.keys() == wb.keys()
+    for k in wa:  # weights and BatchNorm running statistics
+        assert torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-4, atol=2e-5), k
+    assert not torch.equal(two_steps["trunk.stages.conv1.0.weight"], wb["stages.conv1.0.weight"])
+
+
+@pytest.mark.slow
+def test_deepcluster_two_processes_share_rank0_clustering(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["pretrain", "--method", "deepcluster", "--image", "builtin:astronaut", "--widths", "8,16,16,32",
+            "--num-patches", "256", "--epochs", "2", "--batch-size", "32", "--clusters", "8", "--quiet"]
+    _monossl([*args, "--out", str(one)])
+    _monossl([*args, "--out", str(two), "--sync-bn"], nproc=2)
+    epochs = [[r for r in read_jsonl(d / "metrics.jsonl") if r.get("event") == "epoch_start"] for d in (one, two)]
+    # the features were extracted in two blocks and gathered: the clustering is the one process's
+    for a, b in zip(*epochs):
+        assert a["clusters_nonempty"] == b["clusters_nonempty"]
+        assert a["largest_cluster_frac"] == pytest.approx(b["largest_cluster_frac"])
+        assert a["kmeans_obj"] == pytest.approx(b["kmeans_obj"], rel=1e-4)
+    la, lb = _losses(one), _losses(two)
+    for (_, a), (_, b) in zip(la, lb):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-4)
+
+
+def test_batch_size_must_split_over_processes(monkeypatch):
+    import monossl.train as train_module
+    from monossl.errors import UserError
+
+    monkeypatch.setattr(train_module, "world", lambda: (0, 2))  # rank 0 of 2, without a process group
+    with pytest.raises(UserError, match="multiple of the number of processes"):
+        train_module.train(None, None, train_module.LoopConfig(total_steps=1, batch_size=7), "/tmp/never-used",
+                           torch.device("cpu"))
+
+
+def test_single_process_helpers_are_identities():
+    x = torch.arange(12.0).view(6, 2)
+    assert torch.equal(gather_rows(x, 6), x)
+    assert shard_range(10) == (0, 10)
+    bn = nn.BatchNorm2d(3)
+    glob = _GlobalBatchNorm2d(3)
+    t = torch.randn(4, 3, 5, 5)
+    assert torch.allclose(bn(t), glob(t)) and torch.allclose(bn.running_var, glob.running_var)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4)))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    sync_batchnorm(net, torch.device("cpu"))
+    assert type(net[1]) is _GlobalBatchNorm2d and type(net[2][0]) is _GlobalBatchNorm2d
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())  # same keys, same values
