@@ -130,3 +130,43 @@ def test_single_process_helpers_are_identities():
     sync_batchnorm(net, torch.device("cpu"))
     assert type(net[1]) is _GlobalBatchNorm2d and type(net[2][0]) is _GlobalBatchNorm2d
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())  # same keys, same values
+
+
+_STREAMED_PROBE = """
+import json, sys, torch
+from monossl.data.datasets import load_pair
+from monossl.distributed import is_main, setup
+from monossl.eval.probes import get_protocol, run_probe
+from monossl.models import build_trunk
+
+setup(torch.device("cpu"))
+torch.manual_seed(0)
+train, test = load_pair("cifar10:" + sys.argv[1])
+protocol = get_protocol("cifar").with_overrides(epochs=2)
+result = run_probe(build_trunk("cifar", widths=[8, 16, 16, 32]), train, test, protocol, device="cpu",
+                   cache=False, verbose=False, progress=False, workers=0)
+if is_main():
+    json.dump({k: v["top1"] for k, v in result["taps"].items()}, open(sys.argv[2], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_probe_two_processes_equal_one_process(tmp_path, cifar_subset_dir):
+    """Cached features extracted in two blocks and the streamed path (batches split over ranks,
+    gradients averaged, test counts summed) give one process's accuracies."""
+    args = ["probe", "--random", "--arch", "cifar", "--data", f"cifar10:{cifar_subset_dir}", "--epochs", "3"]
+    _monossl([*args, "--out", str(tmp_path / "one")])
+    _monossl([*args, "--out", str(tmp_path / "two")], nproc=2)
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert a["history"] == b["history"]
+    script = tmp_path / "streamed.py"
+    script.write_text(_STREAMED_PROBE)
+    for nproc, name in ((1, "s1.json"), (2, "s2.json")):
+        cmd = ([sys.executable] if nproc == 1 else
+               [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+        proc = subprocess.run([*cmd, str(script), str(cifar_subset_dir), str(tmp_path / name)], env=_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    s1, s2 = (json.loads((tmp_path / n).read_text()) for n in ("s1.json", "s2.json"))
+    for tap in s1:  # top-1 on 200 test images: one image is 0.5 points
+        assert abs(s1[tap] - s2[tap]) <= 1.0, (tap, s1, s2)

@@ -94,6 +94,26 @@ def all_mean(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def average_gradients(parameters) -> None:
+    """Average .grad over ranks (before an optimiser step); a no-op when not distributed."""
+    size = world()[1]
+    if size == 1:
+        return
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(size)
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of a tensor, returned on its device (a no-op when not distributed)."""
+    if world()[1] == 1:
+        return t
+    moved = t.to(collective_device())
+    dist.all_reduce(moved)
+    return moved.to(t.device)
+
+
 def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
     """Concatenate the ranks' row blocks (rank 0's first) into `total` rows, on every rank.
 

@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monossl.distributed import all_sum, average_gradients, gather_rows, is_main, shard_range, world
 from monossl.errors import UserError
 
 # ----------------------------------------------------------------------------- pooling
@@ -431,6 +432,15 @@ class _Runner:
 
     # -- cached path
     def extract(self, dataset, dims: dict[str, int], desc: str) -> dict[str, torch.Tensor]:
+        """fp16 features of every image; under torchrun each rank extracts one block and all get all."""
+        total = len(dataset)
+        if world()[1] > 1:
+            start, stop = shard_range(total)
+            cache = self._extract(dataset.restricted(torch.arange(start, stop)), dims, desc)
+            return {k: gather_rows(v, total) for k, v in cache.items()}
+        return self._extract(dataset, dims, desc)
+
+    def _extract(self, dataset, dims: dict[str, int], desc: str) -> dict[str, torch.Tensor]:
         n = len(dataset)
         store = self.device if (self.device.type == "cuda" and _fits_on_gpu(n, dims)) else torch.device("cpu")
         cache = {k: torch.empty(n, d, dtype=torch.float16, device=store) for k, d in dims.items()}
@@ -473,6 +483,9 @@ class _Runner:
 
     # -- streaming path
     def streamed_batches(self, batches, epoch):
+        rank, size = world()
+        if size > 1:  # each rank trains on its rows of every global batch; gradients are averaged
+            batches = [idx[rank::size] for idx in batches]
         if self._native(self.train) and self.protocol.train_aug == "none":
             # no augmentation on in-memory data at its own size: exactly the cache path's images
             for idx in batches:
@@ -486,11 +499,14 @@ class _Runner:
     def streamed_eval(self, probes):
         n_crops = self.protocol.test_crops
         bs = max(1, self.protocol.batch_size // n_crops)
-        if self._native(self.test) and n_crops == 1 and not self.protocol.test_resize:
-            it = ((self.test.images[i:i + bs].float().div_(255), self.test.labels[i:i + bs])
-                  for i in range(0, len(self.test), bs))
+        test = self.test
+        if world()[1] > 1:  # each rank scores one block of the test set; _score sums the counts
+            test = test.restricted(torch.arange(*shard_range(len(test))))
+        if self._native(test) and n_crops == 1 and not self.protocol.test_resize:
+            it = ((test.images[i:i + bs].float().div_(255), test.labels[i:i + bs])
+                  for i in range(0, len(test), bs))
         else:
-            it = self.loader(self.test, test_transform(self.protocol), batch_size=bs)
+            it = self.loader(test, test_transform(self.protocol), batch_size=bs)
 
         def batches():
             for x, y in it:
@@ -498,11 +514,12 @@ class _Runner:
                     x = x.flatten(0, 1)
                 yield {k: v.float() for k, v in self.features(x).items()}, y
 
-        return _score(probes, batches(), len(self.test), n_crops, self.device, False)
+        return _score(probes, batches(), len(self.test), n_crops, self.device, False, sharded=world()[1] > 1)
 
 
-def _score(probes, batches, n, n_crops, device, standardized) -> dict[str, tuple[float, float]]:
-    """Top-1 / top-5 (%) per tap over `batches` of (features, labels)."""
+def _score(probes, batches, n, n_crops, device, standardized, sharded=False) -> dict[str, tuple[float, float]]:
+    """Top-1 / top-5 (%) per tap over `batches` of (features, labels); `sharded`: the ranks hold
+    disjoint parts of the n images and the counts are summed over ranks."""
     correct = {k: [0, 0] for k in probes.heads}
     with torch.no_grad():
         for feats, y in batches:
@@ -511,6 +528,9 @@ def _score(probes, batches, n, n_crops, device, standardized) -> dict[str, tuple
                 c1, c5 = _topk_correct(average_crop_logits(lg.float(), n_crops), y)
                 correct[k][0] += c1
                 correct[k][1] += c5
+    if sharded:  # each rank scored its block of the test set
+        counts = all_sum(torch.tensor([correct[k] for k in correct], dtype=torch.float64))
+        correct = {k: c.tolist() for k, c in zip(correct, counts)}
     return {k: (100.0 * c1 / n, 100.0 * c5 / n) for k, (c1, c5) in correct.items()}
 
 
@@ -526,6 +546,12 @@ class _Moments:
             self.s[k] = self.s.get(k, 0) + v.sum(0)
             self.ss[k] = self.ss.get(k, 0) + (v * v).sum(0)
         self.n += len(next(iter(feats.values())))
+
+    def all_sum(self) -> None:
+        """Under torchrun: the moments of every rank's part (each rank saw different images)."""
+        self.s = {k: all_sum(v) for k, v in self.s.items()}
+        self.ss = {k: all_sum(v) for k, v in self.ss.items()}
+        self.n = int(all_sum(torch.tensor(float(self.n), dtype=torch.float64)).item())
 
     def result(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         out = {}
@@ -579,6 +605,8 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
     from monossl.device import resolve_device
 
     t_start = time.perf_counter()
+    verbose = verbose and is_main()  # under torchrun rank 0 speaks and writes
+    progress = progress and is_main()
     protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol
     device = resolve_device(device) if isinstance(device, str) else device
     check_trunk(trunk, protocol)
@@ -634,6 +662,7 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
             moments = _Moments()
             for feats, _y in runner.streamed_batches(epoch_batches(n_train, protocol.batch_size, seed, 0), 0):
                 moments.add({k: v.cpu() for k, v in feats.items()})
+            moments.all_sum()
             probes.set_stats({k: (m.to(device), v.to(device)) for k, (m, v) in moments.result().items()})
         timings["extract_s"] = round(time.perf_counter() - t0, 2)
         quiet_bars = not (progress and sys.stderr.isatty())  # then log a line per epoch instead
@@ -663,10 +692,15 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
                         loss = F.cross_entropy(lg, y)
                         loss.backward()
                         loss_sum[k] += loss.item() * len(y)
+                    if not use_cache:  # streamed under torchrun: the ranks saw different rows
+                        average_gradients(probes.parameters())
                     opt.step()
                     seen += len(y)
                     bar.update(1)
                 sched.step()
+                if not use_cache and world()[1] > 1:
+                    sums = all_sum(torch.tensor([seen, *loss_sum.values()], dtype=torch.float64)).tolist()
+                    seen, loss_sum = sums[0], dict(zip(loss_sum, sums[1:]))
                 record = {"epoch": epoch, "lr": lr,
                           "loss": {k: round(v / max(seen, 1), 4) for k, v in loss_sum.items()}}
                 if epoch % protocol.eval_every == 0 or epoch == protocol.epochs:
@@ -717,7 +751,7 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
         t = timings
         print(f"  time: {t['total_s']:.0f} s (features{' and statistics' if fixed and not use_cache else ''} "
               f"{t['extract_s']:.0f} s, probe training {t['train_s']:.0f} s incl. evaluation {t['eval_s']:.0f} s)")
-    if out_dir is not None:
+    if out_dir is not None and is_main():
         write_results(out_dir, result)
         if verbose:
             print(f"  wrote {Path(out_dir) / 'results.json'} and results.md")
@@ -779,11 +813,13 @@ def configure(parser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="data-loading processes for the augmentation path")
     parser.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10 if not found")
     parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/probe-<protocol>)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
     from monossl.data.datasets import load_pair, subset
     from monossl.device import resolve_device
+    from monossl.distributed import setup
     from monossl.models import ARCHS, build_trunk, load_trunk
     from monossl.runs import ensure_writable_dir
 
@@ -793,7 +829,7 @@ def run(args) -> int:
         raise UserError("give a RUN_DIR to probe, or --random --arch ARCH --out DIR")
     if args.arch is not None and args.arch not in ARCHS:
         raise UserError(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
-    device = resolve_device(args.device)
+    device = setup(resolve_device(args.device))  # joins torchrun's process group, if any
 
     if args.random:
         if not args.out:
@@ -815,13 +851,14 @@ def run(args) -> int:
     check_trunk(trunk, protocol, where)
     protocol = protocol.with_overrides(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                        weight_decay=args.weight_decay)
-    ensure_writable_dir(out)
+    if is_main():
+        ensure_writable_dir(out)
 
     train, test = load_pair(args.data, download=args.download)
     if args.subset:
         train = subset(train, args.subset, seed=args.seed)
     if args.test_subset:
         test = subset(test, args.test_subset, seed=args.seed)
-    run_probe(trunk, train, test, protocol, device=device, seed=args.seed, out_dir=out, progress=True,
+    run_probe(trunk, train, test, protocol, device=device, seed=args.seed, out_dir=out, progress=not args.quiet,
               meta=meta, dataset=args.data, workers=args.workers)
     return 0

@@ -22,9 +22,10 @@ Optional hooks the loop calls when a method defines them:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from monossl.distributed import average_gradients
 
 
 def step_lr(base_lr: float, step: int, total_steps: int, milestones=(0.3, 0.6, 0.9), gamma: float = 0.1) -> float:
@@ -61,13 +62,7 @@ class Method(nn.Module):
     @staticmethod
     def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
         """`optimizer.step()`, after averaging gradients over ranks when running distributed."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            world_size = dist.get_world_size()
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad.div_(world_size)
+        average_gradients(p for group in optimizer.param_groups for p in group["params"])
         optimizer.step()
 
     def training_state(self) -> dict:
