@@ -53,8 +53,35 @@ def test_alexnet_path_uses_64px_gan():
     trunk = build_trunk("alexnet-small", fc_dim=64)
     m = BiGAN(trunk, 4, BiGANConfig(g_width=8, d_width=8))
     assert m.config.image_size == 64 and m.generator(m.sample_latent(2)).shape == (2, 3, 64, 64)
-    # E reads the trunk's 224 px, D and G work at 64 px
-    assert m.encode(torch.rand(2, 3, 64, 64)).shape == (2, 200)
+    # E reads 112 px (resized from whatever comes), D and G work at 64 px
+    assert m.config.encoder_size == 112 and m.encode(torch.rand(2, 3, 64, 64)).shape == (2, 200)
+    assert _bigan().config.encoder_size == 32  # the CIFAR trunk: E at its own 32 px
+
+
+def test_alexnet_encoder_at_112px_one_step_changes_e_g_and_d():
+    torch.manual_seed(0)
+    trunk = build_trunk("alexnet-small", fc_dim=64)
+    m = BiGAN(trunk, 4, BiGANConfig(g_width=8, d_width=8))
+    seen = {}
+
+    def record(name, shape):  # a forward hook must return None (else it replaces the output)
+        seen.setdefault(name, tuple(shape))
+
+    trunk.stages["conv1"].register_forward_hook(lambda mod, inp, out: record("conv1_in", inp[0].shape))
+    trunk.stages["conv5"].register_forward_hook(lambda mod, inp, out: record("conv5", out.shape))
+    trunk.head.register_forward_hook(lambda mod, inp, out: record("features", out.shape))
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.manual_seed(1)
+    out = m.step({"images": torch.rand(4, 3, 256, 256)}, 0)  # the AlexNet patch size
+    # E: 112-px input, conv5 6x6 (13x13 at 224 px), the FC head's 64 features; G/D at 64 px
+    assert seen == {"conv1_in": (4, 3, 112, 112), "conv5": (4, 256, 6, 6), "features": (4, 64)}
+    assert m.generator(m.sample_latent(2)).shape == (2, 3, 64, 64) and m._grid_real.shape[-1] == 256
+    assert set(out) == METRICS and all(torch.isfinite(torch.tensor(v)) for v in out.values())
+    after = m.state_dict()
+    for part in ("trunk.stages.conv1.", "trunk.stages.conv5.", "trunk.head.", "head.", "generator.", "discriminator."):
+        assert any(not torch.equal(before[k], after[k]) for k in before
+                   if k.startswith(part) and after[k].is_floating_point()), part
 
 
 def test_one_step_changes_encoder_generator_and_discriminator():

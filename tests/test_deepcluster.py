@@ -44,6 +44,20 @@ def test_pca_whitening_gives_identity_covariance_on_fitted_data():
     assert torch.all(pca.eigenvalues[:-1] >= pca.eigenvalues[1:])
 
 
+def test_pca_with_fewer_samples_than_dimensions_uses_the_gram_matrix():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 200, generator=g) @ torch.randn(200, 200, generator=g) + 3.0  # n = 50 < D = 200
+    cov_evals = torch.linalg.eigvalsh(torch.cov(x.double().T)).flip(0)
+    pca = PCAWhitening.fit(x, 32)
+    assert torch.allclose(pca.eigenvalues, cov_evals[:32], rtol=1e-6)  # the covariance's top eigenvalues
+    y = pca.transform(x).double()
+    assert torch.allclose(torch.cov(y.T), torch.eye(32, dtype=torch.float64), atol=1e-4)
+    # more components than the data's rank (49): the extra ones are zero, not noise
+    y = PCAWhitening.fit(x, 64).transform(x).double()
+    assert torch.allclose(torch.cov(y[:, :49].T), torch.eye(49, dtype=torch.float64), atol=1e-4)
+    assert y[:, 49:].abs().max() < 1e-3
+
+
 def test_pca_floor_keeps_null_directions_from_exploding():
     g = torch.Generator().manual_seed(0)
     x = torch.zeros(500, 32)
@@ -171,7 +185,7 @@ def test_begin_epoch_order_log_and_sobel_trunk():
     assert counts[counts > 0].max() - counts[counts > 0].min() <= 1
     method.train()
     metrics = method.step(source.fetch(out["order"][:16]), 0)
-    assert set(metrics) == {"loss", "cluster_acc", "lr"} and metrics["lr"] == 0.05
+    assert set(metrics) == {"loss", "cluster_acc", "lr"} and metrics["lr"] == DeepClusterConfig().lr == 0.1
 
 
 def test_collapse_is_flagged_and_warned(capsys):

@@ -170,3 +170,21 @@ def test_probe_two_processes_equal_one_process(tmp_path, cifar_subset_dir):
     s1, s2 = (json.loads((tmp_path / n).read_text()) for n in ("s1.json", "s2.json"))
     for tap in s1:  # top-1 on 200 test images: one image is 0.5 points
         assert abs(s1[tap] - s2[tap]) <= 1.0, (tap, s1, s2)
+
+
+@pytest.mark.slow
+def test_finetune_two_processes_equal_one_process(tmp_path, cifar_subset_dir):
+    """Fine-tuning under torchrun: the same losses as one process; frozen layers untouched."""
+    _monossl(["pretrain", "--method", "rotnet", "--image", "builtin:astronaut", "--steps", "2", "--batch-size", "8",
+              "--widths", "8,8,16,16", "--out", str(tmp_path / "rot"), "--quiet"])
+    args = ["finetune", str(tmp_path / "rot"), "--freeze", "conv1,conv2", "--data", f"cifar10:{cifar_subset_dir}",
+            "--steps", "10", "--batch-size", "16", "--probe-epochs", "1", "--subset", "100", "--test-subset", "50",
+            "--workers", "0", "--quiet"]
+    _monossl([*args, "--out", str(tmp_path / "one")])
+    _monossl([*args, "--out", str(tmp_path / "two"), "--sync-bn"], nproc=2)
+    (_, a), (_, b) = _losses(tmp_path / "one")[-1], _losses(tmp_path / "two")[-1]
+    assert a == pytest.approx(b, rel=1e-4)
+    before, after = _weights(tmp_path / "rot"), _weights(tmp_path / "two")
+    frozen = [k for k in before if k.startswith(("stages.conv1.", "stages.conv2."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert (tmp_path / "two" / "probe-cifar" / "results.json").exists()

@@ -39,6 +39,9 @@ DEFAULT_BATCH = {"rotnet": 64, "supervised": 128, "deepcluster": 128, "bigan": 6
 # DeepCluster clusters colour first unless its input is greyscale gradients (Caron et al.
 # use the Sobel front-end too); on one image it is what lets it beat random features.
 DEFAULT_SOBEL = {"deepcluster": True}
+# On AlexNet the paper's learning rates (PAPER.md section 2; supervised: the usual 0.01): our CIFAR
+# defaults (0.1) made AlexNet RotNet jump to chance after its first steps (docs/training.md).
+ALEXNET_LR = {"rotnet": 0.01, "supervised": 0.01, "deepcluster": 0.05}
 
 
 def method_class(name: str):
@@ -132,9 +135,13 @@ def parse_range(option: str, text: str | None) -> tuple[float, float] | None:
 
 
 def build_source(args, trunk, seed: int, method_needs: str, device=None):
-    """The training data: patch stream of --image, or --data's images (with labels when needed)."""
-    from monossl.data.batches import StreamSource, TensorSource
+    """The training data: patch stream of --image, or --data's images (with labels when needed).
 
+    A folder's images are read from disk at S x S (short side resized to S, centre crop), S being
+    --patch-size as for patches, so the methods see the same kind of input either way."""
+    from monossl.data.batches import StreamSource, dataset_source
+
+    size = args.patch_size or (32 if trunk.input_size <= 64 else 256)
     if method_needs == "labelled" or not args.image:
         if not args.data:
             what = "labelled --data" if method_needs == "labelled" else "--image or --data"
@@ -142,15 +149,12 @@ def build_source(args, trunk, seed: int, method_needs: str, device=None):
         from monossl.data.datasets import load_pair
 
         train_set, _ = load_pair(args.data)
-        if not hasattr(train_set, "images"):
-            raise UserError(f"{args.data}: pretraining reads in-memory image sets (cifar10); folders are for probes")
-        labels = train_set.labels if method_needs == "labelled" else None
-        return TensorSource(train_set.images, labels, seed=seed), {"data": args.data, "num_classes": len(train_set.classes)}
+        source = dataset_source(train_set, method_needs == "labelled", size, seed=seed)
+        return source, {"data": args.data, "num_classes": len(train_set.classes)}
 
     from monossl.data.patches import PatchStream, make_config
     from monossl.data.sources import load_images
 
-    size = args.patch_size or (32 if trunk.input_size <= 64 else 256)
     patch_config = make_config(args.preset, size=size, **parse_overrides(args.patch))
     # patches are made where the training runs (on the GPU when there is one), unless asked otherwise
     stream_device = resolve_device(args.patch_device) if args.patch_device else (device or "cpu")
@@ -194,7 +198,8 @@ def run(args) -> int:
         raise UserError("--steps/--epochs and --batch-size must be positive")
 
     known = {f.name for f in fields(cls.Config)}
-    method_kwargs = {"lr": args.lr, "num_classes": data_info.get("num_classes"), "clusters": args.clusters,
+    lr = args.lr if args.lr is not None else (ALEXNET_LR.get(args.method) if trunk.arch.startswith("alexnet") else None)
+    method_kwargs = {"lr": lr, "num_classes": data_info.get("num_classes"), "clusters": args.clusters,
                      "crop_scale": parse_range("--crop-scale", args.crop_scale)}
     method_config = cls.Config(**{k: v for k, v in method_kwargs.items() if v is not None and k in known})
     method = cls(trunk, total_steps, method_config)

@@ -1,5 +1,8 @@
 """`monossl reproduce cifar10-augmentations`: the paper's CIFAR-10 augmentation table in one command.
 
+(`monossl reproduce imagenet-finetune`, the paper's Table 4, lives in finetune_table.py; `run`
+dispatches to it.)
+
 Ten rows (PAPER.md §5): fully supervised, random features, and one self-supervised run per
 augmentation preset of the patch stream (none, jitter, rotation, scale, rotation+jitter,
 rotation+scale, jitter+scale, all) on one image (the built-in default unless --image), with
@@ -36,7 +39,7 @@ from monossl import pretrain, runs
 from monossl.errors import UserError
 from monossl.experiments.compare import _pretrain
 
-EXPERIMENTS = ("cifar10-augmentations",)
+EXPERIMENTS = ("cifar10-augmentations", "imagenet-finetune")
 SSL_METHODS = ("bigan", "rotnet", "deepcluster")
 #: the patch-stream presets, in the paper's row order
 PRESET_ROWS = ("none", "jitter", "rotation", "scale", "rotation+jitter", "rotation+scale", "jitter+scale", "all")
@@ -86,17 +89,25 @@ BUDGETS = {
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("experiment", choices=EXPERIMENTS, help="which table: cifar10-augmentations (PAPER.md section 5)")
-    p.add_argument("--method", default="bigan", choices=SSL_METHODS,
-                   help="self-supervised method of the eight augmentation rows (default bigan, the paper's)")
+    p.add_argument("experiment", choices=EXPERIMENTS,
+                   help="which table (PAPER.md section 5): cifar10-augmentations, or imagenet-finetune (Table 4)")
+    p.add_argument("--method", default=None, choices=SSL_METHODS,
+                   help="cifar10-augmentations: self-supervised method of the eight augmentation rows "
+                        "(default bigan, the paper's)")
     p.add_argument("--budget", default="smoke", choices=tuple(BUDGETS),
-                   help="smoke (minutes, a check), quick (about 1 h on 2 CPU cores), paper (GPU); default smoke")
+                   help="smoke (minutes, a check), quick (about 1 h on 2 CPU cores; cifar10-augmentations only), "
+                        "paper (GPU); default smoke")
     p.add_argument("--image", action="append", default=None,
-                   help="source image of the augmentation rows (default: the built-in default image)")
-    p.add_argument("--data", default="cifar10",
-                   help="labelled dataset for probes and the supervised row (default cifar10)")
-    p.add_argument("--out", default=None, help="output directory (default runs/reproduce-METHOD-BUDGET)")
-    p.add_argument("--rows", default=None, help=f"comma-separated subset of the rows ({', '.join(ROWS)}); default all")
+                   help="source image of the self-supervised rows (default: the built-in default image)")
+    p.add_argument("--data", default=None,
+                   help="labelled dataset for probes and the supervised row (default cifar10); "
+                        "imagenet-finetune needs folder:PATH (train/<class>/, val/<class>/)")
+    p.add_argument("--arch", default=None, help="imagenet-finetune: alexnet-big (default) or alexnet-small")
+    p.add_argument("--out", default=None, help="output directory (default runs/reproduce-METHOD-BUDGET, "
+                                               "runs/reproduce-imagenet-finetune-BUDGET)")
+    p.add_argument("--rows", default=None, help=f"comma-separated subset of the rows (cifar10-augmentations: "
+                                                f"{', '.join(ROWS)}; imagenet-finetune: supervised, bigan, rotnet, "
+                                                f"deepcluster); default all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -107,6 +118,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", type=int, default=None, help="override the budget: probe training images")
     p.add_argument("--test-subset", type=int, default=None, help="override the budget: probe test images")
     p.add_argument("--widths", default=None, help="CIFAR trunk channels, e.g. 64,128,256,512 (default: the trunk's)")
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="imagenet-finetune: override the budget's fine-tuning steps")
     p.add_argument("--dc-patches", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -114,6 +127,9 @@ def settings(args) -> dict:
     """The resolved settings of the table (budget + overrides): what a rerun must match."""
     from monossl.data.sources import DEFAULT_IMAGE
 
+    for option in ("arch", "finetune_steps"):
+        if getattr(args, option, None) is not None:
+            raise UserError(f"--{option.replace('_', '-')} applies to imagenet-finetune only")
     budget = BUDGETS[args.budget]
     rows = list(ROWS)
     if args.rows:
@@ -127,13 +143,14 @@ def settings(args) -> dict:
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     pretrain.trunk_config_from(args.widths, None)  # validates --widths
-    method = args.method
+    method = args.method or "bigan"
     train_steps = {m: (args.steps or budget.steps.get(m)) for m in (method, "supervised")}
     train_batch = {m: (args.batch_size or budget.batch.get(m) or pretrain.DEFAULT_BATCH.get(m, 64))
                    for m in (method, "supervised")}
     out = {
         "experiment": args.experiment, "method": method, "budget": budget.name, "budget_note": budget.note,
-        "image": args.image or [f"builtin:{DEFAULT_IMAGE}"], "data": args.data, "seed": args.seed, "rows": rows,
+        "image": args.image or [f"builtin:{DEFAULT_IMAGE}"], "data": args.data or "cifar10", "seed": args.seed,
+        "rows": rows,
         "steps": train_steps, "batch_size": train_batch, "widths": args.widths,
         "probe_subset": args.subset or budget.probe_subset,
         "probe_test_subset": args.test_subset or budget.probe_test_subset,
@@ -187,8 +204,12 @@ def run(args) -> int:
     from monossl.eval.probes import get_protocol, run_probe, write_results
     from monossl.models import build_trunk, load_trunk, save_trunk
 
+    if args.experiment == "imagenet-finetune":
+        from monossl.experiments import finetune_table
+
+        return finetune_table.run(args)
     s = settings(args)
-    out = runs.ensure_writable_dir(args.out or f"runs/reproduce-{args.method}-{args.budget}")
+    out = runs.ensure_writable_dir(args.out or f"runs/reproduce-{s['method']}-{args.budget}")
     _check_same_settings(out, s)
     train_set, test_set = load_pair(s["data"])
     if s["probe_subset"]:

@@ -7,7 +7,8 @@ ablation of the paper trained it at 32 px ("MonoGAN").
 
 Networks (see docs/bigan.md):
   * E = the trunk + `Linear(trunk.feature_dim, latent_dim)`. The trunk takes RGB in [0, 1]
-    and normalises itself; E reads the batch at the trunk's input size.
+    and normalises itself; E reads the batch resized to `encoder_size`: the CIFAR trunk's 32 px,
+    or 112 px for AlexNet (Donahue et al.'s encoder resolution; the AlexNet head takes it).
   * G: DCGAN generator, z (200-d, uniform in [-1, 1]) -> Linear -> 4x4 -> transposed 4x4/2
     convs with BatchNorm + ReLU -> tanh image in [-1, 1], 32 px (64 px: one more block).
   * D: x-branch of 4x4/2 convs with LeakyReLU(0.2) down to 4x4; z-branch of two 512-unit
@@ -44,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monossl.distributed import global_count, local_rows
 from monossl.errors import UserError
 from monossl.methods.augment import random_resized_crop
 from monossl.methods.base import Method, set_lr
@@ -56,6 +58,8 @@ class BiGANConfig:
     latent_dim: int = 200
     #: side of G's output and D's input: 32 for the CIFAR trunk, 64 for AlexNet (None: from the trunk)
     image_size: int | None = None
+    #: side of E's input: the trunk's input size (32) for the CIFAR trunk, 112 for AlexNet (None: from the trunk)
+    encoder_size: int | None = None
     g_width: int = 64  # channels of G's last hidden block (x2 per block towards z)
     d_width: int = 64  # channels of D's first conv (x2 per block)
     d_dropout: float = 0.2
@@ -153,10 +157,12 @@ class BiGAN(Method):
     def __init__(self, trunk, total_steps: int, config: BiGANConfig | None = None):
         super().__init__(trunk, total_steps)
         c = config or BiGANConfig()
+        # Sizes filled in place, so that the config pretrain writes to config.json says what ran:
+        # the 32-px MonoGAN for the CIFAR trunk; for AlexNet, Donahue et al.'s E at 112 px, G and D at 64 px
         if c.image_size is None:
-            # the 32-px MonoGAN for the CIFAR trunk; 64 px for the AlexNet path (E reads 224 px).
-            # Filled in place, so that the config pretrain writes to config.json says what ran.
             c.image_size = 32 if trunk.input_size <= 64 else 64
+        if c.encoder_size is None:
+            c.encoder_size = trunk.input_size if trunk.input_size <= 64 else 112
         self.config = c
         self.head = nn.Linear(trunk.feature_dim, c.latent_dim)  # E = head(trunk(x))
         self.generator = Generator(c.latent_dim, c.image_size, c.g_width)
@@ -174,15 +180,15 @@ class BiGAN(Method):
         return {"d": self._opt_d, "eg": self._opt_eg}
 
     def encode(self, images01):
-        """E: images in [0, 1] (any size; resized to the trunk's input) -> latent codes."""
-        return self.head(self.trunk(_resize(images01, self.trunk.input_size)))
+        """E: images in [0, 1] (any size; resized to `encoder_size`) -> latent codes."""
+        return self.head(self.trunk(_resize(images01, self.config.encoder_size)))
 
     def forward(self, images01):
         return self.encode(images01)
 
     def sample_latent(self, n: int, device=None, generator: torch.Generator | None = None):
-        """z ~ U[-1, 1]^latent_dim."""
-        z = torch.rand(n, self.config.latent_dim, generator=generator)
+        """z ~ U[-1, 1]^latent_dim (drawn for the global batch under torchrun: each rank keeps its rows)."""
+        z = local_rows(torch.rand(global_count(n), self.config.latent_dim, generator=generator))
         return (z * 2 - 1).to(device if device is not None else self.head.weight.device)
 
     def lr_at(self, step: int) -> float:
@@ -196,7 +202,7 @@ class BiGAN(Method):
         if c.crop_scale is not None:
             return random_resized_crop(images01, images01.shape[-1], scale=c.crop_scale, flip_prob=c.flip_prob)
         if c.flip_prob > 0:
-            flip = torch.rand(images01.shape[0]) < c.flip_prob
+            flip = local_rows(torch.rand(global_count(images01.shape[0]))) < c.flip_prob
             images01 = torch.where(flip.to(images01.device)[:, None, None, None], images01.flip(-1), images01)
         return images01
 

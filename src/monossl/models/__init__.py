@@ -31,7 +31,11 @@ def build_trunk(arch: str = "cifar", **config) -> Trunk:
     if arch == "cifar":
         trunk = CifarTrunk(**config)
     elif arch in ("alexnet-big", "alexnet-small"):
-        trunk = AlexNet(size=arch.split("-")[1], **config)
+        # the arch names the size; a checkpoint's arch_config repeats it ("size"), so that one wins only if equal
+        size = arch.split("-")[1]
+        if config.pop("size", size) != size:
+            raise UserError(f"arch {arch} does not match its config's size")
+        trunk = AlexNet(size=size, **config)
     else:
         raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
     _init_weights(trunk)
