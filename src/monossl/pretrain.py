@@ -179,7 +179,7 @@ def run(args) -> int:
     if (args.conv1_kernel is not None or args.widths is not None) and args.arch != "cifar":
         raise UserError("--conv1-kernel and --widths apply to --arch cifar only")
     trunk_config = trunk_config_from(args.widths, args.conv1_kernel)
-    if args.sobel if args.sobel is not None else DEFAULT_SOBEL.get(args.method, False):
+    if DEFAULT_SOBEL.get(args.method, False) if args.sobel is None else args.sobel:
         trunk_config["sobel"] = True
     trunk = build_trunk(args.arch, **trunk_config)
     if args.sync_bn and world()[1] > 1:
