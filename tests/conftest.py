@@ -20,7 +20,8 @@ def synthetic_cifar(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 10
     rng.shuffle(y)
-    colours = rng.integers(30, 226, size=(10, 3))
+    # the class colours must not depend on `seed`: train and test sets are made with different seeds
+    colours = np.random.default_rng(12345).integers(30, 226, size=(10, 3))
     x = np.empty((n, 32, 32, 3), dtype=np.uint8)
     for i, c in enumerate(y):
         img = np.tile(colours[c], (32, 32, 1)).astype(np.int16)
