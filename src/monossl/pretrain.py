@@ -33,8 +33,8 @@ METHODS = {
 
 # Default budgets (steps at the default batch size) per method on the CIFAR trunk, sized so
 # that the main job fits in about 15 minutes on 2 CPU cores; see README for what they reach.
-# DeepCluster: 8 epochs over 16,384 patches (docs/deepcluster.md has the sweep behind it).
-DEFAULT_STEPS = {"rotnet": 800, "supervised": 500, "deepcluster": 1024, "bigan": 1500}
+# DeepCluster: 16 epochs over 32,768 patches (docs/deepcluster.md has the runs behind it).
+DEFAULT_STEPS = {"rotnet": 800, "supervised": 500, "deepcluster": 4096, "bigan": 1500}
 DEFAULT_BATCH = {"rotnet": 64, "supervised": 128, "deepcluster": 128, "bigan": 64}
 # DeepCluster clusters colour first unless its input is greyscale gradients (Caron et al.
 # use the Sobel front-end too); on one image it is what lets it beat random features.
@@ -73,7 +73,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch-device", default=None, help="where to make patches: cpu or cuda (default: --device)")
     p.add_argument("--num-patches", type=int, default=None,
                    help="use the stream's first N patches as a fixed training set (epochs); default: unlimited "
-                        "(DeepCluster: 16384)")
+                        "(DeepCluster: 32768)")
     p.add_argument("--data", default=None, help="dataset: cifar10, cifar10:PATH or folder:PATH")
     p.add_argument("--steps", type=int, default=None, help="training steps (default depends on the method)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs over a finite set (instead of --steps)")
@@ -161,7 +161,7 @@ def build_source(args, trunk, seed: int, method_needs: str, device=None):
     stream = PatchStream(load_images(args.image), patch_config, seed=seed, device=stream_device, names=args.image)
     length = args.num_patches
     if length is None and args.method == "deepcluster":
-        length = 16384  # DeepCluster needs a fixed set: its pseudo-labels are per index
+        length = 32768  # DeepCluster needs a fixed set: its pseudo-labels are per index
     info = {"image": args.image, "preset": args.preset, "patch_config": asdict(patch_config)}
     return StreamSource(stream, length=length, seed=seed), info
 
