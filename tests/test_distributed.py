@@ -28,15 +28,17 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _monossl(args, nproc=1, timeout=300):
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "monossl.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "monossl.cli", *args]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _launch(argv, nproc=1, timeout=300):
+    """`python ARGV` in one process, or under torchrun with `nproc` processes; must succeed."""
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run([sys.executable, *launcher, *argv], env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def _monossl(args, nproc=1):
+    return _launch(["-m", "monossl.cli", *args], nproc)
 
 
 def _losses(run_dir):
@@ -162,11 +164,7 @@ def test_probe_two_processes_equal_one_process(tmp_path, cifar_subset_dir):
     script = tmp_path / "streamed.py"
     script.write_text(_STREAMED_PROBE)
     for nproc, name in ((1, "s1.json"), (2, "s2.json")):
-        cmd = ([sys.executable] if nproc == 1 else
-               [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
-        proc = subprocess.run([*cmd, str(script), str(cifar_subset_dir), str(tmp_path / name)], env=_env(),
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        _launch([str(script), str(cifar_subset_dir), str(tmp_path / name)], nproc)
     s1, s2 = (json.loads((tmp_path / n).read_text()) for n in ("s1.json", "s2.json"))
     for tap in s1:  # top-1 on 200 test images: one image is 0.5 points
         assert abs(s1[tap] - s2[tap]) <= 1.0, (tap, s1, s2)

@@ -44,6 +44,11 @@ DEFAULT_SOBEL = {"deepcluster": True}
 ALEXNET_LR = {"rotnet": 0.01, "supervised": 0.01, "deepcluster": 0.05}
 
 
+def default_lr(method: str, arch: str) -> float | None:
+    """The learning rate a method gets on `arch` when none is given (None: the method's own)."""
+    return ALEXNET_LR.get(method) if arch.startswith("alexnet") else None
+
+
 def method_class(name: str):
     if name not in METHODS:
         raise UserError(f"unknown --method {name!r}; choose from {', '.join(METHODS)}")
@@ -198,7 +203,7 @@ def run(args) -> int:
         raise UserError("--steps/--epochs and --batch-size must be positive")
 
     known = {f.name for f in fields(cls.Config)}
-    lr = args.lr if args.lr is not None else (ALEXNET_LR.get(args.method) if trunk.arch.startswith("alexnet") else None)
+    lr = args.lr if args.lr is not None else default_lr(args.method, trunk.arch)
     method_kwargs = {"lr": lr, "num_classes": data_info.get("num_classes"), "clusters": args.clusters,
                      "crop_scale": parse_range("--crop-scale", args.crop_scale)}
     method_config = cls.Config(**{k: v for k, v in method_kwargs.items() if v is not None and k in known})

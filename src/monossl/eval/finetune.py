@@ -172,9 +172,9 @@ def run(args) -> int:
         for name in trunk.tap_names:
             if name not in frozen:
                 sync_batchnorm(trunk.stages[name], device)
-    from monossl.pretrain import ALEXNET_LR
+    from monossl.pretrain import default_lr
 
-    lr = args.lr or (ALEXNET_LR["supervised"] if trunk.arch.startswith("alexnet") else None)
+    lr = args.lr or default_lr("supervised", trunk.arch)
     config = SupervisedConfig(num_classes=len(train_set.classes), **({"lr": lr} if lr else {}))
     method = FineTune(trunk, total_steps, config, frozen)
     settings = {

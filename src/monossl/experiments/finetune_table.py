@@ -20,8 +20,6 @@ GPU; training lengths chosen here, the paper's are not all known).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -231,32 +229,17 @@ def run(args) -> int:
     return 0
 
 
-def cells(results: dict, rows: list[str]) -> dict:
-    """{row: {tap: {"ours", "paper", "diff"}}} for the rows with results."""
-    table = {}
-    for row in rows:
-        if row in results:
-            paper = PAPER_TABLE4[PAPER_ROW[row]]
-            table[row] = {}
-            for tap in TAPS:
-                ours = float(results[row]["taps"][tap]["top1"])
-                table[row][tap] = {"ours": ours, "paper": paper[tap], "diff": round(ours - paper[tap], 2)}
-    return table
+def _paper(row: str) -> dict:
+    return PAPER_TABLE4[PAPER_ROW[row]]
 
 
 def write_table(out: Path, rows: list[str], results: dict, stopped: dict, config: dict) -> str:
+    from monossl.experiments.reproduce import cell_rows, cells, cells_csv
     from monossl.viz.plots import write_layer_bars
 
-    table = cells(results, rows)
+    table = cells(results, rows, TAPS, _paper)
     header = ["model"] + [f"{t} ours (paper, diff)" for t in TAPS]
-    body = []
-    for row in rows:
-        label = f"{row} [paper: {PAPER_ROW[row]}]"
-        if row in table:
-            body.append([label] + [f"{c['ours']:.1f} ({c['paper']:.1f}, {c['diff']:+.1f})" for c in table[row].values()])
-        else:
-            why = "stopped" if row in stopped else "not run"
-            body.append([label] + [f"{why} ({PAPER_TABLE4[PAPER_ROW[row]][t]:.1f})" for t in TAPS])
+    body = cell_rows(rows, TAPS, table, stopped, lambda r: f"{r} [paper: {PAPER_ROW[r]}]", _paper)
     ft, proto = config["finetune"], config["protocol"]
     length = f"{ft['steps']} steps" if ft["steps"] else f"{ft['epochs']} epochs"
     first = results[next(iter(results))]
@@ -281,22 +264,8 @@ def write_table(out: Path, rows: list[str], results: dict, stopped: dict, config
         lines += ["", f"Row `{row}` stopped: {message}"]
     md = "\n".join(lines) + "\n"
 
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["row", "paper_row", "tap", "ours", "paper", "diff", "top5", "best_top1", "best_epoch",
-                     "pooled_size", "status"])
-    for row in rows:
-        for tap in TAPS:
-            if row in table:
-                v, c = results[row]["taps"][tap], table[row][tap]
-                writer.writerow([row, PAPER_ROW[row], tap, c["ours"], c["paper"], c["diff"], v["top5"],
-                                 v["best_top1"], v["best_epoch"], v["pooled_size"], "done"])
-            else:
-                writer.writerow([row, PAPER_ROW[row], tap, "", PAPER_TABLE4[PAPER_ROW[row]][tap], "", "", "", "", "",
-                                 "stopped" if row in stopped else "not run"])
-
     runs.write_text(out / "table.md", md)
-    runs.write_text(out / "table.csv", buf.getvalue())
+    runs.write_text(out / "table.csv", cells_csv(rows, TAPS, table, results, stopped, PAPER_ROW.get, _paper))
     runs.write_json(out / "results.json", {
         "title": f"ImageNet fine-tuning table (conv1-conv2 frozen), {config['arch']}, budget {config['budget']}",
         "config": config,

@@ -293,20 +293,57 @@ def paper_row(row: str) -> str:
     return {"supervised": "Fully supervised", "random": "Random features"}.get(row) or PRESET_TO_PAPER[row]
 
 
-def cells(results: dict, rows: list[str]) -> dict:
-    """{row: {tap: {"ours", "paper", "diff"}}} for the rows with results."""
-    from monossl.viz.report import PAPER_CIFAR10_BIGAN
-
+def cells(results: dict, rows: list[str], taps=TAPS, paper_of=None) -> dict:
+    """{row: {tap: {"ours", "paper", "diff"}}} for the rows with results; paper_of(row) -> {tap: the
+    paper's top-1} (default: this table's, from the paper's BiGAN table)."""
+    paper_of = paper_of or _paper_cifar
     table = {}
     for row in rows:
         if row not in results:
             continue
-        paper = PAPER_CIFAR10_BIGAN[paper_row(row)]
+        paper = paper_of(row)
         table[row] = {}
-        for tap in TAPS:
+        for tap in taps:
             ours = float(results[row]["taps"][tap]["top1"])
             table[row][tap] = {"ours": ours, "paper": paper[tap], "diff": round(ours - paper[tap], 2)}
     return table
+
+
+def cell_rows(rows, taps, table: dict, stopped: dict, label_of, paper_of) -> list[list[str]]:
+    """Markdown table body: `ours (paper, diff)` per tap, or `stopped|not run (paper)` for rows without results."""
+    body = []
+    for row in rows:
+        if row in table:
+            body.append([label_of(row)] + [f"{c['ours']:.1f} ({c['paper']:.1f}, {c['diff']:+.1f})"
+                                           for c in table[row].values()])
+        else:
+            why = "stopped" if row in stopped else "not run"
+            body.append([label_of(row)] + [f"{why} ({paper_of(row)[t]:.1f})" for t in taps])
+    return body
+
+
+def cells_csv(rows, taps, table: dict, results: dict, stopped: dict, paper_name, paper_of) -> str:
+    """table.csv: one line per row and tap (ours, paper, diff, top-5, best epoch, pooled size, status)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["row", "paper_row", "tap", "ours", "paper", "diff", "top5", "best_top1", "best_epoch",
+                     "pooled_size", "status"])
+    for row in rows:
+        for tap in taps:
+            if row in table:
+                v, c = results[row]["taps"][tap], table[row][tap]
+                writer.writerow([row, paper_name(row), tap, c["ours"], c["paper"], c["diff"], v["top5"],
+                                 v["best_top1"], v["best_epoch"], v["pooled_size"], "done"])
+            else:
+                writer.writerow([row, paper_name(row), tap, "", paper_of(row)[tap], "", "", "", "", "",
+                                 "stopped" if row in stopped else "not run"])
+    return buf.getvalue()
+
+
+def _paper_cifar(row: str) -> dict:
+    from monossl.viz.report import PAPER_CIFAR10_BIGAN
+
+    return PAPER_CIFAR10_BIGAN[paper_row(row)]
 
 
 def findings(values: dict) -> list[dict]:
@@ -344,7 +381,6 @@ def _mark(holds) -> str:
 
 def write_table(out: Path, rows: list[str], results: dict, stopped: dict, config: dict) -> str:
     from monossl.viz.plots import write_layer_bars
-    from monossl.viz.report import PAPER_CIFAR10_BIGAN
 
     table = cells(results, rows)
     ours = {r: {t: c["ours"] for t, c in v.items()} for r, v in table.items()}
@@ -352,17 +388,10 @@ def write_table(out: Path, rows: list[str], results: dict, stopped: dict, config
     method = config["method"]
 
     header = ["training data"] + [f"{t} ours (paper, diff)" for t in TAPS]
-    body = []
-    for row in rows:
-        label = f"{_label(row, method)} [paper: {paper_row(row)}]"
-        if row in table:
-            body.append([label] + [f"{c['ours']:.1f} ({c['paper']:.1f}, {c['diff']:+.1f})"
-                                   for c in table[row].values()])
-        else:
-            why = "stopped" if row in stopped else "not run"
-            body.append([label] + [f"{why} ({PAPER_CIFAR10_BIGAN[paper_row(row)][t]:.1f})" for t in TAPS])
+    body = cell_rows(rows, TAPS, table, stopped, lambda r: f"{_label(r, method)} [paper: {paper_row(r)}]",
+                     _paper_cifar)
     ours_found = findings(ours)
-    paper_found = findings({r: PAPER_CIFAR10_BIGAN[paper_row(r)] for r in ROWS})
+    paper_found = findings({r: _paper_cifar(r) for r in ROWS})
     proto = config["protocol"]
     lines = [
         f"CIFAR-10 augmentation table (PAPER.md section 5), `--method {method}`, budget `{config['budget']}`: "
@@ -383,22 +412,8 @@ def write_table(out: Path, rows: list[str], results: dict, stopped: dict, config
         lines += ["", f"Row `{row}` stopped: {message}"]
     md = "\n".join(lines) + "\n"
 
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["row", "paper_row", "tap", "ours", "paper", "diff", "top5", "best_top1", "best_epoch",
-                     "pooled_size", "status"])
-    for row in rows:
-        for tap in TAPS:
-            if row in table:
-                v, c = results[row]["taps"][tap], table[row][tap]
-                writer.writerow([row, paper_row(row), tap, c["ours"], c["paper"], c["diff"], v["top5"],
-                                 v["best_top1"], v["best_epoch"], v["pooled_size"], "done"])
-            else:
-                writer.writerow([row, paper_row(row), tap, "", PAPER_CIFAR10_BIGAN[paper_row(row)][tap], "", "", "",
-                                 "", "", "stopped" if row in stopped else "not run"])
-
     runs.write_text(out / "table.md", md)
-    runs.write_text(out / "table.csv", buf.getvalue())
+    runs.write_text(out / "table.csv", cells_csv(rows, TAPS, table, results, stopped, paper_row, _paper_cifar))
     runs.write_json(out / "results.json", {
         "title": f"CIFAR-10 augmentation table, {method}, budget {config['budget']}",
         "config": config,
