@@ -29,13 +29,14 @@ METHODS = {
     "supervised": ("monossl.methods.supervised", "Supervised"),
     "deepcluster": ("monossl.methods.deepcluster", "DeepCluster"),
     "bigan": ("monossl.methods.bigan", "BiGAN"),
+    "simclr": ("monossl.methods.simclr", "SimCLR"),
 }
 
 # Default budgets (steps at the default batch size) per method on the CIFAR trunk, sized so
 # that the main job fits in about 15 minutes on 2 CPU cores; see README for what they reach.
 # DeepCluster: 16 epochs over 32,768 patches (docs/deepcluster.md has the runs behind it).
-DEFAULT_STEPS = {"rotnet": 800, "supervised": 500, "deepcluster": 4096, "bigan": 1500}
-DEFAULT_BATCH = {"rotnet": 64, "supervised": 128, "deepcluster": 128, "bigan": 64}
+DEFAULT_STEPS = {"rotnet": 800, "supervised": 500, "deepcluster": 4096, "bigan": 1500, "simclr": 1000}
+DEFAULT_BATCH = {"rotnet": 64, "supervised": 128, "deepcluster": 128, "bigan": 64, "simclr": 128}
 # DeepCluster clusters colour first unless its input is greyscale gradients (Caron et al.
 # use the Sobel front-end too); on one image it is what lets it beat random features.
 DEFAULT_SOBEL = {"deepcluster": True}
@@ -92,6 +93,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BatchNorm over the global batch instead of each process's part")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--probe-every", type=int, default=None, metavar="N",
+                   help="every N steps (and at steps 0 and the last), probe every tap on a validation split of "
+                        "--probe-data's training images; logged in metrics.jsonl, drawn in learning_curves.png")
+    p.add_argument("--probe-data", default="cifar10", help="labelled dataset of the --probe-every curves (default cifar10)")
+    p.add_argument("--probe-split", default="5000,1000", metavar="TRAIN,VAL",
+                   help="sizes of the curves' class-balanced train/validation parts (default 5000,1000)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -137,6 +144,17 @@ def parse_range(option: str, text: str | None) -> tuple[float, float] | None:
     if not 0 < low <= high <= 1:
         raise UserError(f"{option} wants 0 < MIN <= MAX <= 1, got {text!r}")
     return low, high
+
+
+def parse_sizes(option: str, text: str) -> tuple[int, int]:
+    """'5000,1000' -> (5000, 1000), both positive."""
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} wants two sizes like 5000,1000, got {text!r}") from None
+    if a <= 0 or b <= 0:
+        raise UserError(f"{option} sizes must be positive, got {text!r}")
+    return a, b
 
 
 def build_source(args, trunk, seed: int, method_needs: str, device=None):
@@ -190,6 +208,14 @@ def run(args) -> int:
     if args.sync_bn and world()[1] > 1:
         sync_batchnorm(trunk, device)
     source, data_info = build_source(args, trunk, args.seed, cls.needs, device)
+    curves = None
+    if args.probe_every is not None:
+        from monossl.eval.curves import CurveProbe
+
+        if args.probe_every <= 0:
+            raise UserError(f"--probe-every must be a positive number of steps, got {args.probe_every}")
+        n_train, n_val = parse_sizes("--probe-split", args.probe_split)
+        curves = CurveProbe(args.probe_data, trunk.arch, n_train, n_val, seed=args.seed, device=device)
     runs.ensure_writable_dir(out)  # only now: bad input leaves no empty run directory behind
 
     batch_size = args.batch_size or DEFAULT_BATCH.get(args.method, 64)
@@ -215,12 +241,14 @@ def run(args) -> int:
         "world_size": world()[1], "sync_bn": bool(args.sync_bn),
         "source": source.describe(), **data_info,
     }
+    if curves is not None:
+        config["curves"] = {"every": args.probe_every, **curves.describe()}
     if args.resume:
         previous = json.loads((out / "config.json").read_text())
         as_json = functools.partial(json.dumps, default=str)  # compares tuples and lists alike
         # the device and the number of processes may change (a step is the same global batch in any
         # world size); keys an older version did not write are not compared
-        changed = [k for k in config if k not in ("device", "world_size") and k in previous
+        changed = [k for k in config if k not in ("device", "world_size", "curves") and k in previous
                    and as_json(previous[k]) != as_json(config[k])]
         if changed:
             raise UserError(f"--resume: the options differ from the run in {out} ({', '.join(changed)})")
@@ -228,8 +256,16 @@ def run(args) -> int:
         runs.write_json(out / "config.json", {**config, "environment": runs.environment()})
 
     loop = LoopConfig(total_steps=total_steps, batch_size=batch_size, seed=args.seed,
-                      checkpoint_every=max(1, min(100, total_steps // 10)), stop_after=args.stop_after)
-    result = train(method, source, loop, out, device, progress=False if args.quiet else None)
+                      checkpoint_every=max(1, min(100, total_steps // 10)), stop_after=args.stop_after,
+                      evaluate_every=args.probe_every)
+    result = train(method, source, loop, out, device, progress=False if args.quiet else None, evaluate=curves)
+    if curves is not None and is_main():
+        from monossl.eval.curves import curve_records
+        from monossl.viz.plots import write_learning_curves
+
+        records = curve_records(runs.read_jsonl(out / "metrics.jsonl"))
+        title = f"{args.method}, {', '.join(args.image) if args.image else args.data}: {curves.data} validation"
+        write_learning_curves(records, out / "learning_curves.png", title=title)
     if result["finished"] and is_main():
         meta = {k: config[k] for k in ("method", "seed", "total_steps") if k in config}
         meta.update({k: data_info[k] for k in ("image", "preset", "data") if k in data_info})

@@ -36,6 +36,7 @@ class LoopConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     stop_after: int | None = None  # stop (checkpointed) once this many steps are done; for tests/debugging
+    evaluate_every: int | None = None  # call `evaluate(trunk)` at steps 0, N, 2N, ... and at the end
 
 
 def steps_per_epoch(source, batch_size: int) -> int | None:
@@ -46,8 +47,13 @@ def steps_per_epoch(source, batch_size: int) -> int | None:
     return source.length // batch_size  # drop the last partial batch: every step has the same size
 
 
-def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progress: bool | None = None) -> dict:
+def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progress: bool | None = None,
+          evaluate=None) -> dict:
     """Train `method` on `source` for `loop.total_steps` steps, resuming from run_dir/last.pt if present.
+
+    evaluate: optional `(trunk) -> dict` (e.g. eval.curves.CurveProbe), called with the trunk after
+    0, N, 2N, ... steps (N = loop.evaluate_every) and after the last step; each result is logged as
+    an {"event": "probe"} line of metrics.jsonl. It must not touch the trunk or the global RNG.
 
     Returns {"step": steps done, "finished": bool, "metrics": last logged record}.
     """
@@ -84,12 +90,24 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
     images_seen, t_log = 0, time.perf_counter()
     last_record = {}
 
+    def log_evaluation(step_done):
+        record = {"step": step_done, "event": "probe", **evaluate(method.trunk)}
+        if is_main():
+            runs.append_jsonl(run_dir / "metrics.jsonl", record)
+        if show:
+            bar.write(f"step {step_done}: probe top-1 " + " ".join(f"{k} {v:.1f}" for k, v in record["top1"].items())
+                      + f" ({record['seconds']:.0f} s)")
+
+    every = loop.evaluate_every if evaluate is not None else None
+
     def save(step_done):
         if is_main():
             runs.save_torch(ckpt_path, {"step": step_done, "order": order, "training": method.training_state()})
 
     method.train()
     for step in range(start_step, end_step):
+        if every and step % every == 0:  # after `step` steps; redone on resume (its log line was dropped)
+            log_evaluation(step)
         epoch = step // spe if spe else 0
         if spe is not None and step % spe == 0:
             # an epoch starts: the method may choose its order (DeepCluster's sampler), else a shuffle
@@ -144,5 +162,7 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
             method.after_step(done, run_dir)
         if done % loop.checkpoint_every == 0 or done == end_step:
             save(done)
+    if every and end_step >= loop.total_steps:
+        log_evaluation(loop.total_steps)
     bar.close()
     return {"step": max(end_step, start_step), "finished": end_step >= loop.total_steps, "metrics": last_record}

@@ -64,7 +64,7 @@ SPEC_HELP = "cifar10 (found via $MONOSSL_DATA or ~/.cache/monossl), cifar10:PATH
 
 __all__ = [
     "CIFAR10_CLASSES", "SPEC_HELP", "TensorImages", "FolderImages", "parse_spec", "load_dataset",
-    "load_pair", "subset", "search_roots", "find_cifar10",
+    "load_pair", "subset", "validation_split", "search_roots", "find_cifar10",
 ]
 
 
@@ -426,11 +426,10 @@ def check_folder(root: Path) -> Path:
 # ----------------------------------------------------------------------------- subsets
 
 
-def subset(dataset, n: int, seed: int = 0):
-    """A class-balanced subset of `n` items (n // K per class, the remainder to the first classes)."""
+def balanced_indices(dataset, n: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of a class-balanced draw of `n` items (n // K per class, the remainder to the
+    first classes)."""
     labels = dataset.labels
-    if n >= len(labels):
-        return dataset
     if n <= 0:
         raise UserError(f"subset size must be positive, got {n}")
     present = torch.unique(labels).tolist()
@@ -444,4 +443,29 @@ def subset(dataset, n: int, seed: int = 0):
             name = dataset.classes[c] if c < len(dataset.classes) else c
             raise UserError(f"cannot take a class-balanced subset of {n}: class {name} has only {len(idx)} images")
         chosen.append(idx[torch.randperm(len(idx), generator=g)[:want]])
-    return dataset.restricted(torch.sort(torch.cat(chosen)).values)
+    return torch.sort(torch.cat(chosen)).values
+
+
+def subset(dataset, n: int, seed: int = 0):
+    """A class-balanced subset of `n` items (n // K per class, the remainder to the first classes)."""
+    if n <= 0:
+        raise UserError(f"subset size must be positive, got {n}")
+    if n >= len(dataset.labels):
+        return dataset
+    return dataset.restricted(balanced_indices(dataset, n, seed))
+
+
+def validation_split(dataset, n_train: int, n_val: int, seed: int = 0):
+    """Two disjoint class-balanced parts of one labelled set: (n_train items, n_val items).
+
+    For choosing recipes and for learning curves on a dataset's *training* images, so that the
+    test set is touched only for final numbers. The same (dataset, sizes, seed) gives the same parts."""
+    if n_train <= 0 or n_val <= 0:
+        raise UserError(f"validation split sizes must be positive, got {n_train} / {n_val}")
+    if n_train + n_val > len(dataset.labels):
+        raise UserError(f"cannot split {len(dataset.labels)} images into {n_train} train + {n_val} validation")
+    val_idx = balanced_indices(dataset, n_val, seed)
+    rest = torch.ones(len(dataset.labels), dtype=torch.bool)
+    rest[val_idx] = False
+    remaining = dataset.restricted(torch.nonzero(rest).flatten())
+    return subset(remaining, n_train, seed=seed + 1), dataset.restricted(val_idx)

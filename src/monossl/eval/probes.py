@@ -458,28 +458,33 @@ class _Runner:
                 bar.update(len(x))
         return cache
 
-    def cached_batches(self, cache, labels, batches):
+    def cached_batches(self, cache, labels, batches, dtype=torch.float32):
         # Reused gather buffers: fresh multi-MB tensors every step cost page faults (sys time) on CPU.
-        # Reusing the fp32 buffer is safe: the previous step's backward is done before the next gather.
+        # Reusing them is safe: the previous step's backward is done before the next gather.
         bufs = {}
         for idx in batches:
             feats = {}
             for k, v in cache.items():
                 b = len(idx)
                 if k not in bufs or bufs[k][0].shape[0] < b:
-                    bufs[k] = (torch.empty(b, v.shape[1], dtype=v.dtype, device=v.device),
-                               torch.empty(b, v.shape[1], dtype=torch.float32, device=self.device))
+                    gathered = torch.empty(b, v.shape[1], dtype=v.dtype, device=v.device)
+                    converted = gathered if v.dtype == dtype and v.device == self.device else \
+                        torch.empty(b, v.shape[1], dtype=dtype, device=self.device)
+                    bufs[k] = (gathered, converted)
                 half, full = bufs[k][0][:b], bufs[k][1][:b]
-                torch.index_select(v, 0, idx.to(v.device), out=half)
-                full.copy_(half)  # blocking: `half` is reused at the next step
+                # 16-bit rows gathered as int16: the same bytes, and a faster index_select kernel on CPU
+                torch.index_select(v.view(torch.int16), 0, idx.to(v.device), out=half.view(torch.int16))
+                if full is not half:
+                    full.copy_(half)  # blocking: `half` is reused at the next step
                 feats[k] = full
             yield feats, labels[idx].to(self.device)
 
-    def cached_eval(self, probes, cache, labels, standardized):
+    def cached_eval(self, probes, cache, labels, standardized, dtype=torch.float32):
         chunk = 1024
-        batches = (({k: v[i:i + chunk].to(self.device).float() for k, v in cache.items()}, labels[i:i + chunk])
+        batches = (({k: v[i:i + chunk].to(self.device, dtype) for k, v in cache.items()}, labels[i:i + chunk])
                    for i in range(0, len(labels), chunk))
-        return _score(probes, batches, len(labels), 1, self.device, standardized)
+        with _matmul_precision(self.device, dtype):
+            return _score(probes, batches, len(labels), 1, self.device, standardized)
 
     # -- streaming path
     def streamed_batches(self, batches, epoch):
@@ -515,6 +520,28 @@ class _Runner:
                 yield {k: v.float() for k, v in self.features(x).items()}, y
 
         return _score(probes, batches(), len(self.test), n_crops, self.device, False, sharded=world()[1] > 1)
+
+
+def probe_matmul_dtype(device: torch.device) -> torch.dtype:
+    """bf16 for the probes' matmuls on standardised cached features where the hardware does bf16
+    (CUDA; CPUs with oneDNN bf16 support, e.g. AVX512-BF16 or AMX); fp32 elsewhere. Weights,
+    gradients and the optimiser stay fp32. On this project's 2-core AVX512-BF16 CPU it makes probe
+    training about 4x faster per matmul (benchmarks/bench_probe.py); the features are fp16-rounded
+    already, and bf16 products change final top-1 by about a tenth of a point (docs/probes.md)."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    except (AttributeError, RuntimeError):  # pragma: no cover - a torch build without oneDNN
+        return torch.float32
+
+
+def _matmul_precision(device: torch.device, dtype: torch.dtype):
+    import contextlib
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _score(probes, batches, n, n_crops, device, standardized, sharded=False) -> dict[str, tuple[float, float]]:
@@ -570,13 +597,16 @@ def _cache_stats(cache: dict[str, torch.Tensor], chunk: int = 4096):
     return m.result()
 
 
-def _standardize_(cache: dict[str, torch.Tensor], stats, eps: float, chunk: int = 4096) -> None:
-    """In place: cache <- (cache - mean) / sqrt(var + eps), i.e. what the fixed BatchNorm computes."""
+def _standardize_(cache: dict[str, torch.Tensor], stats, eps: float, dtype=torch.float16, chunk: int = 4096) -> None:
+    """cache[k] <- (cache[k] - mean) / sqrt(var + eps), i.e. what the fixed BatchNorm computes, stored
+    in `dtype` (fp16, or bf16 when the probe's matmuls run in bf16: then the batches need no conversion)."""
     for k, v in cache.items():
         mean, var = stats[k]
         mean, rstd = mean.to(v.device), (var + eps).rsqrt().to(v.device)
+        out = v if dtype == v.dtype else torch.empty(v.shape, dtype=dtype, device=v.device)
         for i in range(0, len(v), chunk):
-            v[i:i + chunk] = ((v[i:i + chunk].float() - mean) * rstd).to(torch.float16)
+            out[i:i + chunk] = ((v[i:i + chunk].float() - mean) * rstd).to(dtype)
+        cache[k] = out
 
 
 def _fits_on_gpu(n: int, dims: dict[str, int]) -> bool:
@@ -656,8 +686,9 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
                 stats = _cache_stats(train_cache)
                 probes.set_stats({k: (m.to(device), v.to(device)) for k, (m, v) in stats.items()})
                 eps = probes.heads[next(iter(dims))][0].eps
-                _standardize_(train_cache, stats, eps)
-                _standardize_(test_cache, stats, eps)
+                store = torch.bfloat16 if probe_matmul_dtype(device) == torch.bfloat16 else torch.float16
+                _standardize_(train_cache, stats, eps, store)
+                _standardize_(test_cache, stats, eps, store)
         elif fixed:  # one pass over the training data (with its transform) for the statistics
             moments = _Moments()
             for feats, _y in runner.streamed_batches(epoch_batches(n_train, protocol.batch_size, seed, 0), 0):
@@ -673,6 +704,7 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
                               weight_decay=protocol.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(protocol.milestones), gamma=protocol.gamma)
         standardized = use_cache and fixed  # the cache already holds what the fixed BatchNorm outputs
+        matmul_dtype = probe_matmul_dtype(device) if standardized else torch.float32
         t0 = time.perf_counter()
         eval_s = 0.0
         steps_per_epoch = len(epoch_batches(n_train, protocol.batch_size, seed, 1))
@@ -680,17 +712,18 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
             for epoch in range(1, protocol.epochs + 1):
                 probes.train()
                 batches = epoch_batches(n_train, protocol.batch_size, seed, epoch)
-                it = (runner.cached_batches(train_cache, train_labels, batches) if use_cache
+                it = (runner.cached_batches(train_cache, train_labels, batches, matmul_dtype) if use_cache
                       else runner.streamed_batches(batches, epoch))
                 loss_sum = {k: 0.0 for k in dims}
                 seen = 0
                 lr = opt.param_groups[0]["lr"]
                 for feats, y in it:
                     opt.zero_grad(set_to_none=True)
-                    # one tap at a time: the heads are independent, and each tap's batch stays in cache
-                    for k, lg in probes(feats, standardized=standardized).items():
-                        loss = F.cross_entropy(lg, y)
-                        loss.backward()
+                    with _matmul_precision(device, matmul_dtype):
+                        logits = probes(feats, standardized=standardized)
+                    losses = {k: F.cross_entropy(lg.float(), y) for k, lg in logits.items()}
+                    sum(losses.values()).backward()  # the heads are independent: each gets its own gradient
+                    for k, loss in losses.items():
                         loss_sum[k] += loss.item() * len(y)
                     if not use_cache:  # streamed under torchrun: the ranks saw different rows
                         average_gradients(probes.parameters())
@@ -706,7 +739,7 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
                 if epoch % protocol.eval_every == 0 or epoch == protocol.epochs:
                     te = time.perf_counter()
                     probes.eval()
-                    acc = (runner.cached_eval(probes, test_cache, test_labels, standardized) if use_cache
+                    acc = (runner.cached_eval(probes, test_cache, test_labels, standardized, matmul_dtype) if use_cache
                            else runner.streamed_eval(probes))
                     eval_s += time.perf_counter() - te
                     record["top1"] = {k: round(a[0], 2) for k, a in acc.items()}
@@ -741,6 +774,7 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
         "trunk": {"arch": trunk.arch, "config": dict(getattr(trunk, "config", {})), "meta": dict(meta or {})},
         "taps": taps,
         "cached_features": use_cache,
+        "matmul_dtype": str(matmul_dtype).replace("torch.", ""),
         "device": str(device),
         "timings": timings,
         "history": history,
@@ -797,6 +831,8 @@ def configure(parser) -> None:
     parser.add_argument("--random", action="store_true", help="probe a randomly initialised trunk (from --seed)")
     parser.add_argument("--arch", default=None, help="trunk architecture: for --random (default: the protocol's), "
                         "or the architecture RUN_DIR must hold")
+    parser.add_argument("--widths", default=None, help="--random cifar trunk: channels of conv1..conv4")
+    parser.add_argument("--conv1-kernel", type=int, default=None, help="--random cifar trunk: conv1 kernel size")
     parser.add_argument("--data", default="cifar10", help=f"labelled dataset: {SPEC_HELP} (default: cifar10)")
     parser.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
                         help="probe protocol (default: cifar for the cifar trunk, asano-max for AlexNets)")
@@ -836,8 +872,10 @@ def run(args) -> int:
             raise UserError("--random needs --out DIR (there is no run directory to write into)")
         arch = args.arch or (get_protocol(args.protocol).archs[0] if args.protocol else "cifar")
         protocol = get_protocol(args.protocol or DEFAULT_PROTOCOL[arch])
+        from monossl.pretrain import trunk_config_from
+
         torch.manual_seed(args.seed)
-        trunk = build_trunk(arch)
+        trunk = build_trunk(arch, **trunk_config_from(args.widths, args.conv1_kernel))
         meta = {"method": "random", "seed": args.seed}
         where = f"--random --arch {arch}"
         out = Path(args.out)

@@ -78,3 +78,35 @@ def rotate_four(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rotated = [torch.rot90(images, k, dims=(2, 3)) for k in range(4)]
     labels = torch.arange(4, device=images.device).repeat_interleave(images.shape[0])
     return torch.cat(rotated), labels
+
+
+def colour_jitter(images: torch.Tensor, strength: float = 0.4, hue: float = 0.1, prob: float = 0.8,
+                  grey_prob: float = 0.2, generator: torch.Generator | None = None) -> torch.Tensor:
+    """SimCLR's colour distortion for a (B, 3, H, W) batch in [0, 1], as one colour matrix per image.
+
+    With probability `prob`: brightness, saturation and contrast factors uniform in
+    [1 - strength, 1 + strength] and a hue turn uniform in [-hue, hue] (the patch stream's
+    colour model, `data.patches.colour_matrices`); then greyscale with probability `grey_prob`.
+    Batched by hand: torchvision's ColorJitter draws per image from the global RNG.
+    """
+    from monossl.data.patches import GREY, colour_matrices
+
+    b = images.shape[0]
+    n = global_count(b)
+    u = local_rows(torch.rand(n, 6, generator=generator, dtype=torch.float64))
+    factors = 1 - strength + 2 * strength * u[:, :3]
+    turn = (2 * u[:, 3] - 1) * hue
+    on, grey = u[:, 4] < prob, u[:, 5] < grey_prob
+    ones = torch.ones(b, dtype=torch.float64)
+    mats = torch.from_numpy(colour_matrices(torch.where(on, factors[:, 0], ones).numpy(),
+                                            torch.where(on, factors[:, 1], ones).numpy(),
+                                            torch.where(on, turn, 0 * ones).numpy()))
+    g = torch.tensor(GREY, dtype=torch.float64)
+    mats = torch.where(grey[:, None, None], torch.ones(3, 1, dtype=torch.float64) * (g @ mats)[:, None, :], mats)
+    contrast = torch.where(on, factors[:, 2], ones)
+    mats = mats.to(images.device, images.dtype)
+    out = torch.einsum("bij,bjhw->bihw", mats, images)
+    # contrast blends with the image's mean grey level, as torchvision's adjust_contrast
+    mean_grey = (out * g.to(images.device, images.dtype).view(1, 3, 1, 1)).sum(1).mean((1, 2)).view(b, 1, 1, 1)
+    c = contrast.to(images.device, images.dtype).view(b, 1, 1, 1)
+    return (c * out + (1 - c) * mean_grey).clamp_(0, 1)

@@ -162,3 +162,37 @@ def write_contact_sheet(run_dir, out, n: int = 64, ncols: int | None = None) -> 
     config = read_run_config(run_dir)
     patches = patches_from_config(config, n)
     return save_figure(contact_sheet_figure(patches, run_patch_title(config, n), ncols), out, dpi=120)
+
+
+# ---------------------------------------------------------------------------- learning curves
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def learning_curves_figure(records: list[dict], title: str | None = None):
+    """Validation top-1 of every tap against training steps, from the {"event": "probe"} lines of
+    metrics.jsonl (step 0 = the untrained trunk). One line per tap, each with its own marker."""
+    from monossl.viz.filters import new_figure
+
+    if not records:
+        raise UserError("no probe evaluations to plot (train with --probe-every N)")
+    taps = _taps_of({i: r["top1"] for i, r in enumerate(records)})
+    fig = new_figure((5.6, 3.6))
+    ax = fig.subplots()
+    steps = [r["step"] for r in records]
+    for i, tap in enumerate(taps):
+        ax.plot(steps, [r["top1"].get(tap, np.nan) for r in records], marker=MARKERS[i % len(MARKERS)],
+                color=str(0.6 * i / max(1, len(taps) - 1)), markersize=4, linewidth=1.2, label=tap)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.grid(color="0.85", linewidth=0.6)
+    ax.legend(fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+def write_learning_curves(records: list[dict], out, title: str | None = None) -> Path:
+    from monossl.viz.filters import save_figure
+
+    return save_figure(learning_curves_figure(records, title), out)

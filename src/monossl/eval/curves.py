@@ -1,0 +1,48 @@
+"""Per-layer learning curves during pretraining (`monossl pretrain --probe-every N`).
+
+Every N steps the training loop hands the trunk to a `CurveProbe`, which trains quick linear
+probes of every tap (the trunk's usual protocol, e.g. `cifar`, with cached features) on a small
+class-balanced split of the probe dataset's *training* images (5,000 train / 1,000 validation by
+default: the test set is never touched) and returns top-1 per tap. The loop logs the result as
+an `{"event": "probe", "step": s, ...}` line in metrics.jsonl; `curve_records` reads them back and
+`viz.plots.write_learning_curves` draws accuracy against steps, one line per layer.
+
+Step 0 is the freshly initialised trunk: the random baseline under the same probe. The probes
+draw from their own seeded generators and work on a frozen copy of the trunk, so training with
+and without curves gives the same weights.
+"""
+
+from __future__ import annotations
+
+import time
+
+from monossl.eval.probes import DEFAULT_PROTOCOL, get_protocol, run_probe
+
+
+class CurveProbe:
+    """Callable `(trunk) -> {"top1": {tap: %}, "seconds": s}` on a fixed validation split."""
+
+    def __init__(self, data: str, arch: str, n_train: int = 5000, n_val: int = 1000, seed: int = 0,
+                 epochs: int | None = None, device="cpu"):
+        from monossl.data.datasets import load_dataset, validation_split
+
+        self.protocol = get_protocol(DEFAULT_PROTOCOL.get(arch, "cifar")).with_overrides(epochs=epochs)
+        self.train, self.val = validation_split(load_dataset(data, "train"), n_train, n_val, seed=seed)
+        self.data, self.seed, self.device = data, seed, device
+
+    def describe(self) -> dict:
+        return {"data": self.data, "split": "train images only", "n_train": len(self.train),
+                "n_val": len(self.val), "seed": self.seed, "protocol": self.protocol.name,
+                "epochs": self.protocol.epochs}
+
+    def __call__(self, trunk) -> dict:
+        t0 = time.perf_counter()
+        result = run_probe(trunk, self.train, self.val, self.protocol, device=self.device, seed=self.seed,
+                           progress=False, verbose=False, workers=0)
+        return {"top1": {k: v["top1"] for k, v in result["taps"].items()},
+                "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def curve_records(records: list[dict]) -> list[dict]:
+    """The probe lines of a metrics.jsonl (as read by runs.read_jsonl), in step order."""
+    return sorted((r for r in records if r.get("event") == "probe"), key=lambda r: r["step"])

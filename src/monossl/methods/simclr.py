@@ -1,0 +1,71 @@
+"""SimCLR (Chen et al., 2020) on the trunk: two augmented views of every image, NT-Xent.
+
+Each image of the batch (a patch of the stream, or a dataset image) gives two views, each a
+random-resized crop to the trunk's input size with a horizontal flip, SimCLR's colour
+distortion and random greyscale (on top of whatever the patch stream already did, so the
+stream's augmentation presets keep their meaning). A projection MLP maps the trunk's features
+to the embedding the loss sees; the probes use the trunk only. SGD with Nesterov momentum and a
+cosine learning rate (a pure function of the step, so resuming needs no scheduler state).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from monossl.methods.augment import colour_jitter, random_resized_crop
+from monossl.methods.base import Method, set_lr
+from monossl.methods.losses import nt_xent
+
+
+@dataclass
+class SimCLRConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    temperature: float = 0.5
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    jitter_strength: float = 0.4
+    projection_dims: tuple[int, int] = (256, 128)  # hidden, output
+
+
+def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
+    return 0.5 * base_lr * (1 + math.cos(math.pi * step / max(1, total_steps)))
+
+
+class SimCLR(Method):
+    name = "simclr"
+    Config = SimCLRConfig
+
+    def __init__(self, trunk, total_steps: int, config: SimCLRConfig | None = None):
+        super().__init__(trunk, total_steps)
+        self.config = config = config or SimCLRConfig()
+        hidden, out = config.projection_dims
+        self.projector = nn.Sequential(nn.Linear(trunk.feature_dim, hidden), nn.BatchNorm1d(hidden),
+                                       nn.ReLU(inplace=True), nn.Linear(hidden, out))
+        self._opt = torch.optim.SGD(self.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True,
+                                    weight_decay=config.weight_decay)
+
+    def optimizers(self):
+        return {"sgd": self._opt}
+
+    def view(self, images):
+        size = self.trunk.input_size
+        crops = random_resized_crop(images, size, scale=self.config.crop_scale)
+        return colour_jitter(crops, strength=self.config.jitter_strength)
+
+    def step(self, batch, step):
+        images = batch["images"]
+        b = images.shape[0]
+        views = torch.cat([self.view(images), self.view(images)])
+        z = self.projector(self.trunk(views))
+        loss = nt_xent(z[:b], z[b:], self.config.temperature)
+        lr = cosine_lr(self.config.lr, step, self.total_steps)
+        set_lr(self._opt, lr)
+        self._opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer_step(self._opt)
+        return {"loss": loss.item(), "lr": lr}
