@@ -86,18 +86,24 @@ def test_existing_run_needs_resume_and_other_arch_checkpoint_is_refused(tmp_path
 
 
 def test_compare_writes_the_table_and_skips_finished_rows(tmp_path, cifar_subset_dir, capsys):
-    argv = ["compare", "--data", f"cifar10:{cifar_subset_dir}", "--out", str(tmp_path / "cmp"), "--rotnet-steps",
+    argv = ["compare", "--data", f"cifar10:{cifar_subset_dir}", "--out", str(tmp_path / "cmp"), "--steps",
             "4", "--supervised-steps", "4", "--probe-epochs", "1", "--quiet"]
     assert main(argv) == 0
     table = json.loads((tmp_path / "cmp" / "results.json").read_text())["table"]
-    assert set(table) == {"random", "rotnet", "supervised"}
-    probe = json.loads((tmp_path / "cmp" / "rotnet" / "probe-cifar" / "results.json").read_text())
-    assert table["rotnet"]["conv2"] == probe["taps"]["conv2"]["top1"]
+    assert list(table) == ["random", "image", "full", "supervised"]
+    for row in ("image", "full"):
+        probe = json.loads((tmp_path / "cmp" / row / "probe-cifar" / "results.json").read_text())
+        assert table[row]["conv2"] == probe["taps"]["conv2"]["top1"]
+    config = json.loads((tmp_path / "cmp" / "full" / "config.json").read_text())
+    assert config["method"] == "rotnet" and "image" not in config and config["data"].startswith("cifar10:")
     md = (tmp_path / "cmp" / "table.md").read_text()
-    assert f"{probe['taps']['conv2']['top1']:.1f}" in md
+    assert f"{probe['taps']['conv2']['top1']:.1f}" in md and "| full data (rotnet) |" in md
+    for figure in ("table.png", "filters.png"):  # real PNGs of a plausible size, not empty files
+        data = (tmp_path / "cmp" / figure).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     capsys.readouterr()
     assert main(argv) == 0  # rerun: every row is skipped
-    assert capsys.readouterr().out.count("done before") == 3
+    assert capsys.readouterr().out.count("done before") == 4
     assert main(argv[:-2] + ["2", "--quiet"]) == 2  # other probe epochs: refused, not mixed into the table
     assert "other settings (probe_epochs)" in capsys.readouterr().err
 

@@ -1,9 +1,19 @@
-"""`monossl compare`: the main job in its smallest real form.
+"""`monossl compare`: the main job, the paper's per-layer figure at CIFAR scale.
 
-Random trunk vs RotNet on one image vs supervised (optionally RotNet on the whole
-dataset's images, the paper's "full data"), each probed with linear classifiers on
-conv1..conv4 of the frozen trunk; prints and writes one table. Each row is its own run
-directory under --out: a rerun skips finished rows and resumes an interrupted one.
+Four rows on one trunk, each probed with linear classifiers on conv1..conv4 of the frozen
+trunk (the same `cifar` probe for all):
+
+    random      the freshly initialised trunk (no training)
+    image       the self-supervised method (--method) on patches of one image
+    full        the same method, same budget, on the dataset's training images without labels
+                (the paper's "1M images" row)
+    supervised  the trunk trained with the dataset's labels, on at least as many samples as the
+                one-image row saw (so supervision is not handicapped)
+
+Prints and writes one table (table.md, table.csv, results.json), a grouped bar chart
+(table.png) and the conv1 filters of every row side by side with their spatial coherence
+(filters.png). Each row is its own run directory under --out: a rerun skips finished rows and
+resumes an interrupted one; other settings for the same --out are refused.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import time
 from pathlib import Path
 
@@ -22,24 +33,30 @@ from monossl.errors import UserError
 
 ROWS = {
     "random": "random trunk",
-    "rotnet": "RotNet, one image",
-    "rotnet-full": "RotNet, full data (no labels)",
+    "image": "one image",
+    "full": "full data (no labels)",
     "supervised": "supervised",
 }
+#: the self-supervised method of the main job (README, "Choosing the defaults")
+DEFAULT_METHOD = "rotnet"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="cifar10", help="labelled dataset for probes and supervision (default cifar10)")
+    p.add_argument("--method", default=DEFAULT_METHOD,
+                   help=f"self-supervised method of the image and full rows (default {DEFAULT_METHOD})")
     p.add_argument("--image", default=None, help="the one image (default: the built-in default image)")
     p.add_argument("--preset", default="all", help="augmentation preset of the patch stream (default all)")
-    p.add_argument("--rows", default="random,rotnet,supervised",
-                   help=f"comma-separated rows among {', '.join(ROWS)} (default random,rotnet,supervised)")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help=f"comma-separated rows among {', '.join(ROWS)} (default: all four)")
     p.add_argument("--widths", default=None, help="CIFAR trunk channels, e.g. 64,128,256,512 (default: the trunk's)")
     p.add_argument("--conv1-kernel", type=int, default=None, help="CIFAR trunk conv1 kernel (default: the trunk's)")
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rotnet-steps", type=int, default=None, help="RotNet training steps (default: pretrain's)")
-    p.add_argument("--supervised-steps", type=int, default=None, help="supervised training steps (default: pretrain's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of the image and full rows "
+                   "(default: pretrain's for the method)")
+    p.add_argument("--supervised-steps", type=int, default=None,
+                   help="supervised training steps (default: as many samples as the image row)")
     p.add_argument("--probe-epochs", type=int, default=None, help="probe epochs (default: the protocol's)")
     p.add_argument("--subset", type=int, default=None,
                    help="probe on a class-balanced subset of N training images (pretraining uses all of --data)")
@@ -54,6 +71,14 @@ def _pretrain(argv: list[str]) -> None:
     pretrain.run(parser.parse_args(argv))
 
 
+def supervised_steps(method: str, steps: int | None) -> int:
+    """Supervised steps that show the trunk at least as many samples as `steps` of `method`
+    (RotNet's four rotations and SimCLR's two views count as samples)."""
+    cls = pretrain.method_class(method)
+    samples = (steps or pretrain.DEFAULT_STEPS[method]) * pretrain.DEFAULT_BATCH[method] * cls.views
+    return max(pretrain.DEFAULT_STEPS["supervised"], math.ceil(samples / pretrain.DEFAULT_BATCH["supervised"]))
+
+
 def run(args) -> int:
     from monossl.data.datasets import load_pair, subset
     from monossl.data.sources import DEFAULT_IMAGE
@@ -64,9 +89,12 @@ def run(args) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown or not rows:
         raise UserError(f"--rows: unknown row(s) {unknown}; choose from {', '.join(ROWS)}")
+    if args.method == "supervised" or pretrain.method_class(args.method).needs != "images":
+        raise UserError(f"--method {args.method} is not self-supervised; choose one that learns from images alone")
     image = args.image or f"builtin:{DEFAULT_IMAGE}"
-    out = runs.ensure_writable_dir(args.out)
+    sup_steps = args.supervised_steps or supervised_steps(args.method, args.steps)
     train_set, test_set = load_pair(args.data)
+    out = runs.ensure_writable_dir(args.out)
     if args.subset:
         train_set = subset(train_set, args.subset, seed=args.seed)
     if args.test_subset:
@@ -78,8 +106,9 @@ def run(args) -> int:
     data_arg = args.data if not args.subset else None
 
     # the rows of one --out must come from one set of settings: refuse to mix
-    settings = {k: getattr(args, k) for k in ("data", "image", "preset", "seed", "rotnet_steps", "supervised_steps",
-                                               "probe_epochs", "subset", "test_subset", "widths", "conv1_kernel")}
+    settings = {k: getattr(args, k) for k in ("data", "method", "image", "preset", "seed", "steps", "probe_epochs",
+                                               "subset", "test_subset", "widths", "conv1_kernel")}
+    settings["supervised_steps"] = sup_steps
     settings_path = out / "settings.json"
     if settings_path.exists():
         before = json.loads(settings_path.read_text())
@@ -111,15 +140,13 @@ def run(args) -> int:
                 argv = ["--out", str(row_dir), *common]
                 if (row_dir / "last.pt").exists():
                     argv.append("--resume")
-                if row.startswith("rotnet"):
-                    argv += ["--method", "rotnet"]
-                    argv += ["--image", image, "--preset", args.preset] if row == "rotnet" else ["--data", args.data]
-                    if args.rotnet_steps:
-                        argv += ["--steps", str(args.rotnet_steps)]
+                if row == "supervised":
+                    argv += ["--method", "supervised", "--data", args.data, "--steps", str(sup_steps)]
                 else:
-                    argv += ["--method", "supervised", "--data", args.data]
-                    if args.supervised_steps:
-                        argv += ["--steps", str(args.supervised_steps)]
+                    argv += ["--method", args.method]
+                    argv += ["--image", image, "--preset", args.preset] if row == "image" else ["--data", args.data]
+                    if args.steps:
+                        argv += ["--steps", str(args.steps)]
                 _pretrain(argv)
             trunk, meta = load_trunk(row_dir)
         result = run_probe(trunk, train_set, test_set, protocol, device=args.device, seed=args.seed,
@@ -129,23 +156,53 @@ def run(args) -> int:
         results[row], timings[row] = result, result["compare_seconds"]
 
     table = write_table(out, rows, results, {
-        "data": args.data, "image": image, "preset": args.preset, "seed": args.seed, "rows": rows,
+        "data": args.data, "method": args.method, "image": image, "preset": args.preset, "seed": args.seed,
+        "rows": rows, "steps": args.steps, "supervised_steps": sup_steps,
         "subset": args.subset, "test_subset": args.test_subset,
         "trunk": {"widths": args.widths, "conv1_kernel": args.conv1_kernel}, "protocol": protocol.to_dict(),
         "seconds_per_row": timings,
     })
+    write_figures(out, rows, results, args)
     print()
     print(table, end="")
-    print(f"wrote {out / 'table.md'}, table.csv and results.json ({time.perf_counter() - started:.0f} s)")
+    print(f"wrote {out / 'table.md'}, table.csv, results.json, table.png and filters.png "
+          f"({time.perf_counter() - started:.0f} s)")
     return 0
+
+
+def row_labels(method: str) -> dict[str, str]:
+    return {"random": "random", "image": f"one image ({method})", "full": f"full data ({method})",
+            "supervised": "supervised"}
+
+
+def write_figures(out: Path, rows: list[str], results: dict, args) -> None:
+    """table.png (grouped bars per layer) and filters.png (conv1 of every row, spatial coherence)."""
+    from monossl.models import load_trunk
+    from monossl.viz.filters import Network, random_network, write_filters
+    from monossl.viz.plots import write_layer_bars
+
+    labels = row_labels(args.method)
+    table = {r: {t: v["top1"] for t, v in results[r]["taps"].items()} for r in rows}
+    write_layer_bars(table, out / "table.png", title=f"{args.data}, seed {args.seed}", row_labels=labels)
+    networks = []
+    for r in rows:
+        if r == "random":
+            trunk = random_network("cifar", args.seed, **pretrain.trunk_config_from(args.widths, args.conv1_kernel)).trunk
+        else:
+            trunk = load_trunk(out / r)[0].eval()
+        networks.append(Network(labels[r], trunk))
+    write_filters(networks, out / "filters.png")
 
 
 def write_table(out: Path, rows: list[str], results: dict, config: dict) -> str:
     taps = list(next(iter(results.values()))["taps"])
     header = ["training data"] + taps
-    body = [[ROWS[r]] + [float(results[r]["taps"][t]["top1"]) for t in taps] for r in rows]
+    labels = row_labels(config["method"])
+    body = [[labels[r]] + [float(results[r]["taps"][t]["top1"]) for t in taps] for r in rows]
     md = ("Linear-probe top-1 (%) on each conv tap, final epoch, protocol "
-          f"`{config['protocol']['name']}`, data {config['data']}, seed {config['seed']}.\n\n"
+          f"`{config['protocol']['name']}`, data {config['data']}, seed {config['seed']}; "
+          f"{config['method']} for {config['steps'] or 'its default'} steps, supervised for "
+          f"{config['supervised_steps']} steps.\n\n"
           + runs.markdown_table(header, body))
     buf = io.StringIO()
     writer = csv.writer(buf)

@@ -47,6 +47,8 @@ class Method(nn.Module):
     name = "method"
     #: what the method needs from its data: "images" (unlabelled) or "labelled"
     needs = "images"
+    #: samples the trunk sees per image of a batch (RotNet: 4 rotations; SimCLR: 2 views)
+    views = 1
 
     def __init__(self, trunk: nn.Module, total_steps: int):
         super().__init__()

@@ -28,6 +28,7 @@ class RotNetConfig:
 class RotNet(LinearHeadMethod):
     name = "rotnet"
     Config = RotNetConfig
+    views = 4
 
     def __init__(self, trunk, total_steps: int, config: RotNetConfig | None = None):
         super().__init__(trunk, total_steps, config or RotNetConfig(), num_outputs=4)

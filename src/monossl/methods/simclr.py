@@ -39,6 +39,7 @@ def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
 class SimCLR(Method):
     name = "simclr"
     Config = SimCLRConfig
+    views = 2
 
     def __init__(self, trunk, total_steps: int, config: SimCLRConfig | None = None):
         super().__init__(trunk, total_steps)

@@ -98,6 +98,28 @@ def conv1_filters(trunk, fold_bn: bool = True) -> torch.Tensor:
     return weight
 
 
+def spatial_coherence(filters: torch.Tensor) -> float:
+    """How spatially structured a filter bank is: the uncentred correlation of every weight with its
+    right and lower neighbour, over all filters and colour channels,
+
+        sum(a * b) / sqrt(sum(a^2) * sum(b^2))   over adjacent pairs (a, b).
+
+    Independent zero-mean weights (a random initialisation) give about 0 (the sum of products
+    cancels); smooth filters (colour blobs, ramps, wide edges) approach 1; checkerboard-like
+    high-frequency filters go negative. Each filter is first scaled to unit norm, so strong
+    filters do not outweigh weak ones. Undefined for 1x1 filters (returns nan).
+    """
+    f = filters.detach().double()
+    if f.shape[-1] < 2 and f.shape[-2] < 2:
+        return float("nan")
+    f = f / f.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    pairs = [(f[..., :, :-1], f[..., :, 1:]), (f[..., :-1, :], f[..., 1:, :])]
+    dot = sum((a * b).sum() for a, b in pairs)
+    norm_a = sum((a * a).sum() for a, _ in pairs)
+    norm_b = sum((b * b).sum() for _, b in pairs)
+    return float(dot / (norm_a * norm_b).sqrt().clamp_min(1e-300))
+
+
 def normalise_filters(filters: torch.Tensor) -> torch.Tensor:
     """Min-max normalise each filter to [0, 1] (over its channels together); flat -> 0.5."""
     f = filters.detach().float()
@@ -283,7 +305,7 @@ def filters_figure(networks: list[Network], scale: int = 4, ncols: int | None = 
     axes = fig.subplots(1, len(grids), gridspec_kw={"width_ratios": widths}, squeeze=False)
     for ax, g, n in zip(axes[0], grids, networks):
         ax.imshow(g, interpolation="nearest")
-        ax.set_title(n.label, fontsize=9)
+        ax.set_title(f"{n.label}\nspatial coherence {spatial_coherence(conv1_filters(n.trunk)):.2f}", fontsize=9)
         ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize=10)
@@ -322,6 +344,6 @@ def run(args) -> int:
     write_filters(networks, args.out, args.scale, args.cols, args.title)
     for n in networks:
         f = conv1_filters(n.trunk)
-        print(f"{n.label}: {f.shape[0]} filters {f.shape[2]}x{f.shape[3]}")
+        print(f"{n.label}: {f.shape[0]} filters {f.shape[2]}x{f.shape[3]}, spatial coherence {spatial_coherence(f):.3f}")
     print(f"wrote {args.out}")
     return 0

@@ -25,6 +25,8 @@ ROW_LABELS = {
     "random": "random",
     "rotnet": "one image (RotNet)",
     "rotnet-full": "full data (RotNet)",
+    "image": "one image",
+    "full": "full data",
     "supervised": "supervised",
 }
 
