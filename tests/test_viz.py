@@ -275,3 +275,18 @@ def test_commands_give_one_line_errors(argv, capsys, tmp_path, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("monossl: error: ") and err.count("\n") == 1, err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_spatial_coherence_random_near_zero_smooth_high():
+    from monossl.viz.filters import spatial_coherence
+
+    torch.manual_seed(0)
+    random_bank = torch.randn(64, 3, 7, 7)
+    assert abs(spatial_coherence(random_bank)) < 0.05
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 7), torch.linspace(-1, 1, 7), indexing="ij")
+    blobs = [torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.5) for cx in (-0.3, 0.3) for cy in (-0.3, 0.3)]
+    ramps = [torch.cos(a) * xx + torch.sin(a) * yy for a in torch.linspace(0, 3.0, 8)]
+    smooth = torch.stack([f.expand(3, 7, 7) * torch.tensor([1.0, -0.5, 0.2]).view(3, 1, 1) for f in blobs + ramps])
+    assert spatial_coherence(smooth) > 0.8
+    checker = (-1.0) ** (xx.argsort(1).argsort(1) + yy.argsort(0).argsort(0)).float()
+    assert spatial_coherence(checker.expand(4, 3, 7, 7)) < -0.9  # high frequency: negative

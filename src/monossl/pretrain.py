@@ -260,10 +260,9 @@ def run(args) -> int:
                       evaluate_every=args.probe_every)
     result = train(method, source, loop, out, device, progress=False if args.quiet else None, evaluate=curves)
     if curves is not None and is_main():
-        from monossl.eval.curves import curve_records
         from monossl.viz.plots import write_learning_curves
 
-        records = curve_records(runs.read_jsonl(out / "metrics.jsonl"))
+        records = runs.curve_records(runs.read_jsonl(out / "metrics.jsonl"))
         title = f"{args.method}, {', '.join(args.image) if args.image else args.data}: {curves.data} validation"
         write_learning_curves(records, out / "learning_curves.png", title=title)
     if result["finished"] and is_main():

@@ -95,6 +95,11 @@ def read_jsonl(path) -> list[dict]:
     return records
 
 
+def curve_records(records: list[dict]) -> list[dict]:
+    """The learning-curve lines (`--probe-every`) of a metrics.jsonl as read by read_jsonl, in step order."""
+    return sorted((r for r in records if r.get("event") == "probe"), key=lambda r: r["step"])
+
+
 def ensure_writable_dir(path) -> Path:
     """Create `path` (and parents) or fail with a one-line error naming it."""
     path = Path(path)

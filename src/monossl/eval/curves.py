@@ -4,8 +4,8 @@ Every N steps the training loop hands the trunk to a `CurveProbe`, which trains 
 probes of every tap (the trunk's usual protocol, e.g. `cifar`, with cached features) on a small
 class-balanced split of the probe dataset's *training* images (5,000 train / 1,000 validation by
 default: the test set is never touched) and returns top-1 per tap. The loop logs the result as
-an `{"event": "probe", "step": s, ...}` line in metrics.jsonl; `curve_records` reads them back and
-`viz.plots.write_learning_curves` draws accuracy against steps, one line per layer.
+an `{"event": "probe", "step": s, ...}` line in metrics.jsonl; `runs.curve_records` reads them back
+and `viz.plots.write_learning_curves` draws accuracy against steps, one line per layer.
 
 Step 0 is the freshly initialised trunk: the random baseline under the same probe. The probes
 draw from their own seeded generators and work on a frozen copy of the trunk, so training with
@@ -42,7 +42,3 @@ class CurveProbe:
         return {"top1": {k: v["top1"] for k, v in result["taps"].items()},
                 "seconds": round(time.perf_counter() - t0, 2)}
 
-
-def curve_records(records: list[dict]) -> list[dict]:
-    """The probe lines of a metrics.jsonl (as read by runs.read_jsonl), in step order."""
-    return sorted((r for r in records if r.get("event") == "probe"), key=lambda r: r["step"])

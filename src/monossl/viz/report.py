@@ -325,7 +325,8 @@ def build_report(specs, out, title: str = "monossl report", patches: int = 64, s
     """Write out/report.md, out/report.html and the PNGs; returns {"tables": [...], "figures": [...]}."""
     from monossl.runs import ensure_writable_dir, write_text
     from monossl.viz.filters import load_network, readable, write_filters
-    from monossl.viz.plots import write_contact_sheet, write_layer_bars
+    from monossl.runs import curve_records, read_jsonl
+    from monossl.viz.plots import write_contact_sheet, write_layer_bars, write_learning_curves
 
     if not specs:
         raise UserError("give at least one run directory or results file")
@@ -357,6 +358,16 @@ def build_report(specs, out, title: str = "monossl report", patches: int = 64, s
                          ["filters.png", "Each filter with its BatchNorm scale folded in, min-max normalised on its "
                                          "own, enlarged; Sobel trunks as effective RGB filters. Runs: "
                           + "; ".join(f"{n.label} (`{s}`)" for n, s in zip(networks, got.runs)) + "."]))
+    for i, run_dir in enumerate(got.runs, 1):
+        records = curve_records(read_jsonl(Path(run_dir) / "metrics.jsonl")) if Path(run_dir).is_dir() else []
+        if records:
+            name = f"curves-{i}.png"
+            write_learning_curves(records, out / name, title=str(run_dir))
+            figures.append(name)
+            sections.append(("figure", f"Learning curves: {run_dir}",
+                             [name, "Validation top-1 of every tap during pretraining (`--probe-every`): quick "
+                                    "probes on a split of the probe dataset's training images; step 0 is the "
+                                    "untrained trunk."]))
     if got.patch_runs and patches > 0:
         run_dir = got.patch_runs[0]
         write_contact_sheet(run_dir, out / "patches.png", n=patches)
