@@ -88,6 +88,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-scale", default=None, metavar="MIN,MAX",
                    help="area range of the method's own random-resized crop (default: the method's)")
     p.add_argument("--clusters", type=int, default=None, help="DeepCluster: k (default scaled to the set size)")
+    p.add_argument("--whiten-conv1", action=argparse.BooleanOptionalAction, default=False,
+                   help="train conv1 in the whitened space of the training data's own patches (W = U Z, Z the ZCA "
+                        "matrix of its first patches/images; folded into a plain trunk at the end: docs/one_image.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--sync-bn", action="store_true",
@@ -228,6 +231,13 @@ def run(args) -> int:
     if total_steps <= 0 or batch_size <= 0:
         raise UserError("--steps/--epochs and --batch-size must be positive")
 
+    if args.whiten_conv1:
+        from monossl.models import whitening
+
+        # the source's first samples (a shuffle of a dataset): what this run trains on, no labels used
+        first = torch.arange(4096) if source.length is None else source.order(0)[:4096]
+        whitening.whiten(trunk, whitening.conv1_patch_whitening(trunk, source.fetch(first)["images"], seed=args.seed))
+
     known = {f.name for f in fields(cls.Config)}
     lr = args.lr if args.lr is not None else default_lr(args.method, trunk.arch)
     method_kwargs = {"lr": lr, "num_classes": data_info.get("num_classes"), "clusters": args.clusters,
@@ -238,7 +248,7 @@ def run(args) -> int:
     config = {
         "method": args.method, "arch": trunk.arch, "arch_config": trunk.config, "method_config": asdict(method.config),
         "seed": args.seed, "batch_size": batch_size, "total_steps": total_steps, "device": str(device),
-        "world_size": world()[1], "sync_bn": bool(args.sync_bn),
+        "world_size": world()[1], "sync_bn": bool(args.sync_bn), "whiten_conv1": bool(args.whiten_conv1),
         "source": source.describe(), **data_info,
     }
     if curves is not None:
@@ -266,6 +276,9 @@ def run(args) -> int:
         title = f"{args.method}, {', '.join(args.image) if args.image else args.data}: {curves.data} validation"
         write_learning_curves(records, out / "learning_curves.png", title=title)
     if result["finished"] and is_main():
+        from monossl.models import whitening
+
+        whitening.fold(method.trunk)  # a plain trunk: conv1.weight = U Z
         meta = {k: config[k] for k in ("method", "seed", "total_steps") if k in config}
         meta.update({k: data_info[k] for k in ("image", "preset", "data") if k in data_info})
         save_trunk(out / "trunk.pt", method.trunk, meta)

@@ -1,0 +1,82 @@
+"""Train conv1 in the whitened space of the training data's own patches (`pretrain --whiten-conv1`).
+
+conv1's weight is reparametrised during training as W = U Z, where Z is the ZCA whitening
+matrix of the k x k patches (all input channels) of the training source, computed once from its
+first few thousand samples, and U is what the optimiser updates. The function class is
+unchanged (any W is reachable); what changes is the geometry of SGD on the first layer: a
+gradient step on U is a step on W preconditioned by Z Z^T = C^-1, the inverse patch covariance.
+Natural images put almost all their variance in smooth, low-frequency directions (a 1/f^2
+spectrum), so plain SGD moves conv1 mostly along those and its filters stay blurry; in the
+whitened parametrisation every direction learns at the same rate (the classical reason to
+whiten before learning first-layer features: Coates & Ng 2011). U starts as the usual Kaiming
+initialisation, so training starts from random filters in the whitened space.
+
+The parametrisation uses torch.nn.utils.parametrize and is folded back into a plain conv weight
+(`fold`) before the trunk is saved: trunk.pt is an ordinary trunk, probed like any other. Z is
+computed from the method's own training data only (the patch stream of one image, or the
+dataset's images): no labels and no test data are involved.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+
+def zca_matrix(patches: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """ZCA whitening matrix (D x D) of `patches` (N x D), computed in float64.
+
+    Eigenvalues are regularised by eps x their mean, so directions with almost no variance are
+    amplified by at most about 1/sqrt(eps) relative to the average direction."""
+    p = patches.double()
+    p = p - p.mean(0)
+    cov = p.T @ p / len(p)
+    eigenvalues, vectors = torch.linalg.eigh(cov)
+    eigenvalues = eigenvalues.clamp_min(0)
+    return vectors @ torch.diag((eigenvalues + eps * eigenvalues.mean()).rsqrt()) @ vectors.T
+
+
+@torch.no_grad()
+def conv1_patch_whitening(trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0,
+                          eps: float = 1e-2) -> torch.Tensor:
+    """Z for the trunk's conv1, from `images` (B, 3, H, W) in [0, 1] as the trunk sees them (after its
+    input normalisation and Sobel front-end, if any): up to `n_patches` random k x k patches."""
+    conv = trunk.conv1
+    x = trunk._input(images.float().cpu().to(trunk.mean.dtype))
+    cols = F.unfold(x, conv.kernel_size, stride=1).transpose(1, 2).reshape(-1, conv.in_channels * conv.kernel_size[0]
+                                                                            * conv.kernel_size[1])
+    g = torch.Generator().manual_seed(seed)
+    cols = cols[torch.randperm(len(cols), generator=g)[:n_patches]]
+    return zca_matrix(cols, eps).float()
+
+
+class _Whitened(nn.Module):
+    """weight = U @ Z, with U the (C_out, C_in * k * k) parameter seen by the optimiser."""
+
+    def __init__(self, zca: torch.Tensor):
+        super().__init__()
+        self.register_buffer("zca", zca)
+
+    def forward(self, u):
+        return (u.flatten(1) @ self.zca).view_as(u)
+
+
+def whiten(trunk, zca: torch.Tensor) -> None:
+    """Reparametrise conv1.weight as U Z, U starting at the current weight (random in whitened space)."""
+    conv = trunk.conv1
+    initial = conv.weight.detach().clone()
+    parametrize.register_parametrization(conv, "weight", _Whitened(zca.to(initial)))
+    with torch.no_grad():
+        conv.parametrizations.weight.original.copy_(initial)
+
+
+def is_whitened(trunk) -> bool:
+    return parametrize.is_parametrized(trunk.conv1, "weight")
+
+
+def fold(trunk) -> None:
+    """Replace the parametrisation by the plain weight it gives (U Z): an ordinary trunk again."""
+    if is_whitened(trunk):
+        parametrize.remove_parametrizations(trunk.conv1, "weight", leave_parametrized=True)
