@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import time
 from pathlib import Path
 
@@ -82,7 +81,7 @@ def run(args) -> int:
                                                "probe_epochs", "subset", "test_subset", "widths", "conv1_kernel")}
     settings_path = out / "settings.json"
     if settings_path.exists():
-        before = json.loads(settings_path.read_text())
+        before = runs.read_json(settings_path, "comparison settings")
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed:
             raise UserError(f"{out} holds a comparison made with other settings ({', '.join(changed)}); "
@@ -98,7 +97,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         if (probe_dir / "results.json").exists():
             print(f"[{row}] done before: {probe_dir / 'results.json'}")
-            results[row] = json.loads((probe_dir / "results.json").read_text())
+            results[row] = runs.read_json(probe_dir / "results.json", "probe result")
             timings[row] = results[row].get("compare_seconds")
             continue
         print(f"[{row}] {ROWS[row]}")

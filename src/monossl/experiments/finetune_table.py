@@ -20,7 +20,6 @@ GPU; training lengths chosen here, the paper's are not all known).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +191,7 @@ def run(args) -> int:
         ft_dir = row_dir / f"finetune-{'-'.join(FROZEN)}"
         probe_json = ft_dir / f"probe-{PROTOCOL}" / "results.json"
         if probe_json.exists():
-            results[row] = json.loads(probe_json.read_text())
+            results[row] = runs.read_json(probe_json, "probe result")
             seconds[row] = results[row].get("row_seconds")
             print(f"[{i}/{len(s['rows'])} {row}] done before: {probe_json}")
             continue
@@ -208,7 +207,7 @@ def run(args) -> int:
             stopped[row] = str(exc)
             print(f"[{row}] {exc}")
             continue
-        result = json.loads(probe_json.read_text())
+        result = runs.read_json(probe_json, "probe result")
         # the row's wall clock, kept beside its probe so that a rerun that skips the row still reports it
         result["row_seconds"] = round(time.perf_counter() - t0, 1)
         result["row_seconds_note"] = "this row's pretraining + fine-tuning + probe (this invocation only), wall clock"

@@ -189,7 +189,7 @@ def _row_argv(row: str, s: dict, row_dir: Path, args) -> list[str]:
 def _check_same_settings(out: Path, s: dict) -> None:
     path = out / "reproduce.json"
     if path.exists():
-        previous = json.loads(path.read_text())
+        previous = runs.read_json(path, "reproduce settings")
         # --rows may differ (a table can be run a few rows at a time); everything else must match
         changed = [k for k in s if k != "rows" and json.dumps(previous.get(k)) != json.dumps(s[k])]
         if changed:
@@ -226,7 +226,7 @@ def run(args) -> int:
         row_dir = out / row
         probe_dir = row_dir / f"probe-{protocol.name}"
         if (probe_dir / "results.json").exists():
-            results[row] = json.loads((probe_dir / "results.json").read_text())
+            results[row] = runs.read_json(probe_dir / "results.json", "probe result")
             seconds[row] = results[row].get("row_seconds")
             print(f"[{i}/{len(s['rows'])} {row}] done before: {probe_dir / 'results.json'}")
             continue
