@@ -63,10 +63,12 @@ def method_class(name: str):
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from monossl.cli import positive
+
     p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
     p.add_argument("--out", required=True, help="run directory (created; rerun with --resume to continue)")
     p.add_argument("--arch", default="cifar", help=f"trunk: {', '.join(ARCHS)} (default cifar)")
-    p.add_argument("--conv1-kernel", type=int, default=None, help="CIFAR trunk: conv1 kernel size")
+    p.add_argument("--conv1-kernel", type=positive(), default=None, help="CIFAR trunk: conv1 kernel size")
     p.add_argument("--widths", default=None, help="CIFAR trunk: channels of conv1..conv4, e.g. 64,128,256,512")
     p.add_argument("--sobel", action=argparse.BooleanOptionalAction, default=None,
                    help="fixed Sobel front-end (greyscale + gradients); default on for deepcluster, off otherwise")
@@ -75,31 +77,31 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="all", help="augmentation preset of the patch stream (default all)")
     p.add_argument("--patch", action="append", default=[], metavar="KEY=VALUE",
                    help="override a patch-stream parameter, e.g. --patch rotation_degrees=10")
-    p.add_argument("--patch-size", type=int, default=None, help="patch side S (default 32 for cifar, 256 for AlexNet)")
+    p.add_argument("--patch-size", type=positive(), default=None, help="patch side S (default 32 for cifar, 256 for AlexNet)")
     p.add_argument("--patch-device", default=None, help="where to make patches: cpu or cuda (default: --device)")
-    p.add_argument("--num-patches", type=int, default=None,
+    p.add_argument("--num-patches", type=positive(), default=None,
                    help="use the stream's first N patches as a fixed training set (epochs); default: unlimited "
                         "(DeepCluster: 32768)")
     p.add_argument("--data", default=None, help="dataset: cifar10, cifar10:PATH or folder:PATH")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default depends on the method)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs over a finite set (instead of --steps)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step (RotNet: x4 samples)")
-    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the method's)")
+    p.add_argument("--steps", type=positive(), default=None, help="training steps (default depends on the method)")
+    p.add_argument("--epochs", type=positive(), default=None, help="training epochs over a finite set (instead of --steps)")
+    p.add_argument("--batch-size", type=positive(), default=None, help="images per step (RotNet: x4 samples)")
+    p.add_argument("--lr", type=positive(float), default=None, help="base learning rate (default: the method's)")
     p.add_argument("--crop-scale", default=None, metavar="MIN,MAX",
                    help="area range of the method's own random-resized crop (default: the method's)")
-    p.add_argument("--clusters", type=int, default=None, help="DeepCluster: k (default scaled to the set size)")
+    p.add_argument("--clusters", type=positive(), default=None, help="DeepCluster: k (default scaled to the set size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BatchNorm over the global batch instead of each process's part")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--probe-every", type=int, default=None, metavar="N",
+    p.add_argument("--probe-every", type=positive(), default=None, metavar="N",
                    help="every N steps (and at steps 0 and the last), probe every tap on a validation split of "
                         "--probe-data's training images; logged in metrics.jsonl, drawn in learning_curves.png")
     p.add_argument("--probe-data", default="cifar10", help="labelled dataset of the --probe-every curves (default cifar10)")
     p.add_argument("--probe-split", default="5000,1000", metavar="TRAIN,VAL",
                    help="sizes of the curves' class-balanced train/validation parts (default 5000,1000)")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stop-after", type=positive(), default=None, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -73,7 +73,7 @@ def _parse_value(key: str, text: str, default):
                 raise ValueError
             return tuple(_number(p) for p in parts)
         return text
-    except ValueError:
+    except (ValueError, ZeroDivisionError):  # ZeroDivisionError: a fraction such as 1/0
         kind = type(default).__name__ if not isinstance(default, tuple) else "two numbers min,max"
         raise UserError(f"--set {key}={text}: expected {kind}") from None
 
@@ -106,6 +106,7 @@ def parse_overrides(items) -> dict:
 
 
 def configure(parser) -> None:
+    from monossl.cli import positive
     from monossl.data.patches import PRESETS
 
     parser.add_argument("--image", action="append", metavar="SPEC",
@@ -114,7 +115,7 @@ def configure(parser) -> None:
                              "Default: builtin:astronaut")
     parser.add_argument("--preset", default="all",
                         help=f"augmentation preset: {', '.join(PRESETS)} (default: all, the paper's)")
-    parser.add_argument("--size", type=int, default=32, help="patch side S in pixels (default 32)")
+    parser.add_argument("--size", type=positive(), default=32, help="patch side S in pixels (default 32)")
     parser.add_argument("--count", type=int, default=1000, help="number of patches (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="patch i depends only on (seed, i)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -128,7 +129,7 @@ def configure(parser) -> None:
                         help="override any patch parameter, e.g. rotation_degrees=10, "
                              "area_range=0.01,1, scale=false, jitter_prob=0.8 (repeatable)")
     parser.add_argument("--preview", metavar="PNG", help="also write a contact sheet of the first patches")
-    parser.add_argument("--batch-size", type=int, default=256, help="patches rendered per batch")
+    parser.add_argument("--batch-size", type=positive(), default=256, help="patches rendered per batch")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default: bit-reproducible files), cuda or auto")
     parser.add_argument("--workers", type=int, default=0,
@@ -334,8 +335,6 @@ def run(args) -> int:
     # -- check everything before writing anything
     if args.count < 0:
         raise UserError(f"--count must be >= 0, not {args.count}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, not {args.batch_size}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, not {args.seed}")
     if not 1 <= args.quality <= 100:

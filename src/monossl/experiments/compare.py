@@ -28,21 +28,23 @@ ROWS = {
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from monossl.cli import positive
+
     p.add_argument("--data", default="cifar10", help="labelled dataset for probes and supervision (default cifar10)")
     p.add_argument("--image", default=None, help="the one image (default: the built-in default image)")
     p.add_argument("--preset", default="all", help="augmentation preset of the patch stream (default all)")
     p.add_argument("--rows", default="random,rotnet,supervised",
                    help=f"comma-separated rows among {', '.join(ROWS)} (default random,rotnet,supervised)")
     p.add_argument("--widths", default=None, help="CIFAR trunk channels, e.g. 64,128,256,512 (default: the trunk's)")
-    p.add_argument("--conv1-kernel", type=int, default=None, help="CIFAR trunk conv1 kernel (default: the trunk's)")
+    p.add_argument("--conv1-kernel", type=positive(), default=None, help="CIFAR trunk conv1 kernel (default: the trunk's)")
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rotnet-steps", type=int, default=None, help="RotNet training steps (default: pretrain's)")
-    p.add_argument("--supervised-steps", type=int, default=None, help="supervised training steps (default: pretrain's)")
-    p.add_argument("--probe-epochs", type=int, default=None, help="probe epochs (default: the protocol's)")
-    p.add_argument("--subset", type=int, default=None,
+    p.add_argument("--rotnet-steps", type=positive(), default=None, help="RotNet training steps (default: pretrain's)")
+    p.add_argument("--supervised-steps", type=positive(), default=None, help="supervised training steps (default: pretrain's)")
+    p.add_argument("--probe-epochs", type=positive(), default=None, help="probe epochs (default: the protocol's)")
+    p.add_argument("--subset", type=positive(), default=None,
                    help="probe on a class-balanced subset of N training images (pretraining uses all of --data)")
-    p.add_argument("--test-subset", type=int, default=None, help="evaluate on a subset of N test images")
+    p.add_argument("--test-subset", type=positive(), default=None, help="evaluate on a subset of N test images")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

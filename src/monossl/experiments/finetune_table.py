@@ -106,10 +106,6 @@ def settings(args) -> dict:
         if unknown or not asked:
             raise UserError(f"--rows: unknown row(s) {unknown}; choose from {', '.join(ROWS)}")
         rows = [r for r in ROWS if r in asked]  # the paper's order
-    for name in ("steps", "batch_size", "probe_epochs", "subset", "test_subset", "finetune_steps", "dc_patches"):
-        value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     b = BUDGETS[args.budget]
     steps = {m: args.steps or b.steps.get(m) for m in ROWS}  # None: epochs (supervised, deepcluster)
     return {

@@ -396,17 +396,19 @@ def _inline(text: str) -> str:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from monossl.cli import positive
+
     parser.add_argument("inputs", nargs="+", metavar="RUN_OR_TABLE",
                         help="results.json files, run directories, compare/probe output directories")
     parser.add_argument("--out", required=True, help="output directory (report.md, report.html, PNGs)")
     parser.add_argument("--title", default="monossl report", help="page title")
     parser.add_argument("--patches", type=int, default=64, help="patches in the contact sheet (default 64; 0: none)")
-    parser.add_argument("--scale", type=int, default=4, help="enlargement of conv1 filter pixels (default 4)")
+    parser.add_argument("--scale", type=positive(), default=4, help="enlargement of conv1 filter pixels (default 4)")
 
 
 def run(args) -> int:
-    if args.patches < 0 or args.scale < 1:
-        raise UserError("--patches must be >= 0 and --scale >= 1")
+    if args.patches < 0:
+        raise UserError(f"--patches must be >= 0, got {args.patches}")
     result = build_report(args.inputs, args.out, args.title, args.patches, args.scale)
     print(f"wrote {Path(args.out) / 'report.md'} and report.html ({len(result['tables'])} table(s), "
           f"figures: {', '.join(result['figures']) or 'none'})")
