@@ -122,7 +122,10 @@ class FolderImages(ImageFolder):
     """A torchvision ImageFolder (root/<class>/<image>) with the monossl dataset interface."""
 
     def __init__(self, root, source: str = "", transform=None):
-        super().__init__(str(root), transform=transform if transform is not None else _ToFloat())
+        from monossl.data.sources import open_rgb
+
+        # open_rgb: a file Pillow cannot read is a one-line error naming it, not PIL's traceback
+        super().__init__(str(root), transform=transform if transform is not None else _ToFloat(), loader=open_rgb)
         self.source = source or str(root)
 
     @property
