@@ -159,22 +159,28 @@ def encode(arr: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _render_and_write(stream, folder: Path, idx, fmt: str, quality: int, pool=None) -> int:
+    from monossl.runs import write_bytes
+
     arrs = to_uint8(stream.batch(idx))
     jobs = [(folder / patch_name(int(i), fmt), arr) for i, arr in zip(idx, arrs)]
     if pool is None:
         for path, arr in jobs:
-            write_atomic_bytes(path, encode(arr, fmt, quality))
+            write_bytes(path, encode(arr, fmt, quality))
     else:
-        list(pool.map(lambda job: write_atomic_bytes(job[0], encode(job[1], fmt, quality)), jobs))
+        list(pool.map(lambda job: write_bytes(job[0], encode(job[1], fmt, quality)), jobs))
     return len(jobs)
+
+
+def remove_partial_files(folder: Path) -> set[str]:
+    """Delete the temporary files of writes that never finished; returns the names of the files left."""
+    left = set()
+    for entry in os.scandir(folder):
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            Path(entry.path).unlink(missing_ok=True)
+        else:
+            left.add(entry.name)
+    return left
 
 
 _WORKER = {}
@@ -216,10 +222,11 @@ def write_patch_files(stream, folder: Path, indices, fmt: str, quality: int = 95
                     progress.update(n)
             pool.close()
         except BaseException:
-            pool.terminate()  # files are complete or absent; a rerun finishes the job
-            raise
-        finally:
+            pool.terminate()  # files are complete or absent: the temporary files of killed workers go
             pool.join()
+            remove_partial_files(folder)
+            raise
+        pool.join()
         return done
     with ThreadPoolExecutor(max_workers=workers) as tpool:
         for idx in batches:
@@ -264,7 +271,7 @@ def _write_png(path: Path, sheet: np.ndarray) -> None:
 def _write_npy(stream, out: Path, count: int, size: int, batch_size: int, progress) -> None:
     from numpy.lib.format import open_memmap
 
-    from monossl.runs import write_json
+    from monossl.runs import write_json, writing
 
     final = out / "patches.npy"
     partial = out / ".patches.npy.partial"
@@ -293,7 +300,11 @@ def _write_npy(stream, out: Path, count: int, size: int, batch_size: int, progre
             arr = None
     if arr is None:
         done = 0
-        arr = open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        with writing(final, partial=partial):
+            arr = open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+            # reserve every block now: a memory-mapped write to a full disk is a SIGBUS, not an error
+            with open(partial, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
     if progress is not None:
         progress.update(done)
     for start in range(done, count, batch_size):
@@ -403,12 +414,7 @@ def run(args) -> int:
         else:
             folder = out / FILE_DIR
             folder.mkdir(parents=True, exist_ok=True)
-            existing = set()
-            for entry in os.scandir(folder):
-                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                    Path(entry.path).unlink(missing_ok=True)  # left by an interrupted run
-                else:
-                    existing.add(entry.name)
+            existing = remove_partial_files(folder)  # left by an interrupted run
             todo = [i for i in range(args.count) if patch_name(i, args.format) not in existing]
             bar.update(args.count - len(todo))
             write_patch_files(stream, folder, todo, args.format, args.quality,
