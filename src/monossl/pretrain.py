@@ -21,7 +21,7 @@ from monossl.device import resolve_device
 from monossl.distributed import is_main, setup, sync_batchnorm, world
 from monossl.errors import UserError
 from monossl.models import ARCHS, build_trunk, save_trunk
-from monossl.train import LoopConfig, train
+from monossl.train import LoopConfig, steps_per_epoch, train
 
 # method name -> (module, class). Each class has a `Config` dataclass of its hyper-parameters.
 METHODS = {
@@ -214,21 +214,16 @@ def run(args) -> int:
     if args.probe_every is not None:
         from monossl.eval.curves import CurveProbe
 
-        if args.probe_every <= 0:
-            raise UserError(f"--probe-every must be a positive number of steps, got {args.probe_every}")
         n_train, n_val = parse_sizes("--probe-split", args.probe_split)
         curves = CurveProbe(args.probe_data, trunk.arch, n_train, n_val, seed=args.seed, device=device)
-    runs.ensure_writable_dir(out)  # only now: bad input leaves no empty run directory behind
-
     batch_size = args.batch_size or DEFAULT_BATCH.get(args.method, 64)
+    spe = steps_per_epoch(source, batch_size)  # refuses a finite set smaller than one batch
     if args.epochs is not None:
-        if source.length is None:
+        if spe is None:
             raise UserError("--epochs needs a finite training set: give --num-patches or --data")
-        total_steps = args.epochs * (source.length // batch_size)
+        total_steps = args.epochs * spe
     else:
         total_steps = args.steps if args.steps is not None else DEFAULT_STEPS.get(args.method, 500)
-    if total_steps <= 0 or batch_size <= 0:
-        raise UserError("--steps/--epochs and --batch-size must be positive")
 
     known = {f.name for f in fields(cls.Config)}
     lr = args.lr if args.lr is not None else default_lr(args.method, trunk.arch)
@@ -245,8 +240,13 @@ def run(args) -> int:
     }
     if curves is not None:
         config["curves"] = {"every": args.probe_every, **curves.describe()}
+    # only now, with every option checked: bad input leaves no empty run directory behind
+    if is_main():
+        runs.lock_run_dir(out)  # torchrun's other processes share rank 0's run directory
+    else:
+        runs.ensure_writable_dir(out)
     if args.resume:
-        previous = json.loads((out / "config.json").read_text())
+        previous = runs.read_json(out / "config.json", "run configuration")
         as_json = functools.partial(json.dumps, default=str)  # compares tuples and lists alike
         # the device and the number of processes may change (a step is the same global batch in any
         # world size); keys an older version did not write are not compared

@@ -340,7 +340,7 @@ def _differences(a: dict, b: dict) -> list[str]:
 def run(args) -> int:
     from monossl.data import sources
     from monossl.data.patches import PatchStream, make_config
-    from monossl.runs import ensure_writable_dir, environment, write_json
+    from monossl.runs import ensure_writable_dir, environment, lock_run_dir, write_json
 
     t0 = time.time()
     # -- check everything before writing anything
@@ -396,7 +396,7 @@ def run(args) -> int:
     preview = Path(args.preview) if args.preview else None
     if preview is not None and preview.is_dir():
         raise UserError(f"--preview {preview} is a directory; give a .png file name")
-    ensure_writable_dir(out)
+    lock_run_dir(out)
     if preview is not None:
         ensure_writable_dir(preview.parent if str(preview.parent) else Path("."))
 

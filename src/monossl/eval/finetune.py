@@ -127,7 +127,7 @@ def run(args) -> int:
         write_results,
     )
     from monossl.models import load_trunk, save_trunk
-    from monossl.train import LoopConfig, train
+    from monossl.train import LoopConfig, steps_per_epoch, train
 
     # every option is checked before anything is written
     pretrained, source_meta = load_trunk(args.run_dir)
@@ -151,15 +151,8 @@ def run(args) -> int:
     size = args.image_size or (32 if pretrained.input_size <= 64 else 256)
     source = dataset_source(train_set, labelled=True, size=size, seed=args.seed)
     batch_size = args.batch_size or DEFAULT_BATCH
-    if args.epochs is not None:
-        total_steps = args.epochs * (source.length // batch_size)
-    else:
-        total_steps = args.steps or DEFAULT_STEPS
-    if total_steps <= 0:
-        raise UserError(f"--epochs {args.epochs} x {source.length // batch_size} batches of {batch_size} is no step; "
-                        f"lower --batch-size or use --steps")
-    if is_main():
-        runs.ensure_writable_dir(out)
+    spe = steps_per_epoch(source, batch_size)  # refuses a training set smaller than one batch
+    total_steps = args.epochs * spe if args.epochs is not None else args.steps or DEFAULT_STEPS
 
     trunk = reinitialised_trunk(pretrained, frozen, args.seed)
     if args.sync_bn and world()[1] > 1:
@@ -180,8 +173,13 @@ def run(args) -> int:
         "method_config": asdict(config), "seed": args.seed, "batch_size": batch_size, "total_steps": total_steps,
         "source": source.describe(), "protocol": protocol.to_dict(), "device": str(device),
     }
+    # only now, with every option checked: bad input leaves no empty run directory behind
+    if is_main():
+        runs.lock_run_dir(out)  # torchrun's other processes share rank 0's run directory
+    else:
+        runs.ensure_writable_dir(out)
     if args.resume:
-        previous = json.loads((out / "config.json").read_text())
+        previous = runs.read_json(out / "config.json", "fine-tuning configuration")
         changed = [k for k in settings if k != "device"
                    and json.dumps(previous.get(k), default=str) != json.dumps(settings[k], default=str)]
         if changed:

@@ -890,14 +890,14 @@ def run(args) -> int:
     check_trunk(trunk, protocol, where)
     protocol = protocol.with_overrides(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                        weight_decay=args.weight_decay)
-    if is_main():
-        ensure_writable_dir(out)
 
     train, test = load_pair(args.data, download=args.download)
     if args.subset:
         train = subset(train, args.subset, seed=args.seed)
     if args.test_subset:
         test = subset(test, args.test_subset, seed=args.seed)
+    if is_main():
+        ensure_writable_dir(out)  # only now: bad input leaves no empty directory behind
     run_probe(trunk, train, test, protocol, device=device, seed=args.seed, out_dir=out, progress=not args.quiet,
               meta=meta, dataset=args.data, workers=args.workers)
     return 0

@@ -66,13 +66,13 @@ def run(args) -> int:
     if unknown or not rows:
         raise UserError(f"--rows: unknown row(s) {unknown}; choose from {', '.join(ROWS)}")
     image = args.image or f"builtin:{DEFAULT_IMAGE}"
-    out = runs.ensure_writable_dir(args.out)
     train_set, test_set = load_pair(args.data)
     if args.subset:
         train_set = subset(train_set, args.subset, seed=args.seed)
     if args.test_subset:
         test_set = subset(test_set, args.test_subset, seed=args.seed)
     protocol = get_protocol("cifar").with_overrides(epochs=args.probe_epochs)
+    out = runs.lock_run_dir(args.out)  # only now: bad input leaves no empty directory behind
     trunk_options = (["--widths", args.widths] if args.widths else []) + \
         (["--conv1-kernel", str(args.conv1_kernel)] if args.conv1_kernel else [])
     common = ["--seed", str(args.seed), "--device", args.device, *trunk_options] + (["--quiet"] if args.quiet else [])

@@ -174,7 +174,7 @@ def run(args) -> int:
     from monossl.eval import finetune
 
     s = settings(args)
-    out = runs.ensure_writable_dir(args.out or f"runs/reproduce-{EXPERIMENT}-{s['budget']}")
+    out = runs.lock_run_dir(args.out or f"runs/reproduce-{EXPERIMENT}-{s['budget']}")
     from monossl.experiments.reproduce import _check_same_settings
 
     _check_same_settings(out, s)

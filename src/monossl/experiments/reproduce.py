@@ -207,14 +207,15 @@ def run(args) -> int:
 
         return finetune_table.run(args)
     s = settings(args)
-    out = runs.ensure_writable_dir(args.out or f"runs/reproduce-{s['method']}-{args.budget}")
-    _check_same_settings(out, s)
     train_set, test_set = load_pair(s["data"])
     if s["probe_subset"]:
         train_set = subset(train_set, s["probe_subset"], seed=s["seed"])
     if s["probe_test_subset"]:
         test_set = subset(test_set, s["probe_test_subset"], seed=s["seed"])
     protocol = get_protocol("cifar").with_overrides(epochs=s["probe_epochs"])
+    # only now: bad input leaves no empty directory behind
+    out = runs.lock_run_dir(args.out or f"runs/reproduce-{s['method']}-{args.budget}")
+    _check_same_settings(out, s)
     print(f"reproduce {s['experiment']}: --method {s['method']}, budget {s['budget']} ({BUDGETS[s['budget']].note}); "
           f"{len(s['rows'])} rows -> {out}")
 
