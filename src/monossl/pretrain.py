@@ -195,6 +195,8 @@ def run(args) -> int:
     cls = method_class(args.method)
     device = setup(resolve_device(args.device))  # joins torchrun's process group, if any
     out = Path(args.out)
+    if out.is_dir() and is_main():
+        runs.lock_run_dir(out)  # a run directory in use is refused at once, naming the process that has it
     if (out / "last.pt").exists() and not args.resume:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if args.resume and not (out / "config.json").exists():

@@ -138,6 +138,8 @@ def run(args) -> int:
     protocol = protocol.with_overrides(epochs=args.probe_epochs)
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else (run_dir if run_dir.is_dir() else run_dir.parent) / f"finetune-{'-'.join(frozen)}"
+    if out.is_dir() and is_main():
+        runs.lock_run_dir(out)  # a run directory in use is refused at once, naming the process that has it
     if (out / "last.pt").exists() and not args.resume:
         raise UserError(f"{out} already holds a fine-tuning run; pass --resume to continue it or choose another --out")
     if args.resume and not (out / "config.json").exists():
