@@ -16,8 +16,8 @@ Everything read back from a run directory goes through `load_torch` / `read_json
 are loaded with `weights_only=True` (a run directory may come from anyone: nothing read from it
 may run code), and a corrupt or truncated file is a one-line error naming it.
 
-`lock_run_dir` claims a run directory for the life of the process (`RUN/.lock`, flock), so two
-commands never write into one run at the same time.
+`lock_run_dir` claims a run directory while a command runs (`RUN/.lock`, flock), so two commands
+never write into one run at the same time.
 """
 
 from __future__ import annotations
