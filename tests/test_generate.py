@@ -193,7 +193,7 @@ def _bad_inputs(tmp_path):
         (["--set", "nonsense=1"], "unknown patch parameter"),
         (["--set", "rotation_degrees=abc"], "expected float"),
         (["--count", "-5"], "--count must be >= 0"),
-        (["--size", "0"], "size must be a positive integer"),
+        (["--size", "0"], "argument --size: must be positive"),
         (["--preset", "everything"], "unknown preset"),
         (["--image", "builtin:nosuch"], "valid names"),
         (["--out", str(blocker / "sub")], "cannot write to output directory"),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import shlex
 import sys
 
 from monossl import __version__
@@ -29,6 +31,23 @@ COMMANDS = {
     "stylize": ("monossl.viz.style", "Gatys style transfer with a trunk, or several side by side (--compare)"),
     "report": ("monossl.viz.report", "one Markdown + self-contained HTML page of results tables and figures"),
 }
+
+
+def positive(kind=int):
+    """The argparse type of every count, size and rate option: a number > 0 (finite), else a
+    one-line error. Zero is refused, never read as "the default"."""
+    noun = "integer" if kind is int else "number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {noun}, got {text!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,17 +74,27 @@ def main(argv=None) -> int:
     commands = COMMANDS
     if argv and argv[0] in COMMANDS:
         commands = {argv[0]: COMMANDS[argv[0]]}
+    args = None
     try:
         args = build_parser(commands).parse_args(argv)
         result = args._run(args)
         return int(result or 0)
     except UserError as exc:
-        print(f"monossl: error: {exc}", file=sys.stderr)
+        # raised in a DataLoader worker, it comes back with the worker's traceback as its message
+        # (torch's ExceptionWrapper): the user's line is the last one
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        print(f"monossl: error: {message.removeprefix(f'{UserError.__module__}.UserError: ')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("monossl: interrupted (rerun the same command to resume)", file=sys.stderr)
+        command = ["monossl", *argv]
+        if getattr(args, "resume", None) is False:  # this command refuses to continue a run without --resume
+            command.append("--resume")
+        print(f"monossl: interrupted; to resume, run: {shlex.join(command)}", file=sys.stderr)
         return 130
     finally:
+        runs = sys.modules.get("monossl.runs")  # not imported: no run directory was claimed
+        if runs is not None:
+            runs.unlock_run_dirs()  # a Python session that ran a command must not keep its runs locked
         dist = sys.modules.get("torch.distributed")  # not imported: nothing to leave (and no torch start-up)
         if dist is not None and dist.is_available() and dist.is_initialized():  # under torchrun
             dist.destroy_process_group()

@@ -21,7 +21,7 @@ from monossl.device import resolve_device
 from monossl.distributed import is_main, setup, sync_batchnorm, world
 from monossl.errors import UserError
 from monossl.models import ARCHS, build_trunk, save_trunk
-from monossl.train import LoopConfig, train
+from monossl.train import LoopConfig, steps_per_epoch, train
 
 # method name -> (module, class). Each class has a `Config` dataclass of its hyper-parameters.
 METHODS = {
@@ -63,10 +63,12 @@ def method_class(name: str):
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from monossl.cli import positive
+
     p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
     p.add_argument("--out", required=True, help="run directory (created; rerun with --resume to continue)")
     p.add_argument("--arch", default="cifar", help=f"trunk: {', '.join(ARCHS)} (default cifar)")
-    p.add_argument("--conv1-kernel", type=int, default=None, help="CIFAR trunk: conv1 kernel size")
+    p.add_argument("--conv1-kernel", type=positive(), default=None, help="CIFAR trunk: conv1 kernel size")
     p.add_argument("--widths", default=None, help="CIFAR trunk: channels of conv1..conv4, e.g. 64,128,256,512")
     p.add_argument("--sobel", action=argparse.BooleanOptionalAction, default=None,
                    help="fixed Sobel front-end (greyscale + gradients); default on for deepcluster, off otherwise")
@@ -75,19 +77,19 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="all", help="augmentation preset of the patch stream (default all)")
     p.add_argument("--patch", action="append", default=[], metavar="KEY=VALUE",
                    help="override a patch-stream parameter, e.g. --patch rotation_degrees=10")
-    p.add_argument("--patch-size", type=int, default=None, help="patch side S (default 32 for cifar, 256 for AlexNet)")
+    p.add_argument("--patch-size", type=positive(), default=None, help="patch side S (default 32 for cifar, 256 for AlexNet)")
     p.add_argument("--patch-device", default=None, help="where to make patches: cpu or cuda (default: --device)")
-    p.add_argument("--num-patches", type=int, default=None,
+    p.add_argument("--num-patches", type=positive(), default=None,
                    help="use the stream's first N patches as a fixed training set (epochs); default: unlimited "
                         "(DeepCluster: 32768)")
     p.add_argument("--data", default=None, help="dataset: cifar10, cifar10:PATH or folder:PATH")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default depends on the method)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs over a finite set (instead of --steps)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step (RotNet: x4 samples)")
-    p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the method's)")
+    p.add_argument("--steps", type=positive(), default=None, help="training steps (default depends on the method)")
+    p.add_argument("--epochs", type=positive(), default=None, help="training epochs over a finite set (instead of --steps)")
+    p.add_argument("--batch-size", type=positive(), default=None, help="images per step (RotNet: x4 samples)")
+    p.add_argument("--lr", type=positive(float), default=None, help="base learning rate (default: the method's)")
     p.add_argument("--crop-scale", default=None, metavar="MIN,MAX",
                    help="area range of the method's own random-resized crop (default: the method's)")
-    p.add_argument("--clusters", type=int, default=None, help="DeepCluster: k (default scaled to the set size)")
+    p.add_argument("--clusters", type=positive(), default=None, help="DeepCluster: k (default scaled to the set size)")
     p.add_argument("--whiten-conv1", action=argparse.BooleanOptionalAction, default=False,
                    help="train conv1 in the whitened space of the training data's own patches (W = U Z, Z the ZCA "
                         "matrix of its first patches/images; folded into a plain trunk at the end: docs/one_image.md)")
@@ -96,13 +98,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BatchNorm over the global batch instead of each process's part")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--probe-every", type=int, default=None, metavar="N",
+    p.add_argument("--probe-every", type=positive(), default=None, metavar="N",
                    help="every N steps (and at steps 0 and the last), probe every tap on a validation split of "
                         "--probe-data's training images; logged in metrics.jsonl, drawn in learning_curves.png")
     p.add_argument("--probe-data", default="cifar10", help="labelled dataset of the --probe-every curves (default cifar10)")
     p.add_argument("--probe-split", default="5000,1000", metavar="TRAIN,VAL",
                    help="sizes of the curves' class-balanced train/validation parts (default 5000,1000)")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stop-after", type=positive(), default=None, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -196,6 +198,8 @@ def run(args) -> int:
     cls = method_class(args.method)
     device = setup(resolve_device(args.device))  # joins torchrun's process group, if any
     out = Path(args.out)
+    if out.is_dir() and is_main():
+        runs.lock_run_dir(out)  # a run directory in use is refused at once, naming the process that has it
     if (out / "last.pt").exists() and not args.resume:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if args.resume and not (out / "config.json").exists():
@@ -215,21 +219,16 @@ def run(args) -> int:
     if args.probe_every is not None:
         from monossl.eval.curves import CurveProbe
 
-        if args.probe_every <= 0:
-            raise UserError(f"--probe-every must be a positive number of steps, got {args.probe_every}")
         n_train, n_val = parse_sizes("--probe-split", args.probe_split)
         curves = CurveProbe(args.probe_data, trunk.arch, n_train, n_val, seed=args.seed, device=device)
-    runs.ensure_writable_dir(out)  # only now: bad input leaves no empty run directory behind
-
     batch_size = args.batch_size or DEFAULT_BATCH.get(args.method, 64)
+    spe = steps_per_epoch(source, batch_size)  # refuses a finite set smaller than one batch
     if args.epochs is not None:
-        if source.length is None:
+        if spe is None:
             raise UserError("--epochs needs a finite training set: give --num-patches or --data")
-        total_steps = args.epochs * (source.length // batch_size)
+        total_steps = args.epochs * spe
     else:
         total_steps = args.steps if args.steps is not None else DEFAULT_STEPS.get(args.method, 500)
-    if total_steps <= 0 or batch_size <= 0:
-        raise UserError("--steps/--epochs and --batch-size must be positive")
 
     if args.whiten_conv1:
         from monossl.models import whitening
@@ -253,8 +252,13 @@ def run(args) -> int:
     }
     if curves is not None:
         config["curves"] = {"every": args.probe_every, **curves.describe()}
+    # only now, with every option checked: bad input leaves no empty run directory behind
+    if is_main():
+        runs.lock_run_dir(out)  # torchrun's other processes share rank 0's run directory
+    else:
+        runs.ensure_writable_dir(out)
     if args.resume:
-        previous = json.loads((out / "config.json").read_text())
+        previous = runs.read_json(out / "config.json", "run configuration")
         as_json = functools.partial(json.dumps, default=str)  # compares tuples and lists alike
         # the device and the number of processes may change (a step is the same global batch in any
         # world size); keys an older version did not write are not compared

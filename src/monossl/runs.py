@@ -9,24 +9,64 @@ A run directory holds everything one run made:
     results.json / results.md   what an evaluation produced
 
 Every write goes to a temporary name in the same folder and is renamed into place,
-so a crash never leaves a half-written file behind.
+so a crash never leaves a half-written file behind; a full disk is a one-line error naming the
+file, with the half-written file removed (`writing`).
+
+Everything read back from a run directory goes through `load_torch` / `read_json`: checkpoints
+are loaded with `weights_only=True` (a run directory may come from anyone: nothing read from it
+may run code), and a corrupt or truncated file is a one-line error naming it.
+
+`lock_run_dir` claims a run directory while a command runs (`RUN/.lock`, flock), so two commands
+never write into one run at the same time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import fcntl
 import json
 import os
 import platform
+import re
 import tempfile
 from pathlib import Path
 
-from monossl.errors import UserError
+from monossl.errors import UserError, first_line
 
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(exc: BaseException | None) -> int | None:
+    """The errno if `exc` (or an exception it was raised from) is a full disk or quota, else None.
+    torch.save reports a failed write as a RuntimeError raised while handling the OSError."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return exc.errno
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def writing(path, partial=None):
+    """Turn a full disk inside the block into a one-line UserError naming `path`, after removing
+    `partial` (the half-written file, if any); every other error passes through."""
+    try:
+        yield
+    except Exception as exc:
+        code = _disk_full(exc)
+        if code is None:
+            raise
+        if partial is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+        raise UserError(f"{os.strerror(code).lower()} writing {path}") from None
 
 
 @contextlib.contextmanager
@@ -34,16 +74,23 @@ def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are meant to be shared
     try:
-        yield Path(tmp)
+        with writing(path):
+            yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_bytes(path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_text(path, text: str) -> None:
@@ -58,8 +105,50 @@ def write_json(path, obj) -> None:
 def save_torch(path, obj) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)  # through a Python file, so that a full disk surfaces as its OSError
+
+
+def load_torch(path, what: str = "checkpoint"):
+    """A `torch.save`d file, loaded without running code from it (weights_only=True: tensors and
+    plain values only). A missing, corrupt, truncated or code-carrying file is a one-line UserError
+    that says what the file is not (torch's own text suggests weights_only=False: never shown)."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no {what} at {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not a {what} file") from None
+    except PermissionError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except pickle.UnpicklingError as exc:
+        # weights_only refused it: either it names something to call (code), or it is no pickle at all
+        called = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if called:
+            raise UserError(f"{path} is not a plain {what}: it would call {called.group(1)} when loaded "
+                            f"(only tensors and plain values are read from a run directory)") from None
+        raise UserError(f"{path} is not a readable {what} (truncated or corrupt)") from None
+    except Exception:  # torch raises many types, none of them telling, for a corrupt or truncated file
+        raise UserError(f"{path} is not a readable {what} (truncated or corrupt)") from None
+
+
+def read_json(path, what: str = "file"):
+    """A JSON object written by `write_json`; a corrupt or truncated file is a one-line UserError."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no {what} at {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not a readable {what}: {first_line(exc)}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is not a readable {what}: it holds a JSON {type(obj).__name__}, not an object")
+    return obj
 
 
 def _json_default(obj):
@@ -74,7 +163,7 @@ def _json_default(obj):
 
 def append_jsonl(path, record: dict) -> None:
     """Append one line; a line is written with one call so a crash can cut at most that line."""
-    with open(path, "a") as f:
+    with writing(path), open(path, "a") as f:
         f.write(json.dumps(record, default=_json_default) + "\n")
 
 
@@ -111,6 +200,42 @@ def ensure_writable_dir(path) -> Path:
     except OSError as exc:
         raise UserError(f"cannot write to output directory {path}: {exc.strerror or exc}") from None
     return path
+
+
+_LOCKS: dict[str, int] = {}  # run directory -> open .lock file descriptor
+
+
+def lock_run_dir(path) -> Path:
+    """Create the run directory `path` (as `ensure_writable_dir`) and claim it for this process,
+    until `unlock_run_dirs()` (the CLI calls it when a command ends) or the process exits.
+
+    `path/.lock` is locked with flock and holds the owner's pid. The kernel drops the lock when its
+    process ends, however it ends, so a lock file left by a killed run never blocks a resume; while
+    the owner lives, any other process is refused with a one-line error naming it. Claiming a
+    directory this process already holds is a no-op (a command that runs another in-process)."""
+    path = ensure_writable_dir(path)
+    key = str(path.resolve())
+    if key in _LOCKS:
+        return path
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"{path} is in use by another monossl process (pid {owner}); "
+                        "wait for it to finish or choose another --out") from None
+    with writing(path / ".lock"):
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCKS[key] = fd
+    return path
+
+
+def unlock_run_dirs() -> None:
+    """Release every run directory this process claimed."""
+    while _LOCKS:
+        os.close(_LOCKS.popitem()[1])  # closing the last descriptor releases the flock
 
 
 def environment() -> dict:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from monossl import runs
 from monossl.device import autocast, memory_format
 from monossl.distributed import all_mean, is_main, world
-from monossl.errors import UserError
+from monossl.errors import UserError, first_line
 
 
 @dataclass
@@ -72,8 +72,13 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
     start_step, order = 0, None
     ckpt_path = run_dir / "last.pt"
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        method.load_training_state(ckpt["training"])
+        ckpt = runs.load_torch(ckpt_path, "training checkpoint")
+        if not isinstance(ckpt, dict) or not {"step", "training"} <= ckpt.keys():
+            raise UserError(f"{ckpt_path} is not a monossl training checkpoint (no step and training state)")
+        try:
+            method.load_training_state(ckpt["training"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # another method's or model's state
+            raise UserError(f"{ckpt_path} does not fit this run ({first_line(exc)})") from None
         method.to(device)
         start_step, order = ckpt["step"], ckpt.get("order")
         if is_main():

@@ -70,16 +70,11 @@ class TensorSource:
 def load_square(path, size: int) -> torch.Tensor:
     """One image file -> uint8 (3, size, size): short side resized to `size` (bilinear, antialiased),
     then the centre crop. Deterministic: the same file always gives the same tensor."""
-    from PIL import Image
     from torchvision.transforms.v2 import functional as TF
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-                        ) from None
-    im = TF.center_crop(TF.resize(im, size, antialias=True), size)
+    from monossl.data.sources import open_rgb
+
+    im = TF.center_crop(TF.resize(open_rgb(path), size, antialias=True), size)
     return TF.pil_to_tensor(im)
 
 

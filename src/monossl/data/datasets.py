@@ -122,7 +122,10 @@ class FolderImages(ImageFolder):
     """A torchvision ImageFolder (root/<class>/<image>) with the monossl dataset interface."""
 
     def __init__(self, root, source: str = "", transform=None):
-        super().__init__(str(root), transform=transform if transform is not None else _ToFloat())
+        from monossl.data.sources import open_rgb
+
+        # open_rgb: a file Pillow cannot read is a one-line error naming it, not PIL's traceback
+        super().__init__(str(root), transform=transform if transform is not None else _ToFloat(), loader=open_rgb)
         self.source = source or str(root)
 
     @property
@@ -347,10 +350,34 @@ def _load_cifar_split(fmt: str, where: Path, split: str) -> TensorImages:
     return _to_tensor_images(x, y, classes, f"cifar10:{where}", hwc=True)
 
 
+class _NotAllowed(pickle.UnpicklingError):
+    """A global the CIFAR-10 pickle format never needs; the message is its dotted name."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the cifar-10-batches-py format holds: dicts, lists, strings, bytes, ints
+    and numpy arrays. A pickle may call any global it names; these ones only rebuild data."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),  # numpy 1 / 2
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # arrays, protocol 5
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes pickled with protocol 2 by Python 3
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise _NotAllowed(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _read_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except _NotAllowed as exc:
+        raise UserError(f"{path}: not a CIFAR-10 pickle: it would call {exc} when loaded "
+                        "(only arrays, bytes, lists, dicts, strings and ints are read)") from None
     except Exception as exc:
         raise UserError(f"{path}: not a readable CIFAR-10 pickle ({type(exc).__name__})") from None
     if not isinstance(obj, dict):

@@ -73,7 +73,7 @@ def _parse_value(key: str, text: str, default):
                 raise ValueError
             return tuple(_number(p) for p in parts)
         return text
-    except ValueError:
+    except (ValueError, ZeroDivisionError):  # ZeroDivisionError: a fraction such as 1/0
         kind = type(default).__name__ if not isinstance(default, tuple) else "two numbers min,max"
         raise UserError(f"--set {key}={text}: expected {kind}") from None
 
@@ -106,6 +106,7 @@ def parse_overrides(items) -> dict:
 
 
 def configure(parser) -> None:
+    from monossl.cli import positive
     from monossl.data.patches import PRESETS
 
     parser.add_argument("--image", action="append", metavar="SPEC",
@@ -114,7 +115,7 @@ def configure(parser) -> None:
                              "Default: builtin:astronaut")
     parser.add_argument("--preset", default="all",
                         help=f"augmentation preset: {', '.join(PRESETS)} (default: all, the paper's)")
-    parser.add_argument("--size", type=int, default=32, help="patch side S in pixels (default 32)")
+    parser.add_argument("--size", type=positive(), default=32, help="patch side S in pixels (default 32)")
     parser.add_argument("--count", type=int, default=1000, help="number of patches (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="patch i depends only on (seed, i)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -128,7 +129,7 @@ def configure(parser) -> None:
                         help="override any patch parameter, e.g. rotation_degrees=10, "
                              "area_range=0.01,1, scale=false, jitter_prob=0.8 (repeatable)")
     parser.add_argument("--preview", metavar="PNG", help="also write a contact sheet of the first patches")
-    parser.add_argument("--batch-size", type=int, default=256, help="patches rendered per batch")
+    parser.add_argument("--batch-size", type=positive(), default=256, help="patches rendered per batch")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default: bit-reproducible files), cuda or auto")
     parser.add_argument("--workers", type=int, default=0,
@@ -158,22 +159,28 @@ def encode(arr: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _render_and_write(stream, folder: Path, idx, fmt: str, quality: int, pool=None) -> int:
+    from monossl.runs import write_bytes
+
     arrs = to_uint8(stream.batch(idx))
     jobs = [(folder / patch_name(int(i), fmt), arr) for i, arr in zip(idx, arrs)]
     if pool is None:
         for path, arr in jobs:
-            write_atomic_bytes(path, encode(arr, fmt, quality))
+            write_bytes(path, encode(arr, fmt, quality))
     else:
-        list(pool.map(lambda job: write_atomic_bytes(job[0], encode(job[1], fmt, quality)), jobs))
+        list(pool.map(lambda job: write_bytes(job[0], encode(job[1], fmt, quality)), jobs))
     return len(jobs)
+
+
+def remove_partial_files(folder: Path) -> set[str]:
+    """Delete the temporary files of writes that never finished; returns the names of the files left."""
+    left = set()
+    for entry in os.scandir(folder):
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            Path(entry.path).unlink(missing_ok=True)
+        else:
+            left.add(entry.name)
+    return left
 
 
 _WORKER = {}
@@ -215,10 +222,11 @@ def write_patch_files(stream, folder: Path, indices, fmt: str, quality: int = 95
                     progress.update(n)
             pool.close()
         except BaseException:
-            pool.terminate()  # files are complete or absent; a rerun finishes the job
-            raise
-        finally:
+            pool.terminate()  # files are complete or absent: the temporary files of killed workers go
             pool.join()
+            remove_partial_files(folder)
+            raise
+        pool.join()
         return done
     with ThreadPoolExecutor(max_workers=workers) as tpool:
         for idx in batches:
@@ -263,7 +271,7 @@ def _write_png(path: Path, sheet: np.ndarray) -> None:
 def _write_npy(stream, out: Path, count: int, size: int, batch_size: int, progress) -> None:
     from numpy.lib.format import open_memmap
 
-    from monossl.runs import write_json
+    from monossl.runs import write_json, writing
 
     final = out / "patches.npy"
     partial = out / ".patches.npy.partial"
@@ -292,7 +300,11 @@ def _write_npy(stream, out: Path, count: int, size: int, batch_size: int, progre
             arr = None
     if arr is None:
         done = 0
-        arr = open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        with writing(final, partial=partial):
+            arr = open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+            # reserve every block now: a memory-mapped write to a full disk is a SIGBUS, not an error
+            with open(partial, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
     if progress is not None:
         progress.update(done)
     for start in range(done, count, batch_size):
@@ -328,14 +340,12 @@ def _differences(a: dict, b: dict) -> list[str]:
 def run(args) -> int:
     from monossl.data import sources
     from monossl.data.patches import PatchStream, make_config
-    from monossl.runs import ensure_writable_dir, environment, write_json
+    from monossl.runs import ensure_writable_dir, environment, lock_run_dir, write_json
 
     t0 = time.time()
     # -- check everything before writing anything
     if args.count < 0:
         raise UserError(f"--count must be >= 0, not {args.count}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, not {args.batch_size}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, not {args.seed}")
     if not 1 <= args.quality <= 100:
@@ -386,7 +396,7 @@ def run(args) -> int:
     preview = Path(args.preview) if args.preview else None
     if preview is not None and preview.is_dir():
         raise UserError(f"--preview {preview} is a directory; give a .png file name")
-    ensure_writable_dir(out)
+    lock_run_dir(out)
     if preview is not None:
         ensure_writable_dir(preview.parent if str(preview.parent) else Path("."))
 
@@ -404,12 +414,7 @@ def run(args) -> int:
         else:
             folder = out / FILE_DIR
             folder.mkdir(parents=True, exist_ok=True)
-            existing = set()
-            for entry in os.scandir(folder):
-                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                    Path(entry.path).unlink(missing_ok=True)  # left by an interrupted run
-                else:
-                    existing.add(entry.name)
+            existing = remove_partial_files(folder)  # left by an interrupted run
             todo = [i for i in range(args.count) if patch_name(i, args.format) not in existing]
             bar.update(args.count - len(todo))
             write_patch_files(stream, folder, todo, args.format, args.quality,

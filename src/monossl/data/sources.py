@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monossl.errors import UserError
+from monossl.errors import UserError, first_line
 
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_IMAGE = "astronaut"
@@ -135,14 +135,27 @@ def _open_fully(path: Path):
         img = Image.open(path)
     except UnidentifiedImageError:
         raise UserError(f"{path} is not an image Pillow can read") from None
+    except Image.DecompressionBombError as exc:  # its header declares more pixels than Pillow decodes
+        raise UserError(f"{path} is too large to decode: {first_line(exc)}") from None
     except OSError as exc:
         raise UserError(f"cannot open image {path}: {exc.strerror or exc}") from None
     try:
         img.load()  # force the full decode: truncated files fail here, not later
     except (OSError, SyntaxError, ValueError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path} is truncated or corrupt: {msg}") from None
+        raise UserError(f"{path} is truncated or corrupt: {first_line(exc)}") from None
     return img
+
+
+def open_rgb(path):
+    """One image file of a dataset as an RGB PIL image (as torchvision's loader gives it); a file
+    Pillow cannot read, or will not decode for its size, is a one-line UserError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UserError(f"{path}: not a readable image ({first_line(exc)})") from None
 
 
 def pil_to_tensor(img) -> torch.Tensor:
@@ -201,10 +214,14 @@ def load_images(specs) -> list[torch.Tensor]:
 
 
 def split_specs(values) -> list[str]:
-    """`--image a.png --image b.png,builtin:coffee` -> ['a.png', 'b.png', 'builtin:coffee']."""
+    """`--image a.png --image b.png,builtin:coffee` -> ['a.png', 'b.png', 'builtin:coffee'].
+    A value naming a file as given is one image, even with a comma in its name."""
     out = []
     for value in values or []:
-        out.extend(part.strip() for part in str(value).split(",") if part.strip())
+        if os.path.exists(value):
+            out.append(str(value))
+        else:
+            out.extend(part.strip() for part in str(value).split(",") if part.strip())
     return out
 
 

@@ -79,6 +79,7 @@ def reinitialised_trunk(pretrained, frozen: list[str], seed: int):
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from monossl.cli import positive
     from monossl.data.datasets import SPEC_HELP
     from monossl.eval.probes import PROTOCOLS
 
@@ -87,29 +88,29 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="comma-separated layers kept as pretrained (weights and BatchNorm statistics); default conv1,conv2")
     p.add_argument("--data", required=True, help=f"labelled dataset to fine-tune and probe on: {SPEC_HELP}")
     p.add_argument("--out", default=None, help="output directory (default RUN/finetune-<layers>)")
-    p.add_argument("--steps", type=int, default=None, help=f"fine-tuning steps (default {DEFAULT_STEPS})")
-    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs over --data's training images "
+    p.add_argument("--steps", type=positive(), default=None, help=f"fine-tuning steps (default {DEFAULT_STEPS})")
+    p.add_argument("--epochs", type=positive(), default=None, help="fine-tuning epochs over --data's training images "
                    "(instead of --steps)")
-    p.add_argument("--batch-size", type=int, default=None, help=f"images per step (default {DEFAULT_BATCH})")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--batch-size", type=positive(), default=None, help=f"images per step (default {DEFAULT_BATCH})")
+    p.add_argument("--lr", type=positive(float), default=None,
                    help=f"base learning rate (default {SupervisedConfig.lr}; AlexNet 0.01)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=positive(), default=None,
                    help="folder images are read at S x S before the random-resized crop (default 256 for AlexNet, "
                         "32 for the cifar trunk)")
     p.add_argument("--seed", type=int, default=0, help="seed of the re-initialised layers, the batches and the probes")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
                    help="probe protocol (default: the trunk's: asano-max for AlexNets, cifar for the cifar trunk)")
-    p.add_argument("--probe-epochs", type=int, default=None, help="probe epochs (default: the protocol's)")
-    p.add_argument("--subset", type=int, default=None, metavar="N",
+    p.add_argument("--probe-epochs", type=positive(), default=None, help="probe epochs (default: the protocol's)")
+    p.add_argument("--subset", type=positive(), default=None, metavar="N",
                    help="fine-tune and probe on a class-balanced subset of N training images")
-    p.add_argument("--test-subset", type=int, default=None, metavar="N",
+    p.add_argument("--test-subset", type=positive(), default=None, metavar="N",
                    help="evaluate the probes on a class-balanced subset of N test images")
     p.add_argument("--workers", type=int, default=None, help="data-loading processes of the probes")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BatchNorm of the trained layers over the global batch")
     p.add_argument("--resume", action="store_true", help="continue the fine-tuning in OUT from its last checkpoint")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stop-after", type=positive(), default=None, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -126,7 +127,7 @@ def run(args) -> int:
         write_results,
     )
     from monossl.models import load_trunk, save_trunk
-    from monossl.train import LoopConfig, train
+    from monossl.train import LoopConfig, steps_per_epoch, train
 
     # every option is checked before anything is written
     pretrained, source_meta = load_trunk(args.run_dir)
@@ -135,14 +136,10 @@ def run(args) -> int:
     protocol = get_protocol(args.protocol or DEFAULT_PROTOCOL.get(pretrained.arch, "cifar"))
     check_trunk(pretrained, protocol, str(args.run_dir))
     protocol = protocol.with_overrides(epochs=args.probe_epochs)
-    for option in ("steps", "epochs", "batch_size", "image_size", "subset", "test_subset"):
-        value = getattr(args, option)
-        if value is not None and value <= 0:
-            raise UserError(f"--{option.replace('_', '-')} must be positive, got {value}")
-    if args.lr is not None and not args.lr > 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else (run_dir if run_dir.is_dir() else run_dir.parent) / f"finetune-{'-'.join(frozen)}"
+    if out.is_dir() and is_main():
+        runs.lock_run_dir(out)  # a run directory in use is refused at once, naming the process that has it
     if (out / "last.pt").exists() and not args.resume:
         raise UserError(f"{out} already holds a fine-tuning run; pass --resume to continue it or choose another --out")
     if args.resume and not (out / "config.json").exists():
@@ -156,15 +153,8 @@ def run(args) -> int:
     size = args.image_size or (32 if pretrained.input_size <= 64 else 256)
     source = dataset_source(train_set, labelled=True, size=size, seed=args.seed)
     batch_size = args.batch_size or DEFAULT_BATCH
-    if args.epochs is not None:
-        total_steps = args.epochs * (source.length // batch_size)
-    else:
-        total_steps = args.steps or DEFAULT_STEPS
-    if total_steps <= 0:
-        raise UserError(f"--epochs {args.epochs} x {source.length // batch_size} batches of {batch_size} is no step; "
-                        f"lower --batch-size or use --steps")
-    if is_main():
-        runs.ensure_writable_dir(out)
+    spe = steps_per_epoch(source, batch_size)  # refuses a training set smaller than one batch
+    total_steps = args.epochs * spe if args.epochs is not None else args.steps or DEFAULT_STEPS
 
     trunk = reinitialised_trunk(pretrained, frozen, args.seed)
     if args.sync_bn and world()[1] > 1:
@@ -185,8 +175,13 @@ def run(args) -> int:
         "method_config": asdict(config), "seed": args.seed, "batch_size": batch_size, "total_steps": total_steps,
         "source": source.describe(), "protocol": protocol.to_dict(), "device": str(device),
     }
+    # only now, with every option checked: bad input leaves no empty run directory behind
+    if is_main():
+        runs.lock_run_dir(out)  # torchrun's other processes share rank 0's run directory
+    else:
+        runs.ensure_writable_dir(out)
     if args.resume:
-        previous = json.loads((out / "config.json").read_text())
+        previous = runs.read_json(out / "config.json", "fine-tuning configuration")
         changed = [k for k in settings if k != "device"
                    and json.dumps(previous.get(k), default=str) != json.dumps(settings[k], default=str)]
         if changed:

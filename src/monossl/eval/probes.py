@@ -825,6 +825,7 @@ def write_results(out_dir, result: dict) -> None:
 
 
 def configure(parser) -> None:
+    from monossl.cli import positive
     from monossl.data.datasets import SPEC_HELP
 
     parser.add_argument("run_dir", nargs="?", help="a run directory (its trunk.pt) or a trunk checkpoint file")
@@ -832,18 +833,18 @@ def configure(parser) -> None:
     parser.add_argument("--arch", default=None, help="trunk architecture: for --random (default: the protocol's), "
                         "or the architecture RUN_DIR must hold")
     parser.add_argument("--widths", default=None, help="--random cifar trunk: channels of conv1..conv4")
-    parser.add_argument("--conv1-kernel", type=int, default=None, help="--random cifar trunk: conv1 kernel size")
+    parser.add_argument("--conv1-kernel", type=positive(), default=None, help="--random cifar trunk: conv1 kernel size")
     parser.add_argument("--data", default="cifar10", help=f"labelled dataset: {SPEC_HELP} (default: cifar10)")
     parser.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
                         help="probe protocol (default: cifar for the cifar trunk, asano-max for AlexNets)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (milestones scale)")
-    parser.add_argument("--lr", type=float, default=None, help="override the protocol's learning rate")
-    parser.add_argument("--batch-size", type=int, default=None, help="override the protocol's batch size")
+    parser.add_argument("--epochs", type=positive(), default=None, help="override the protocol's epochs (milestones scale)")
+    parser.add_argument("--lr", type=positive(float), default=None, help="override the protocol's learning rate")
+    parser.add_argument("--batch-size", type=positive(), default=None, help="override the protocol's batch size")
     parser.add_argument("--weight-decay", type=float, default=None, help="override the protocol's weight decay")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probes (and of the --random trunk)")
-    parser.add_argument("--subset", type=int, default=None, metavar="N",
+    parser.add_argument("--subset", type=positive(), default=None, metavar="N",
                         help="probe on a class-balanced subset of N training images")
-    parser.add_argument("--test-subset", type=int, default=None, metavar="N",
+    parser.add_argument("--test-subset", type=positive(), default=None, metavar="N",
                         help="evaluate on a class-balanced subset of N test images")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--workers", type=int, default=None, help="data-loading processes for the augmentation path")
@@ -889,14 +890,14 @@ def run(args) -> int:
     check_trunk(trunk, protocol, where)
     protocol = protocol.with_overrides(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                        weight_decay=args.weight_decay)
-    if is_main():
-        ensure_writable_dir(out)
 
     train, test = load_pair(args.data, download=args.download)
     if args.subset:
         train = subset(train, args.subset, seed=args.seed)
     if args.test_subset:
         test = subset(test, args.test_subset, seed=args.seed)
+    if is_main():
+        ensure_writable_dir(out)  # only now: bad input leaves no empty directory behind
     run_probe(trunk, train, test, protocol, device=device, seed=args.seed, out_dir=out, progress=not args.quiet,
               meta=meta, dataset=args.data, workers=args.workers)
     return 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import time
 from pathlib import Path
@@ -42,6 +41,8 @@ DEFAULT_METHOD = "rotnet"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from monossl.cli import positive
+
     p.add_argument("--data", default="cifar10", help="labelled dataset for probes and supervision (default cifar10)")
     p.add_argument("--method", default=DEFAULT_METHOD,
                    help=f"self-supervised method of the image and full rows (default {DEFAULT_METHOD})")
@@ -50,17 +51,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", default=",".join(ROWS),
                    help=f"comma-separated rows among {', '.join(ROWS)} (default: all four)")
     p.add_argument("--widths", default=None, help="CIFAR trunk channels, e.g. 64,128,256,512 (default: the trunk's)")
-    p.add_argument("--conv1-kernel", type=int, default=None, help="CIFAR trunk conv1 kernel (default: the trunk's)")
+    p.add_argument("--conv1-kernel", type=positive(), default=None, help="CIFAR trunk conv1 kernel (default: the trunk's)")
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="training steps of the image and full rows "
+    p.add_argument("--steps", type=positive(), default=None, help="training steps of the image and full rows "
                    "(default: pretrain's for the method)")
-    p.add_argument("--supervised-steps", type=int, default=None,
+    p.add_argument("--supervised-steps", type=positive(), default=None,
                    help="supervised training steps (default: as many samples as the image row)")
-    p.add_argument("--probe-epochs", type=int, default=None, help="probe epochs (default: the protocol's)")
-    p.add_argument("--subset", type=int, default=None,
+    p.add_argument("--probe-epochs", type=positive(), default=None, help="probe epochs (default: the protocol's)")
+    p.add_argument("--subset", type=positive(), default=None,
                    help="probe on a class-balanced subset of N training images (pretraining uses all of --data)")
-    p.add_argument("--test-subset", type=int, default=None, help="evaluate on a subset of N test images")
+    p.add_argument("--test-subset", type=positive(), default=None, help="evaluate on a subset of N test images")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -94,12 +95,12 @@ def run(args) -> int:
     image = args.image or f"builtin:{DEFAULT_IMAGE}"
     sup_steps = args.supervised_steps or supervised_steps(args.method, args.steps)
     train_set, test_set = load_pair(args.data)
-    out = runs.ensure_writable_dir(args.out)
     if args.subset:
         train_set = subset(train_set, args.subset, seed=args.seed)
     if args.test_subset:
         test_set = subset(test_set, args.test_subset, seed=args.seed)
     protocol = get_protocol("cifar").with_overrides(epochs=args.probe_epochs)
+    out = runs.lock_run_dir(args.out)  # only now: bad input leaves no empty directory behind
     trunk_options = (["--widths", args.widths] if args.widths else []) + \
         (["--conv1-kernel", str(args.conv1_kernel)] if args.conv1_kernel else [])
     common = ["--seed", str(args.seed), "--device", args.device, *trunk_options] + (["--quiet"] if args.quiet else [])
@@ -111,7 +112,7 @@ def run(args) -> int:
     settings["supervised_steps"] = sup_steps
     settings_path = out / "settings.json"
     if settings_path.exists():
-        before = json.loads(settings_path.read_text())
+        before = runs.read_json(settings_path, "comparison settings")
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed:
             raise UserError(f"{out} holds a comparison made with other settings ({', '.join(changed)}); "
@@ -127,7 +128,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         if (probe_dir / "results.json").exists():
             print(f"[{row}] done before: {probe_dir / 'results.json'}")
-            results[row] = json.loads((probe_dir / "results.json").read_text())
+            results[row] = runs.read_json(probe_dir / "results.json", "probe result")
             timings[row] = results[row].get("compare_seconds")
             continue
         print(f"[{row}] {ROWS[row]}")

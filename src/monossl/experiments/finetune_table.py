@@ -20,7 +20,6 @@ GPU; training lengths chosen here, the paper's are not all known).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,10 +106,6 @@ def settings(args) -> dict:
         if unknown or not asked:
             raise UserError(f"--rows: unknown row(s) {unknown}; choose from {', '.join(ROWS)}")
         rows = [r for r in ROWS if r in asked]  # the paper's order
-    for name in ("steps", "batch_size", "probe_epochs", "subset", "test_subset", "finetune_steps", "dc_patches"):
-        value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     b = BUDGETS[args.budget]
     steps = {m: args.steps or b.steps.get(m) for m in ROWS}  # None: epochs (supervised, deepcluster)
     return {
@@ -179,7 +174,7 @@ def run(args) -> int:
     from monossl.eval import finetune
 
     s = settings(args)
-    out = runs.ensure_writable_dir(args.out or f"runs/reproduce-{EXPERIMENT}-{s['budget']}")
+    out = runs.lock_run_dir(args.out or f"runs/reproduce-{EXPERIMENT}-{s['budget']}")
     from monossl.experiments.reproduce import _check_same_settings
 
     _check_same_settings(out, s)
@@ -192,7 +187,7 @@ def run(args) -> int:
         ft_dir = row_dir / f"finetune-{'-'.join(FROZEN)}"
         probe_json = ft_dir / f"probe-{PROTOCOL}" / "results.json"
         if probe_json.exists():
-            results[row] = json.loads(probe_json.read_text())
+            results[row] = runs.read_json(probe_json, "probe result")
             seconds[row] = results[row].get("row_seconds")
             print(f"[{i}/{len(s['rows'])} {row}] done before: {probe_json}")
             continue
@@ -208,7 +203,7 @@ def run(args) -> int:
             stopped[row] = str(exc)
             print(f"[{row}] {exc}")
             continue
-        result = json.loads(probe_json.read_text())
+        result = runs.read_json(probe_json, "probe result")
         # the row's wall clock, kept beside its probe so that a rerun that skips the row still reports it
         result["row_seconds"] = round(time.perf_counter() - t0, 1)
         result["row_seconds_note"] = "this row's pretraining + fine-tuning + probe (this invocation only), wall clock"

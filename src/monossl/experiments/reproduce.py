@@ -89,6 +89,8 @@ BUDGETS = {
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from monossl.cli import positive
+
     p.add_argument("experiment", choices=EXPERIMENTS,
                    help="which table (PAPER.md section 5): cifar10-augmentations, or imagenet-finetune (Table 4)")
     p.add_argument("--method", default=None, choices=SSL_METHODS,
@@ -112,15 +114,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     # overrides of the budget (tests, quick experiments); recorded in results.json
-    p.add_argument("--steps", type=int, default=None, help="override the budget: training steps of every trained row")
-    p.add_argument("--batch-size", type=int, default=None, help="override the budget: batch size of every trained row")
-    p.add_argument("--probe-epochs", type=int, default=None, help="override the budget: probe epochs")
-    p.add_argument("--subset", type=int, default=None, help="override the budget: probe training images")
-    p.add_argument("--test-subset", type=int, default=None, help="override the budget: probe test images")
+    p.add_argument("--steps", type=positive(), default=None, help="override the budget: training steps of every trained row")
+    p.add_argument("--batch-size", type=positive(), default=None, help="override the budget: batch size of every trained row")
+    p.add_argument("--probe-epochs", type=positive(), default=None, help="override the budget: probe epochs")
+    p.add_argument("--subset", type=positive(), default=None, help="override the budget: probe training images")
+    p.add_argument("--test-subset", type=positive(), default=None, help="override the budget: probe test images")
     p.add_argument("--widths", default=None, help="CIFAR trunk channels, e.g. 64,128,256,512 (default: the trunk's)")
-    p.add_argument("--finetune-steps", type=int, default=None,
+    p.add_argument("--finetune-steps", type=positive(), default=None,
                    help="imagenet-finetune: override the budget's fine-tuning steps")
-    p.add_argument("--dc-patches", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dc-patches", type=positive(), default=None, help=argparse.SUPPRESS)
 
 
 def settings(args) -> dict:
@@ -138,10 +140,6 @@ def settings(args) -> dict:
         if unknown or not rows:
             raise UserError(f"--rows: unknown row(s) {unknown}; choose from {', '.join(ROWS)}")
         rows = [r for r in ROWS if r in rows]  # the paper's order
-    for name in ("steps", "batch_size", "probe_epochs", "subset", "test_subset", "dc_patches"):
-        value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     pretrain.trunk_config_from(args.widths, None)  # validates --widths
     method = args.method or "bigan"
     train_steps = {m: (args.steps or budget.steps.get(m)) for m in (method, "supervised")}
@@ -189,7 +187,7 @@ def _row_argv(row: str, s: dict, row_dir: Path, args) -> list[str]:
 def _check_same_settings(out: Path, s: dict) -> None:
     path = out / "reproduce.json"
     if path.exists():
-        previous = json.loads(path.read_text())
+        previous = runs.read_json(path, "reproduce settings")
         # --rows may differ (a table can be run a few rows at a time); everything else must match
         changed = [k for k in s if k != "rows" and json.dumps(previous.get(k)) != json.dumps(s[k])]
         if changed:
@@ -209,14 +207,15 @@ def run(args) -> int:
 
         return finetune_table.run(args)
     s = settings(args)
-    out = runs.ensure_writable_dir(args.out or f"runs/reproduce-{s['method']}-{args.budget}")
-    _check_same_settings(out, s)
     train_set, test_set = load_pair(s["data"])
     if s["probe_subset"]:
         train_set = subset(train_set, s["probe_subset"], seed=s["seed"])
     if s["probe_test_subset"]:
         test_set = subset(test_set, s["probe_test_subset"], seed=s["seed"])
     protocol = get_protocol("cifar").with_overrides(epochs=s["probe_epochs"])
+    # only now: bad input leaves no empty directory behind
+    out = runs.lock_run_dir(args.out or f"runs/reproduce-{s['method']}-{args.budget}")
+    _check_same_settings(out, s)
     print(f"reproduce {s['experiment']}: --method {s['method']}, budget {s['budget']} ({BUDGETS[s['budget']].note}); "
           f"{len(s['rows'])} rows -> {out}")
 
@@ -226,7 +225,7 @@ def run(args) -> int:
         row_dir = out / row
         probe_dir = row_dir / f"probe-{protocol.name}"
         if (probe_dir / "results.json").exists():
-            results[row] = json.loads((probe_dir / "results.json").read_text())
+            results[row] = runs.read_json(probe_dir / "results.json", "probe result")
             seconds[row] = results[row].get("row_seconds")
             print(f"[{i}/{len(s['rows'])} {row}] done before: {probe_dir / 'results.json'}")
             continue

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from monossl.errors import UserError
+from monossl.errors import UserError, first_line
 from monossl.models.trunks import AlexNet, CifarTrunk, Sobel, Trunk, _init_weights
 
 ARCHS = ("cifar", "alexnet-big", "alexnet-small")
@@ -60,22 +58,28 @@ def save_trunk(path, trunk: Trunk, meta: dict | None = None) -> None:
 
 def load_trunk(path, expect_arch: str | None = None) -> tuple[Trunk, dict]:
     """Load a trunk checkpoint (a file, or a run directory holding trunk.pt); returns (trunk, meta)."""
+    from monossl.runs import load_torch
+
     path = Path(path)
     if path.is_dir():
         path = path / "trunk.pt"
     if not path.exists():
         raise UserError(f"no trunk checkpoint at {path} (did the pretraining finish?)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise UserError(f"{path} is not a readable checkpoint: {str(exc).splitlines()[0]}") from None
+    ckpt = load_torch(path, "trunk checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a monossl trunk checkpoint (format {CHECKPOINT_FORMAT})")
-    if expect_arch is not None and ckpt["arch"] != expect_arch:
-        raise UserError(f"{path} holds a {ckpt['arch']} trunk, but --arch {expect_arch} was asked for")
-    trunk = build_trunk(ckpt["arch"], **ckpt["arch_config"])
+    arch, config = ckpt.get("arch"), ckpt.get("arch_config")
+    if arch not in ARCHS or not isinstance(config, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise UserError(f"{path} is not a valid trunk checkpoint: it needs arch (one of {', '.join(ARCHS)}), "
+                        f"an arch_config dict and a state_dict")
+    if expect_arch is not None and arch != expect_arch:
+        raise UserError(f"{path} holds a {arch} trunk, but --arch {expect_arch} was asked for")
+    try:
+        trunk = build_trunk(arch, **config)
+    except (TypeError, ValueError, RuntimeError) as exc:  # a key or value the architecture does not take
+        raise UserError(f"{path}: its arch_config does not build a {arch} trunk ({first_line(exc)})") from None
     try:
         trunk.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
-        raise UserError(f"{path}: weights do not fit a {ckpt['arch']} trunk: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{path}: weights do not fit a {arch} trunk: {first_line(exc)}") from None
     return trunk, ckpt.get("meta", {})

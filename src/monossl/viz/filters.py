@@ -323,21 +323,21 @@ def write_filters(networks: list[Network], out, scale: int = 4, ncols: int | Non
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from monossl.cli import positive
+
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="run directories or trunk.pt files (or random / random:SEED)")
     parser.add_argument("--out", default="filters.png", help="figure to write: .png, .pdf or .svg (default filters.png)")
     parser.add_argument("--random", action="store_true", help="add a randomly initialised trunk (first panel)")
     parser.add_argument("--arch", default="cifar", help="architecture of random trunks (default cifar)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --random trunk (default 0)")
-    parser.add_argument("--scale", type=int, default=4, help="enlargement of each filter pixel (default 4)")
-    parser.add_argument("--cols", type=int, default=None, help="filters per grid row (default ceil(sqrt(C)))")
+    parser.add_argument("--scale", type=positive(), default=4, help="enlargement of each filter pixel (default 4)")
+    parser.add_argument("--cols", type=positive(), default=None, help="filters per grid row (default ceil(sqrt(C)))")
     parser.add_argument("--title", default=None, help="figure title")
 
 
 def run(args) -> int:
     figure_format(args.out)
-    if args.scale < 1 or (args.cols is not None and args.cols < 1):
-        raise UserError("--scale and --cols must be positive")
     networks = networks_from_args(args)
     if not networks:
         raise UserError("give at least one RUN directory (or --random)")

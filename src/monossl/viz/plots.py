@@ -7,7 +7,6 @@ numbers are black markers, so no information is carried by colour alone.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from monossl.errors import UserError
+from monossl.runs import read_json
 
 # grey levels and hatches of the rows, in order (white first: prints cleanly)
 FACES = ("white", "0.80", "0.55", "0.30", "0.92", "0.68", "0.42", "0.15")
@@ -116,10 +116,7 @@ def read_run_config(run_dir) -> dict:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir}: no config.json (not a run directory)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg})") from None
+    return read_json(path, "run configuration")
 
 
 def patches_from_config(config: dict, n: int = 64) -> torch.Tensor:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monossl.errors import UserError
+from monossl.runs import read_json
 
 # PAPER.md section 5: CIFAR-10, BiGAN on one image with different augmentations, linear probes, top-1 (%).
 PAPER_CIFAR10_BIGAN: dict[str, dict[str, float]] = {
@@ -134,15 +135,6 @@ def _cell(value):
     return value, None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg})") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
 def table_from_results(data: dict, source: str) -> Table:
     """A Table from a results.json with a `table` mapping (compare, reproduce)."""
     if not isinstance(data.get("table"), dict) or not data["table"]:
@@ -222,7 +214,7 @@ def gather(specs) -> Inputs:
     seen_probe = set()
 
     def add_results(path: Path, data: dict | None = None):
-        data = _read_json(path) if data is None else data
+        data = read_json(path, "results file") if data is None else data
         if "table" in data:
             got.tables.append(table_from_results(data, str(path)))
         elif "taps" in data:
@@ -415,17 +407,19 @@ def _inline(text: str) -> str:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from monossl.cli import positive
+
     parser.add_argument("inputs", nargs="+", metavar="RUN_OR_TABLE",
                         help="results.json files, run directories, compare/probe output directories")
     parser.add_argument("--out", required=True, help="output directory (report.md, report.html, PNGs)")
     parser.add_argument("--title", default="monossl report", help="page title")
     parser.add_argument("--patches", type=int, default=64, help="patches in the contact sheet (default 64; 0: none)")
-    parser.add_argument("--scale", type=int, default=4, help="enlargement of conv1 filter pixels (default 4)")
+    parser.add_argument("--scale", type=positive(), default=4, help="enlargement of conv1 filter pixels (default 4)")
 
 
 def run(args) -> int:
-    if args.patches < 0 or args.scale < 1:
-        raise UserError("--patches must be >= 0 and --scale >= 1")
+    if args.patches < 0:
+        raise UserError(f"--patches must be >= 0, got {args.patches}")
     result = build_report(args.inputs, args.out, args.title, args.patches, args.scale)
     print(f"wrote {Path(args.out) / 'report.md'} and report.html ({len(result['tables'])} table(s), "
           f"figures: {', '.join(result['figures']) or 'none'})")

@@ -237,6 +237,8 @@ def compare_figure(content, style, results: list[tuple[str, dict]], title: str |
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from monossl.cli import positive
+
     parser.add_argument("--content", default="builtin:astronaut", help="content image (path or builtin:NAME; "
                         "default builtin:astronaut)")
     parser.add_argument("--style", default="builtin:coffee", help="style image (default builtin:coffee)")
@@ -248,9 +250,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the --random trunk and of --init noise")
     parser.add_argument("--out", default="stylized.png", help="output: the image (one network) or the figure "
                         "(--compare); default stylized.png")
-    parser.add_argument("--size", type=int, default=256, help="longer side in pixels (default 256)")
-    parser.add_argument("--steps", type=int, default=100, help="L-BFGS iterations (default 100)")
-    parser.add_argument("--max-seconds", type=float, default=None,
+    parser.add_argument("--size", type=positive(), default=256, help="longer side in pixels (default 256)")
+    parser.add_argument("--steps", type=positive(), default=100, help="L-BFGS iterations (default 100)")
+    parser.add_argument("--max-seconds", type=positive(float), default=None,
                         help="per network, stop after the round of 20 iterations that passes this time")
     parser.add_argument("--style-weight", type=float, default=100.0, help="style weight (default 100)")
     parser.add_argument("--content-weight", type=float, default=1.0, help="content weight (default 1)")
@@ -259,7 +261,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool", default="avg", choices=("avg", "max"), help="pooling inside the trunk (default avg)")
     parser.add_argument("--init", default="content", choices=("content", "noise"), help="start image (default content)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive(), default=None,
                         help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)")
     parser.add_argument("--title", default=None, help="figure title (--compare)")
 
@@ -279,8 +281,6 @@ def run(args) -> int:
             raise UserError(f"--out {args.out}: write a .png or .jpg file")
     device = resolve_device(args.device)
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     networks = ([random_network(args.arch, args.seed)] if args.random else [])
     networks += [load_network(s, args.arch) for s in specs]
