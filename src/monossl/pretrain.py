@@ -40,6 +40,12 @@ DEFAULT_BATCH = {"rotnet": 64, "supervised": 128, "deepcluster": 128, "bigan": 6
 # DeepCluster clusters colour first unless its input is greyscale gradients (Caron et al.
 # use the Sobel front-end too); on one image it is what lets it beat random features.
 DEFAULT_SOBEL = {"deepcluster": True}
+# SimCLR cuts its two views (random-resized crops to 32 px) out of 48-px patches of the stream.
+DEFAULT_PATCH_SIZE = {"simclr": 48}
+# conv1 trained in the whitened space of the training data's own patches (models/whitening.py):
+# on the CIFAR trunk it lifts every trained row at conv1 (docs/one_image.md); AlexNet keeps the
+# paper's plain parametrisation (not measured there).
+WHITEN_CONV1_ARCHS = ("cifar",)
 # On AlexNet the paper's learning rates (PAPER.md section 2; supervised: the usual 0.01): our CIFAR
 # defaults (0.1) made AlexNet RotNet jump to chance after its first steps (docs/training.md).
 ALEXNET_LR = {"rotnet": 0.01, "supervised": 0.01, "deepcluster": 0.05}
@@ -90,9 +96,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-scale", default=None, metavar="MIN,MAX",
                    help="area range of the method's own random-resized crop (default: the method's)")
     p.add_argument("--clusters", type=positive(), default=None, help="DeepCluster: k (default scaled to the set size)")
-    p.add_argument("--whiten-conv1", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--whiten-conv1", action=argparse.BooleanOptionalAction, default=None,
                    help="train conv1 in the whitened space of the training data's own patches (W = U Z, Z the ZCA "
-                        "matrix of its first patches/images; folded into a plain trunk at the end: docs/one_image.md)")
+                        "matrix of its first patches/images; folded into a plain trunk at the end; default on for "
+                        "--arch cifar, off for AlexNet: docs/one_image.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--sync-bn", action="store_true",
@@ -169,7 +176,8 @@ def build_source(args, trunk, seed: int, method_needs: str, device=None):
     --patch-size as for patches, so the methods see the same kind of input either way."""
     from monossl.data.batches import StreamSource, dataset_source
 
-    size = args.patch_size or (32 if trunk.input_size <= 64 else 256)
+    small = trunk.input_size <= 64
+    size = args.patch_size or (DEFAULT_PATCH_SIZE.get(args.method, 32) if small else 256)
     if method_needs == "labelled" or not args.image:
         if not args.data:
             what = "labelled --data" if method_needs == "labelled" else "--image or --data"
@@ -230,7 +238,8 @@ def run(args) -> int:
     else:
         total_steps = args.steps if args.steps is not None else DEFAULT_STEPS.get(args.method, 500)
 
-    if args.whiten_conv1:
+    whiten_conv1 = trunk.arch in WHITEN_CONV1_ARCHS if args.whiten_conv1 is None else args.whiten_conv1
+    if whiten_conv1:
         from monossl.models import whitening
 
         # the source's first samples (a shuffle of a dataset): what this run trains on, no labels used
@@ -247,7 +256,7 @@ def run(args) -> int:
     config = {
         "method": args.method, "arch": trunk.arch, "arch_config": trunk.config, "method_config": asdict(method.config),
         "seed": args.seed, "batch_size": batch_size, "total_steps": total_steps, "device": str(device),
-        "world_size": world()[1], "sync_bn": bool(args.sync_bn), "whiten_conv1": bool(args.whiten_conv1),
+        "world_size": world()[1], "sync_bn": bool(args.sync_bn), "whiten_conv1": whiten_conv1,
         "source": source.describe(), **data_info,
     }
     if curves is not None:

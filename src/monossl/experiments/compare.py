@@ -37,7 +37,7 @@ ROWS = {
     "supervised": "supervised",
 }
 #: the self-supervised method of the main job (README, "Choosing the defaults")
-DEFAULT_METHOD = "rotnet"
+DEFAULT_METHOD = "simclr"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
