@@ -40,7 +40,7 @@ def test_smoke_table_is_complete_and_a_rerun_skips_finished_rows(tmp_path, cifar
             assert 0 <= cell["ours"] <= 100 and cell["paper"] == paper[tap]
             assert cell["diff"] == pytest.approx(cell["ours"] - cell["paper"], abs=0.01)
     assert results["paper_rows"]["none"] == "No aug." and results["paper_rows"]["random"] == "Random features"
-    assert len(results["findings"]) == 4 and all(f["holds"] in (True, False) for f in results["findings"])
+    assert len(results["findings"]) == 5 and all(f["holds"] in (True, False) for f in results["findings"])
     assert all(f["holds"] for f in results["paper_findings"])
 
     with open(out / "table.csv") as f:
@@ -111,12 +111,16 @@ def test_stopped_rows_are_reported_and_the_others_finish(tmp_path, cifar_subset_
 
 def test_findings_on_the_papers_numbers_and_a_failing_table():
     paper = {r: PAPER_CIFAR10_BIGAN[reproduce.paper_row(r)] for r in reproduce.ROWS}
-    assert [f["holds"] for f in reproduce.findings(paper)] == [True, True, True, True]
+    assert [f["holds"] for f in reproduce.findings(paper)] == [True, True, True, True, True]
+    assert reproduce.findings(paper)[4]["detail"] == "mean with scale - mean without = +7.1"  # 67.93 - 60.78
     bad = {r: dict(v) for r, v in paper.items()}
     bad["jitter"]["conv1"] = 70.0  # a row without scale beats the rows with scale
     bad["none"]["conv1"] = 50.0  # and no-aug. is far from random
-    assert [f["holds"] for f in reproduce.findings(bad)] == [False, True, True, False]
-    assert reproduce.findings({})[0]["holds"] is None
+    assert [f["holds"] for f in reproduce.findings(bad)] == [False, True, True, False, True]
+    for row in reproduce.WITH_SCALE:  # the rows with scale only 1.2 points above the others on average
+        bad[row]["conv1"] = 62.0
+    assert reproduce.findings(bad)[4]["holds"] is False
+    assert reproduce.findings({})[0]["holds"] is None and reproduce.findings({})[4]["holds"] is None
 
 
 def test_settings_budgets_and_bad_options():
