@@ -89,9 +89,9 @@ def settings(args) -> dict:
 
     if args.budget not in BUDGETS:
         raise UserError(f"--budget {args.budget}: {EXPERIMENT} has budgets {', '.join(BUDGETS)}")
-    for option in ("method", "widths"):
+    for option in ("method", "widths", "whiten_conv1"):
         if getattr(args, option, None) is not None:
-            raise UserError(f"--{option} does not apply to {EXPERIMENT} (its rows are {', '.join(ROWS)} on AlexNet)")
+            raise UserError(f"--{option.replace('_', '-')} does not apply to {EXPERIMENT} (its rows are {', '.join(ROWS)} on AlexNet)")
     if not args.data:
         raise UserError(f"{EXPERIMENT} needs --data folder:PATH (an ImageNet-style train/<class>/, val/<class>/ tree)")
     if parse_spec(args.data)[0] != "folder":

@@ -121,6 +121,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", type=positive(), default=None, help="override the budget: probe training images")
     p.add_argument("--test-subset", type=positive(), default=None, help="override the budget: probe test images")
     p.add_argument("--widths", default=None, help="CIFAR trunk channels, e.g. 64,128,256,512 (default: the trunk's)")
+    p.add_argument("--whiten-conv1", action=argparse.BooleanOptionalAction, default=None,
+                   help="trained rows: conv1 in whitened coordinates (default: pretrain's, on for the CIFAR trunk)")
     p.add_argument("--finetune-steps", type=positive(), default=None,
                    help="imagenet-finetune: override the budget's fine-tuning steps")
     p.add_argument("--dc-patches", type=positive(), default=None, help=argparse.SUPPRESS)
@@ -154,6 +156,8 @@ def settings(args) -> dict:
         "probe_subset": args.subset or budget.probe_subset,
         "probe_test_subset": args.test_subset or budget.probe_test_subset,
         "probe_epochs": args.probe_epochs or budget.probe_epochs,
+        # resolved, so that a table begun before whitening was the default is refused, not mixed
+        "whiten_conv1": ("cifar" in pretrain.WHITEN_CONV1_ARCHS) if args.whiten_conv1 is None else args.whiten_conv1,
     }
     if method == "deepcluster":
         out["dc_patches"] = args.dc_patches or budget.dc_patches
@@ -166,6 +170,7 @@ def _row_argv(row: str, s: dict, row_dir: Path, args) -> list[str]:
     argv = ["--out", str(row_dir), "--seed", str(s["seed"]), "--device", args.device]
     if s["widths"]:
         argv += ["--widths", s["widths"]]
+    argv.append("--whiten-conv1" if s["whiten_conv1"] else "--no-whiten-conv1")
     if args.quiet:
         argv.append("--quiet")
     if (row_dir / "last.pt").exists():
