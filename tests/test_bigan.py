@@ -130,7 +130,7 @@ def test_nan_stops_the_run_keeping_the_last_good_checkpoint(tmp_path):
     loop = LoopConfig(total_steps=6, batch_size=8, seed=0, log_every=1, checkpoint_every=1)
     with pytest.raises(UserError, match=r"training stopped: \w+ became nan at step 2; the last good checkpoint is "):
         train(m, TensorSource(_images()), loop, tmp_path, CPU, progress=False)
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["training"]["model"].values() if v.is_floating_point())
 
@@ -148,7 +148,7 @@ def test_discriminator_winning_outright_stops_the_run(tmp_path):
     loop = LoopConfig(total_steps=20, batch_size=8, seed=0, log_every=1, checkpoint_every=1)
     with pytest.raises(UserError, match=r"discriminator has won outright for 3 consecutive steps \(steps 0-2"):
         train(m, TensorSource(_images()), loop, tmp_path, CPU, progress=False)
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 2  # the step that stopped is not saved
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2  # the step that stopped is not saved
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and log[-1]["d_real"] > 0.99 and log[-1]["d_fake"] < 0.01
 

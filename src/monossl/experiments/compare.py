@@ -36,7 +36,7 @@ ROWS = {
     "full": "full data (no labels)",
     "supervised": "supervised",
 }
-#: the self-supervised method of the main job (README, "Choosing the defaults")
+#: the self-supervised method of the main job (docs/one_image.md, "The recipe")
 DEFAULT_METHOD = "simclr"
 
 

@@ -17,7 +17,7 @@ from monossl.methods.base import LinearHeadMethod, step_lr
 @dataclass
 class RotNetConfig:
     # lr 0.1 and a crop of at least half the patch: on the CIFAR trunk with the default budget these
-    # beat lr 0.05 / crop (0.25, 1) at every probed tap over 500 steps (README, "Choosing the defaults")
+    # beat lr 0.05 / crop (0.25, 1) at every probed tap over 500 steps (docs/models.md, "Choosing the conv1 kernel")
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
