@@ -95,7 +95,11 @@ def test_two_process_run_resumes_in_one_process(tmp_path):
 @pytest.mark.slow
 def test_deepcluster_two_processes_share_rank0_clustering(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    args = ["pretrain", "--method", "deepcluster", "--image", "builtin:astronaut", "--widths", "8,16,16,32",
+    # --no-whiten-conv1: in whitened coordinates the 1- and 2-process float rounding grows enough in
+    # these 2 epochs to flip one of 64 training-accuracy samples; what is tested here is the sharing of
+    # rank 0's clustering (RotNet's test above covers whitened conv1 under DDP)
+    args = ["pretrain", "--method", "deepcluster", "--no-whiten-conv1", "--image", "builtin:astronaut",
+            "--widths", "8,16,16,32",
             "--num-patches", "256", "--epochs", "2", "--batch-size", "32", "--clusters", "8", "--quiet"]
     _monossl([*args, "--out", str(one)])
     _monossl([*args, "--out", str(two), "--sync-bn"], nproc=2)

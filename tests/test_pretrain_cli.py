@@ -95,9 +95,9 @@ def test_compare_writes_the_table_and_skips_finished_rows(tmp_path, cifar_subset
         probe = json.loads((tmp_path / "cmp" / row / "probe-cifar" / "results.json").read_text())
         assert table[row]["conv2"] == probe["taps"]["conv2"]["top1"]
     config = json.loads((tmp_path / "cmp" / "full" / "config.json").read_text())
-    assert config["method"] == "rotnet" and "image" not in config and config["data"].startswith("cifar10:")
+    assert config["method"] == "simclr" and "image" not in config and config["data"].startswith("cifar10:")
     md = (tmp_path / "cmp" / "table.md").read_text()
-    assert f"{probe['taps']['conv2']['top1']:.1f}" in md and "| full data (rotnet) |" in md
+    assert f"{probe['taps']['conv2']['top1']:.1f}" in md and "| full data (simclr) |" in md
     for figure in ("table.png", "filters.png"):  # real PNGs of a plausible size, not empty files
         data = (tmp_path / "cmp" / figure).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -115,3 +115,12 @@ def test_image_too_small_is_named_and_leaves_no_run_directory(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "builtin:coffee is 600x400 pixels" in err and "at least 512 pixels" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_supervised_row_sees_at_least_as_many_samples_as_the_one_image_row():
+    from monossl.experiments.compare import supervised_steps
+
+    assert supervised_steps("simclr", None) == 2000  # 1000 steps x 128 images x 2 views / 128
+    assert supervised_steps("rotnet", 800) == 1600  # 800 x 64 x 4 rotations / 128
+    assert supervised_steps("rotnet", 10) == 500  # never below the supervised default
+    assert supervised_steps("simclr", 1001) * 128 >= 1001 * 128 * 2

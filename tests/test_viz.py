@@ -69,7 +69,9 @@ def test_filters_figure_labels_from_meta(tiny_run):
     assert filters.run_label({"method": "supervised", "data": "cifar10"}) == "supervised, cifar10"
     nets = [filters.random_network("cifar", 3), filters.load_network(tiny_run)]
     fig = filters.filters_figure(nets)
-    assert [ax.get_title() for ax in fig.axes] == ["random (seed 3)", "rotnet, astronaut, all"]
+    coherence = [filters.spatial_coherence(filters.conv1_filters(n.trunk)) for n in nets]
+    assert [ax.get_title() for ax in fig.axes] == [f"random (seed 3)\nspatial coherence {coherence[0]:.2f}",
+                                                   f"rotnet, astronaut, all\nspatial coherence {coherence[1]:.2f}"]
 
 
 def test_bn_folding_reproduces_conv1_bn_up_to_the_shift():

@@ -1,6 +1,8 @@
 """conv1 trained in the whitened space of its data's patches: Z whitens, folding keeps the function,
 the optimiser updates U, and a whitened run resumes and saves an ordinary trunk."""
 
+import json
+
 import torch
 
 from monossl.cli import main
@@ -39,7 +41,7 @@ def test_whitened_conv1_is_the_same_function_after_folding_and_trains_u():
 
 def test_whitened_pretraining_resumes_and_saves_a_plain_trunk(tmp_path):
     argv = ["pretrain", "--method", "rotnet", "--image", "builtin:astronaut", "--steps", "4", "--batch-size", "8",
-            "--widths", "8,8,16,16", "--whiten-conv1", "--quiet"]
+            "--widths", "8,8,16,16", "--quiet"]  # whitened: the default on the CIFAR trunk
     assert main(argv + ["--out", str(tmp_path / "whole")]) == 0
     assert main(argv + ["--out", str(tmp_path / "part"), "--stop-after", "2"]) == 0
     assert main(argv + ["--out", str(tmp_path / "part"), "--resume"]) == 0
@@ -48,7 +50,9 @@ def test_whitened_pretraining_resumes_and_saves_a_plain_trunk(tmp_path):
     for (name, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), name
     plain = ["pretrain", "--method", "rotnet", "--image", "builtin:astronaut", "--steps", "4", "--batch-size", "8",
-             "--widths", "8,8,16,16", "--quiet", "--out", str(tmp_path / "plain")]
+             "--widths", "8,8,16,16", "--no-whiten-conv1", "--quiet", "--out", str(tmp_path / "plain")]
     assert main(plain) == 0
     c, _ = load_trunk(tmp_path / "plain")
     assert not torch.equal(a.conv1.weight, c.conv1.weight)  # the whitened run learned other filters
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["whiten_conv1"] is True
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["whiten_conv1"] is False
