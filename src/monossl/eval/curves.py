@@ -7,7 +7,9 @@ default: the test set is never touched) and returns top-1 per tap. The loop logs
 an `{"event": "probe", "step": s, ...}` line in metrics.jsonl; `runs.curve_records` reads them back
 and `viz.plots.write_learning_curves` draws accuracy against steps, one line per layer.
 
-Step 0 is the freshly initialised trunk: the random baseline under the same probe. The probes
+Step 0 is the trunk before its first step: the random trunk, or, with `--whiten-conv1`, random
+conv1 filters in the source's whitened coordinates, which already carry the source's patch
+statistics (on CIFAR-10 that alone is worth several points at conv1). The probes
 draw from their own seeded generators and work on a frozen copy of the trunk, so training with
 and without curves gives the same weights.
 """
