@@ -20,7 +20,7 @@ from monossl import runs
 from monossl.device import resolve_device
 from monossl.distributed import is_main, setup, sync_batchnorm, world
 from monossl.errors import UserError
-from monossl.models import ARCHS, build_trunk, save_trunk
+from monossl.models import ARCHS, build_trunk, save_trunk, trunk_config_from
 from monossl.train import LoopConfig, steps_per_epoch, train
 
 # method name -> (module, class). Each class has a `Config` dataclass of its hyper-parameters.
@@ -126,24 +126,6 @@ def parse_overrides(items: list[str]) -> dict:
         except json.JSONDecodeError:
             out[key.strip()] = value
     return out
-
-
-def trunk_config_from(widths: str | None, conv1_kernel: int | None) -> dict:
-    """CIFAR-trunk options from the command line (`--widths 64,128,256,512`, `--conv1-kernel 5`)."""
-    config = {}
-    if conv1_kernel is not None:
-        if conv1_kernel < 1:
-            raise UserError(f"--conv1-kernel must be a positive size, got {conv1_kernel}")
-        config["conv1_kernel"] = conv1_kernel
-    if widths is not None:
-        try:
-            channels = [int(w) for w in widths.split(",")]
-        except ValueError:
-            channels = []
-        if len(channels) != 4 or min(channels) <= 0:
-            raise UserError(f"--widths wants four positive channel counts like 64,128,256,512, got {widths!r}")
-        config["widths"] = channels
-    return config
 
 
 def parse_range(option: str, text: str | None) -> tuple[float, float] | None:

@@ -657,6 +657,8 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
     dims = {k: v["pooled_size"] for k, v in shapes.items()}
     use_cache = cache and protocol.cacheable
     fixed = protocol.bn_stats == "dataset"
+    # bf16 matmuls only on standardised cached features (no BatchNorm in the step)
+    matmul_dtype = probe_matmul_dtype(device) if use_cache and fixed else torch.float32
     if verbose:
         print(f"probe {protocol.summary()}")
         print(f"  data: {dataset or getattr(train, 'source', '?')}: {len(train)} train / {len(test)} test, "
@@ -686,7 +688,8 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
                 stats = _cache_stats(train_cache)
                 probes.set_stats({k: (m.to(device), v.to(device)) for k, (m, v) in stats.items()})
                 eps = probes.heads[next(iter(dims))][0].eps
-                store = torch.bfloat16 if probe_matmul_dtype(device) == torch.bfloat16 else torch.float16
+                # stored as the matmuls will read them (bf16 or fp16): no per-step conversion
+                store = torch.float16 if matmul_dtype == torch.float32 else matmul_dtype
                 _standardize_(train_cache, stats, eps, store)
                 _standardize_(test_cache, stats, eps, store)
         elif fixed:  # one pass over the training data (with its transform) for the statistics
@@ -704,7 +707,6 @@ def run_probe(trunk, train, test, protocol: ProbeProtocol | str = "cifar", devic
                               weight_decay=protocol.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(protocol.milestones), gamma=protocol.gamma)
         standardized = use_cache and fixed  # the cache already holds what the fixed BatchNorm outputs
-        matmul_dtype = probe_matmul_dtype(device) if standardized else torch.float32
         t0 = time.perf_counter()
         eval_s = 0.0
         steps_per_epoch = len(epoch_batches(n_train, protocol.batch_size, seed, 1))
@@ -873,7 +875,7 @@ def run(args) -> int:
             raise UserError("--random needs --out DIR (there is no run directory to write into)")
         arch = args.arch or (get_protocol(args.protocol).archs[0] if args.protocol else "cifar")
         protocol = get_protocol(args.protocol or DEFAULT_PROTOCOL[arch])
-        from monossl.pretrain import trunk_config_from
+        from monossl.models import trunk_config_from
 
         torch.manual_seed(args.seed)
         trunk = build_trunk(arch, **trunk_config_from(args.widths, args.conv1_kernel))

@@ -29,6 +29,7 @@ import torch
 
 from monossl import pretrain, runs
 from monossl.errors import UserError
+from monossl.models import trunk_config_from
 
 ROWS = {
     "random": "random trunk",
@@ -134,7 +135,7 @@ def run(args) -> int:
         print(f"[{row}] {ROWS[row]}")
         if row == "random":
             torch.manual_seed(args.seed)
-            config = pretrain.trunk_config_from(args.widths, args.conv1_kernel)
+            config = trunk_config_from(args.widths, args.conv1_kernel)
             trunk, meta = build_trunk("cifar", **config), {"method": "random", "seed": args.seed}
         else:
             if not (row_dir / "trunk.pt").exists():
@@ -188,7 +189,7 @@ def write_figures(out: Path, rows: list[str], results: dict, args) -> None:
     networks = []
     for r in rows:
         if r == "random":
-            trunk = random_network("cifar", args.seed, **pretrain.trunk_config_from(args.widths, args.conv1_kernel)).trunk
+            trunk = random_network("cifar", args.seed, **trunk_config_from(args.widths, args.conv1_kernel)).trunk
         else:
             trunk = load_trunk(out / r)[0].eval()
         networks.append(Network(labels[r], trunk))

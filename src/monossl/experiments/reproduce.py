@@ -37,6 +37,7 @@ import torch
 
 from monossl import pretrain, runs
 from monossl.errors import UserError
+from monossl.models import trunk_config_from
 from monossl.experiments.compare import _pretrain
 
 EXPERIMENTS = ("cifar10-augmentations", "imagenet-finetune")
@@ -143,7 +144,7 @@ def settings(args) -> dict:
         if unknown or not rows:
             raise UserError(f"--rows: unknown row(s) {unknown}; choose from {', '.join(ROWS)}")
         rows = [r for r in ROWS if r in rows]  # the paper's order
-    pretrain.trunk_config_from(args.widths, None)  # validates --widths
+    trunk_config_from(args.widths, None)  # validates --widths
     method = args.method or "bigan"
     train_steps = {m: (args.steps or budget.steps.get(m)) for m in (method, "supervised")}
     train_batch = {m: (args.batch_size or budget.batch.get(m) or pretrain.DEFAULT_BATCH.get(m, 64))
@@ -239,7 +240,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         if row == "random":
             torch.manual_seed(s["seed"])
-            trunk = build_trunk("cifar", **pretrain.trunk_config_from(s["widths"], None))
+            trunk = build_trunk("cifar", **trunk_config_from(s["widths"], None))
             meta = {"method": "random", "seed": s["seed"]}
             row_dir.mkdir(parents=True, exist_ok=True)
             save_trunk(row_dir / "trunk.pt", trunk, meta)

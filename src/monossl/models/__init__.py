@@ -21,7 +21,8 @@ from monossl.models.trunks import AlexNet, CifarTrunk, Sobel, Trunk, _init_weigh
 ARCHS = ("cifar", "alexnet-big", "alexnet-small")
 CHECKPOINT_FORMAT = "monossl.trunk/1"
 
-__all__ = ["ARCHS", "Trunk", "CifarTrunk", "AlexNet", "Sobel", "build_trunk", "save_trunk", "load_trunk"]
+__all__ = ["ARCHS", "Trunk", "CifarTrunk", "AlexNet", "Sobel", "build_trunk", "save_trunk", "load_trunk",
+           "trunk_config_from"]
 
 
 def build_trunk(arch: str = "cifar", **config) -> Trunk:
@@ -38,6 +39,24 @@ def build_trunk(arch: str = "cifar", **config) -> Trunk:
         raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
     _init_weights(trunk)
     return trunk
+
+
+def trunk_config_from(widths: str | None, conv1_kernel: int | None) -> dict:
+    """CIFAR-trunk options from the command line (`--widths 64,128,256,512`, `--conv1-kernel 5`)."""
+    config = {}
+    if conv1_kernel is not None:
+        if conv1_kernel < 1:
+            raise UserError(f"--conv1-kernel must be a positive size, got {conv1_kernel}")
+        config["conv1_kernel"] = conv1_kernel
+    if widths is not None:
+        try:
+            channels = [int(w) for w in widths.split(",")]
+        except ValueError:
+            channels = []
+        if len(channels) != 4 or min(channels) <= 0:
+            raise UserError(f"--widths wants four positive channel counts like 64,128,256,512, got {widths!r}")
+        config["widths"] = channels
+    return config
 
 
 def trunk_checkpoint(trunk: Trunk, meta: dict | None = None) -> dict:
