@@ -475,11 +475,9 @@ def balanced_indices(dataset, n: int, seed: int = 0) -> torch.Tensor:
 
 def subset(dataset, n: int, seed: int = 0):
     """A class-balanced subset of `n` items (n // K per class, the remainder to the first classes)."""
-    if n <= 0:
-        raise UserError(f"subset size must be positive, got {n}")
-    if n >= len(dataset.labels):
+    if n > 0 and n >= len(dataset.labels):
         return dataset
-    return dataset.restricted(balanced_indices(dataset, n, seed))
+    return dataset.restricted(balanced_indices(dataset, n, seed))  # refuses n <= 0
 
 
 def validation_split(dataset, n_train: int, n_val: int, seed: int = 0):
