@@ -25,8 +25,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
 from monossl import pretrain, runs
 from monossl.errors import UserError
 from monossl.models import trunk_config_from
@@ -85,7 +83,7 @@ def run(args) -> int:
     from monossl.data.datasets import load_pair, subset
     from monossl.data.sources import DEFAULT_IMAGE
     from monossl.eval.probes import get_protocol, run_probe, write_results
-    from monossl.models import build_trunk, load_trunk
+    from monossl.models import load_trunk
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -134,9 +132,7 @@ def run(args) -> int:
             continue
         print(f"[{row}] {ROWS[row]}")
         if row == "random":
-            torch.manual_seed(args.seed)
-            config = trunk_config_from(args.widths, args.conv1_kernel)
-            trunk, meta = build_trunk("cifar", **config), {"method": "random", "seed": args.seed}
+            trunk, meta = random_trunk(args), {"method": "random", "seed": args.seed}
         else:
             if not (row_dir / "trunk.pt").exists():
                 argv = ["--out", str(row_dir), *common]
@@ -172,6 +168,13 @@ def run(args) -> int:
     return 0
 
 
+def random_trunk(args):
+    """The random row's trunk: `torch.manual_seed(seed); build_trunk(...)`, without touching the global RNG."""
+    from monossl.viz.filters import random_network
+
+    return random_network("cifar", args.seed, **trunk_config_from(args.widths, args.conv1_kernel)).trunk
+
+
 def row_labels(method: str) -> dict[str, str]:
     return {"random": "random", "image": f"one image ({method})", "full": f"full data ({method})",
             "supervised": "supervised"}
@@ -180,7 +183,7 @@ def row_labels(method: str) -> dict[str, str]:
 def write_figures(out: Path, rows: list[str], results: dict, args) -> None:
     """table.png (grouped bars per layer) and filters.png (conv1 of every row, spatial coherence)."""
     from monossl.models import load_trunk
-    from monossl.viz.filters import Network, random_network, write_filters
+    from monossl.viz.filters import Network, write_filters
     from monossl.viz.plots import write_layer_bars
 
     labels = row_labels(args.method)
@@ -189,7 +192,7 @@ def write_figures(out: Path, rows: list[str], results: dict, args) -> None:
     networks = []
     for r in rows:
         if r == "random":
-            trunk = random_network("cifar", args.seed, **trunk_config_from(args.widths, args.conv1_kernel)).trunk
+            trunk = random_trunk(args)
         else:
             trunk = load_trunk(out / r)[0].eval()
         networks.append(Network(labels[r], trunk))

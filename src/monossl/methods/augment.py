@@ -100,7 +100,7 @@ def colour_jitter(images: torch.Tensor, strength: float = 0.4, hue: float = 0.1,
     ones = torch.ones(b, dtype=torch.float64)
     mats = torch.from_numpy(colour_matrices(torch.where(on, factors[:, 0], ones).numpy(),
                                             torch.where(on, factors[:, 1], ones).numpy(),
-                                            torch.where(on, turn, 0 * ones).numpy()))
+                                            torch.where(on, turn, torch.zeros(b, dtype=torch.float64)).numpy()))
     g = torch.tensor(GREY, dtype=torch.float64)
     mats = torch.where(grey[:, None, None], torch.ones(3, 1, dtype=torch.float64) * (g @ mats)[:, None, :], mats)
     contrast = torch.where(on, factors[:, 2], ones)

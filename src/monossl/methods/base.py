@@ -21,6 +21,8 @@ Optional hooks the loop calls when a method defines them:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,6 +34,11 @@ def step_lr(base_lr: float, step: int, total_steps: int, milestones=(0.3, 0.6, 0
     """lr divided by 1/gamma at each milestone (fractions of training)."""
     drops = sum(step >= m * total_steps for m in milestones)
     return base_lr * gamma**drops
+
+
+def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
+    """lr following half a cosine from base_lr at step 0 to 0 at total_steps."""
+    return 0.5 * base_lr * (1 + math.cos(math.pi * step / max(1, total_steps)))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

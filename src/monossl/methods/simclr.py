@@ -10,14 +10,13 @@ cosine learning rate (a pure function of the step, so resuming needs no schedule
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from monossl.methods.augment import colour_jitter, random_resized_crop
-from monossl.methods.base import Method, set_lr
+from monossl.methods.base import Method, cosine_lr, set_lr
 from monossl.methods.losses import nt_xent
 
 
@@ -30,10 +29,6 @@ class SimCLRConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     jitter_strength: float = 0.4
     projection_dims: tuple[int, int] = (256, 128)  # hidden, output
-
-
-def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
-    return 0.5 * base_lr * (1 + math.cos(math.pi * step / max(1, total_steps)))
 
 
 class SimCLR(Method):
