@@ -16,7 +16,8 @@ import time
 import torch
 
 from monossl.data.batches import StreamSource
-from monossl.data.patches import PatchStream, make_config
+from monossl.data.patch_config import make_config
+from monossl.data.patches import PatchStream
 from monossl.data.sources import DEFAULT_IMAGE, load_images
 from monossl.device import resolve_device
 from monossl.methods.rotnet import RotNet

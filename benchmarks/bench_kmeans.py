@@ -1,6 +1,6 @@
 """DeepCluster's clustering cost: faiss k-means of 100,000 points x 256 dims into 1,000 clusters.
 
-The same code path as every DeepCluster epoch (`monossl.methods.deepcluster.run_kmeans`:
+The same code path as every DeepCluster epoch (`monossl.methods.kmeans.run_kmeans`:
 20 iterations, AFK-MC^2 seeding, every point used, final assignment). The points are
 L2-normalised like DeepCluster's PCA-whitened features. Target: <= 30 s on the 2-core
 development machine. Prints the time, the objective and the cluster statistics.
@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from monossl.methods.deepcluster import KMEANS_INITS, run_kmeans
+from monossl.methods.kmeans import KMEANS_INITS, run_kmeans
 
 
 def main():

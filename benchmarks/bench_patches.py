@@ -133,7 +133,8 @@ _STREAM = {}
 def _stream_init(size: int) -> None:
     import torch
 
-    from monossl.data.patches import PatchStream, make_config
+    from monossl.data.patch_config import make_config
+    from monossl.data.patches import PatchStream
     from monossl.data.sources import load_image
 
     torch.set_num_threads(1)
@@ -156,7 +157,8 @@ def batch_size_for(size: int) -> int:
 def bench_stream_threads(size: int, n: int) -> tuple[float, float]:
     import torch  # noqa: F401
 
-    from monossl.data.patches import PatchStream, make_config
+    from monossl.data.patch_config import make_config
+    from monossl.data.patches import PatchStream
     from monossl.data.sources import load_image
 
     st = PatchStream([load_image(IMAGE)], make_config("all", size=size), seed=0)
@@ -184,7 +186,8 @@ def bench_stream_procs(size: int, n: int, workers: int) -> tuple[float, float]:
 
 def bench_stream_files(size: int, n: int, folder: Path) -> tuple[float, float]:
     from monossl.data.generate import write_patch_files
-    from monossl.data.patches import PatchStream, make_config
+    from monossl.data.patch_config import make_config
+    from monossl.data.patches import PatchStream
     from monossl.data.sources import load_image
 
     st = PatchStream([load_image(IMAGE)], make_config("all", size=size), seed=0)

@@ -22,8 +22,11 @@ import time
 
 import torch
 
-from monossl.data.datasets import TensorImages, load_pair
-from monossl.eval.probes import get_protocol, probe_matmul_dtype, run_probe
+from monossl.data.datasets import load_pair
+from monossl.data.image_sets import TensorImages
+from monossl.eval.features import probe_matmul_dtype
+from monossl.eval.probe import probe
+from monossl.eval.protocols import get_protocol
 from monossl.models import build_trunk
 
 
@@ -69,7 +72,7 @@ def main():
     torch.manual_seed(0)
     trunk = build_trunk("cifar")
     protocol = get_protocol("cifar").with_overrides(epochs=args.epochs)
-    result = run_probe(trunk, train, test, protocol, device="cpu", progress=False, verbose=False)
+    result = probe(trunk, train, test, protocol, device="cpu", progress=False, verbose=False)
     dims = sum(t["pooled_size"] for t in result["taps"].values())
     dtype = probe_matmul_dtype(torch.device("cpu"))
     n, k = len(train), result["num_classes"]

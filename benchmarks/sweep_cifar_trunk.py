@@ -18,7 +18,8 @@ import torch
 
 from monossl.cli import main as cli
 from monossl.data.datasets import load_pair
-from monossl.eval.probes import get_protocol, run_probe
+from monossl.eval.probe import probe as run_probe
+from monossl.eval.protocols import get_protocol
 from monossl.models import build_trunk, load_trunk
 from monossl.runs import environment, markdown_table, write_json
 

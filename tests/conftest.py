@@ -1,4 +1,8 @@
-"""Shared fixtures: a small CIFAR-10 subset in the npz format, and a tiny ImageFolder tree."""
+"""Shared fixtures (a small CIFAR-10 subset in the npz format, a tiny ImageFolder tree) and the two lanes.
+
+Lanes: tests marked `slow` (end-to-end runs of several seconds) run after all the others, and are
+skipped when a fast test has failed, so a broken change fails CI in the fast lane's minutes.
+`pytest -m "not slow"` runs the fast lane alone."""
 
 from __future__ import annotations
 
@@ -6,6 +10,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+_FAST_LANE_FAILURES = []
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast lane first: slow tests move to the end (a stable sort keeps each lane's order)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("slow") is not None and _FAST_LANE_FAILURES:
+        pytest.skip(f"the fast lane failed ({_FAST_LANE_FAILURES[0]}): slow tests not run")
+
+
+def pytest_runtest_logreport(report):
+    if report.failed and "slow" not in report.keywords:
+        _FAST_LANE_FAILURES.append(report.nodeid)
+
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 
@@ -75,3 +97,13 @@ def write_imagefolder(root: Path, classes=("red", "green", "blue"), n_train: int
 def tiny_imagefolder(tmp_path_factory) -> Path:
     """A folder:PATH tree: train/ (4 per class) and val/ (2 per class), 3 colour classes, 40x40 PNGs."""
     return write_imagefolder(tmp_path_factory.mktemp("imagefolder"))
+
+
+def is_drawn_figure(path, min_side: int = 200, min_colours: int = 8) -> bool:
+    """Whether `path` is a PNG with something drawn in it: large, and more than a few colours
+    (an empty or blank figure fails; a file checked only by its size or magic bytes would not)."""
+    from PIL import Image
+
+    with Image.open(path) as png:
+        return png.format == "PNG" and min(png.size) >= min_side and \
+            len(png.convert("RGB").getcolors(1 << 22) or ()) > min_colours

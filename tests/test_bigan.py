@@ -3,14 +3,16 @@ NaN and discriminator-wins stops through the training loop, exact resume, and pr
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from monossl.data.batches import TensorSource
 from monossl.errors import UserError
-from monossl.methods.bigan import BiGAN, BiGANConfig, Discriminator, Generator
+from monossl.methods.bigan import BiGAN, BiGANConfig
 from monossl.models import build_trunk
+from monossl.models.gan import Discriminator, Generator
 from monossl.train import LoopConfig, train
 
 CPU = torch.device("cpu")
@@ -120,7 +122,19 @@ def test_sample_grid_rows_and_png(tmp_path):
     files = sorted(p.name for p in (tmp_path / "samples").iterdir())
     assert files == ["epoch0000.png", "step000002.png"]
     with Image.open(tmp_path / "samples" / "step000002.png") as im:
-        assert im.format == "PNG" and im.width > im.height  # 4 columns x 3 rows
+        assert im.format == "PNG"
+        png = np.asarray(im.convert("RGB"))
+    # 4 columns x 3 rows of 32-px tiles with 1-px white gaps, enlarged 4x (nearest); each tile holds
+    # its image of the grid (rows: real, G(E(x)), G(z)) in 8 bits
+    assert png.shape == (4 * (3 * 33 + 1), 4 * (4 * 33 + 1), 3)
+    small = png[::4, ::4]
+    assert np.array_equal(png, small.repeat(4, 0).repeat(4, 1))
+    assert (small[0] == 255).all() and (small[:, 33] == 255).all()
+    expected = (grid * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for row in range(3):
+        for col in range(4):
+            y, x = 1 + 33 * row, 1 + 33 * col
+            assert np.array_equal(small[y:y + 32, x:x + 32], expected[4 * row + col]), (row, col)
 
 
 def test_nan_stops_the_run_keeping_the_last_good_checkpoint(tmp_path):

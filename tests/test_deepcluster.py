@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from monossl.data.batches import StreamSource, TensorSource
-from monossl.methods.deepcluster import (DeepCluster, DeepClusterConfig, PCAWhitening, default_clusters, nmi,
-                                         run_kmeans, uniform_cluster_order)
+from monossl.methods.cluster_sampler import uniform_cluster_order
+from monossl.methods.deepcluster import DeepCluster, DeepClusterConfig, default_clusters
+from monossl.methods.kmeans import run_kmeans
+from monossl.methods.nmi import nmi
+from monossl.methods.pca import PCAWhitening
 from monossl.models import build_trunk
 from monossl.runs import read_jsonl
 from monossl.train import LoopConfig, train
@@ -155,7 +158,8 @@ def test_head_is_reinitialised_every_epoch():
 
 
 def test_sample_i_is_the_same_patch_every_epoch():
-    from monossl.data.patches import PatchStream, make_config
+    from monossl.data.patch_config import make_config
+    from monossl.data.patches import PatchStream
     from monossl.data.sources import load_images
 
     stream = PatchStream(load_images(["builtin:astronaut"]), make_config("all", size=32), seed=5)

@@ -143,15 +143,16 @@ _STREAMED_PROBE = """
 import json, sys, torch
 from monossl.data.datasets import load_pair
 from monossl.distributed import is_main, setup
-from monossl.eval.probes import get_protocol, run_probe
+from monossl.eval.probe import probe
+from monossl.eval.protocols import get_protocol
 from monossl.models import build_trunk
 
 setup(torch.device("cpu"))
 torch.manual_seed(0)
 train, test = load_pair("cifar10:" + sys.argv[1])
 protocol = get_protocol("cifar").with_overrides(epochs=2)
-result = run_probe(build_trunk("cifar", widths=[8, 16, 16, 32]), train, test, protocol, device="cpu",
-                   cache=False, verbose=False, progress=False, workers=0)
+result = probe(build_trunk("cifar", widths=[8, 16, 16, 32]), train, test, protocol, device="cpu",
+               cache=False, verbose=False, progress=False, workers=0)
 if is_main():
     json.dump({k: v["top1"] for k, v in result["taps"].items()}, open(sys.argv[2], "w"))
 """

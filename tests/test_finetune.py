@@ -2,6 +2,7 @@
 are re-initialised and trained, the probes of frozen taps equal those of the pretrained trunk,
 bad --freeze names are one-line errors, and --resume equals an uninterrupted run."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,8 +10,10 @@ import torch
 
 from monossl.cli import main
 from monossl.data.datasets import load_pair, subset
-from monossl.eval.finetune import FineTune, reinitialised_trunk
-from monossl.eval.probes import get_protocol, run_probe
+from monossl.eval.finetune import FinetuneConfig, finetune
+from monossl.eval.probe import probe
+from monossl.eval.protocols import get_protocol
+from monossl.methods.finetune import FineTune, reinitialised_trunk
 from monossl.methods.supervised import SupervisedConfig
 from monossl.models import build_trunk, load_trunk
 
@@ -64,9 +67,9 @@ def test_frozen_layers_are_bit_identical_and_the_rest_is_retrained(tmp_path, pre
         "conv1", "conv2"]
     assert (out / "probe-cifar" / "results.md").exists()
     train, test = load_pair(f"cifar10:{cifar_subset_dir}")
-    reference = run_probe(load_trunk(pretrained)[0], subset(train, 100, seed=0), subset(test, 50, seed=0),
-                          get_protocol("cifar").with_overrides(epochs=1), device="cpu", seed=0, verbose=False,
-                          progress=False)
+    reference = probe(load_trunk(pretrained)[0], subset(train, 100, seed=0), subset(test, 50, seed=0),
+                      get_protocol("cifar").with_overrides(epochs=1), device="cpu", seed=0, verbose=False,
+                      progress=False)
     for tap in ("conv1", "conv2"):
         assert result["taps"][tap]["top1"] == reference["taps"][tap]["top1"], tap
 
@@ -121,3 +124,21 @@ def test_resume_equals_uninterrupted(tmp_path, pretrained, cifar_subset_dir, cap
     assert {k: v["top1"] for k, v in ra.items()} == {k: v["top1"] for k, v in rb.items()}
     # a finished run: a rerun with --resume does nothing
     assert _finetune(pretrained, cifar_subset_dir, "--out", str(part), "--resume") == 0
+
+
+def test_library_call_returns_none_when_stopped_then_the_result(tmp_path, pretrained, cifar_subset_dir, capsys):
+    """`finetune(FinetuneConfig)` is what the CLI and the table runner call: a run stopped at
+    stop_after returns None; resumed, it returns what results.json holds; a rerun returns it again."""
+    out = tmp_path / "ft"
+    config = FinetuneConfig(run_dir=pretrained, data=f"cifar10:{cifar_subset_dir}", freeze=("conv2", "conv1"),
+                            out=out, steps=4, batch_size=16, probe_epochs=1, subset=100, test_subset=50, workers=0,
+                            progress=False, stop_after=2)
+    assert finetune(config) is None
+    assert "stopped after 2 of 4 steps" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["frozen"] == ["conv1", "conv2"]  # the trunk's order
+    config = dataclasses.replace(config, stop_after=None, resume=True)
+    result = finetune(config)
+    stored = json.loads((out / "probe-cifar" / "results.json").read_text())
+    assert result["taps"] == stored["taps"] and list(result["taps"]) == ["conv1", "conv2", "conv3", "conv4"]
+    assert finetune(config) == stored  # done before: the stored result
+    assert "fine-tuned and probed before" in capsys.readouterr().out

@@ -9,7 +9,8 @@ from PIL import Image
 
 from monossl import cli
 from monossl.data import generate as gen
-from monossl.data.patches import PatchStream, make_config
+from monossl.data.patch_config import make_config
+from monossl.data.patches import PatchStream
 from monossl.data.sources import load_image
 
 
@@ -52,8 +53,17 @@ def test_generate_every_format(tmp_path, capsys, fmt):
     assert meta["config"]["size"] == 16 and meta["config"]["rotation_degrees"] == 30.0
     assert meta["images"][0]["spec"] == "builtin:astronaut" and len(meta["images"][0]["sha256"]) == 64
     assert meta["environment"]["monossl"] and meta["environment"]["torch"]
+    # the contact sheet: the 20 patches shown 4x (64-pixel tiles), 8 a row, 2 white pixels apart
     sheet = Image.open(tmp_path / "sheet.png")
-    assert sheet.size[0] > 8 * 64 and sheet.mode == "RGB"
+    assert sheet.mode == "RGB"
+    sheet = np.asarray(sheet).astype(int)
+    assert sheet.shape == (3 * 66 + 2, 8 * 66 + 2, 3)
+    for k in (0, 9, 19):
+        y, x = 2 + 66 * (k // 8), 2 + 66 * (k % 8)
+        tile = expect[k].repeat(4, axis=0).repeat(4, axis=1)
+        assert np.abs(sheet[y:y + 64, x:x + 64] - tile).max() <= 1, k  # rounding only
+    assert (sheet[:2] == 255).all() and (sheet[:, 66:68] == 255).all()  # the white grid
+    assert (sheet[2 + 2 * 66:, 2 + 4 * 66:] == 255).all()  # patches 20-23 do not exist: blank cells
 
 
 def test_overrides_deka_and_fill(tmp_path, capsys):

@@ -215,6 +215,7 @@ def test_6_probe_names_a_corrupt_folder_image(finished_run, tiny_imagefolder, tm
 # ----------------------------------------------------------------------------- 7, 8, 12c. bad checkpoints
 
 
+@pytest.mark.slow
 def test_7_bad_trunk_checkpoints(run_copy, tmp_path, capsys):
     trunk = run_copy / "trunk.pt"
     good = torch.load(trunk, weights_only=True)

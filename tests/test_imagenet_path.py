@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_CIFAR, write_imagefolder
+from conftest import SHARED_CIFAR, is_drawn_figure, write_imagefolder
 from torch import nn
 
 from monossl.cli import main
@@ -199,7 +199,8 @@ def table(tmp_path_factory, imagenet_like) -> Path:
 
 @pytest.mark.slow
 def test_reproduce_imagenet_finetune_smoke(table, imagenet_like, capsys):
-    from monossl.experiments.finetune_table import PAPER_TABLE4, ROWS, TAPS
+    from monossl.experiments.finetune_table import ROWS, TAPS
+    from monossl.paper import IMAGENET_FINETUNE as PAPER_TABLE4
 
     results = json.loads((table / "results.json").read_text())
     assert list(results["table"]) == list(ROWS) == ["supervised", "bigan", "rotnet", "deepcluster"]
@@ -234,7 +235,7 @@ def test_reproduce_imagenet_finetune_smoke(table, imagenet_like, capsys):
     assert len(rows) == 1 + 4 * 5 and all(r.endswith(",done") for r in rows[1:])
     md = (table / "table.md").read_text()
     assert md.count("\n| ") == 5 and "[paper: DeepCluster, image A]" in md and "not ImageNet's 1000" in md
-    assert (table / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert is_drawn_figure(table / "table.png")
 
     # a rerun trains and probes nothing; other settings for the same --out are refused
     capsys.readouterr()
@@ -245,21 +246,21 @@ def test_reproduce_imagenet_finetune_smoke(table, imagenet_like, capsys):
     assert capsys.readouterr().out.count("done before") == 4
     assert (table / "rotnet" / "finetune-conv1-conv2" / "trunk.pt").stat().st_mtime_ns == stamp
     assert main(args + ["--finetune-steps", "2"]) == 2
-    assert "other settings (finetune)" in capsys.readouterr().err
+    assert "other settings (finetune.steps)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_probe_asano_max_uses_ten_crops(table, imagenet_like, tmp_path, monkeypatch):
-    from monossl.eval import probes
+    from monossl.eval import linear_probes
 
     seen = []
-    real = probes.average_crop_logits
+    real = linear_probes.average_crop_logits
 
     def counting(logits, n_crops):
         seen.append((logits.shape[0], n_crops))
         return real(logits, n_crops)
 
-    monkeypatch.setattr(probes, "average_crop_logits", counting)
+    monkeypatch.setattr(linear_probes, "average_crop_logits", counting)
     out = tmp_path / "probe"
     assert main(["probe", str(table / "supervised"), "--data", f"folder:{imagenet_like}", "--protocol", "asano-max",
                  "--epochs", "1", "--subset", "20", "--test-subset", "10", "--workers", "0", "--out", str(out)]) == 0

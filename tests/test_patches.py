@@ -14,9 +14,8 @@ from PIL import Image
 from scipy import stats
 from torchvision.transforms import InterpolationMode as IM
 
-from monossl.data.patches import (
-    PRESETS, PatchConfig, PatchStream, colour_matrices, make_config,
-)
+from monossl.data.patch_config import PRESETS, PatchConfig, make_config, parse_overrides
+from monossl.data.patches import PatchStream, colour_matrices
 from monossl.data.sources import load_image
 from monossl.errors import UserError
 
@@ -360,6 +359,31 @@ def test_make_config_and_validation():
         make_config(area_range=(0.5, 0.1))
     with pytest.raises(UserError, match="valid presets"):
         make_config("everything")
+
+
+def test_parse_overrides_types_values_by_field():
+    """One KEY=VALUE syntax for `pretrain --patch` and `generate --set`: typed by the field, so equal
+    values give equal configurations and equal records."""
+    a = parse_overrides(["rotation_degrees=10", "area_range=1/100,0.5", "scale=false", "fill=none",
+                         "hflip-prob=0.5"], "--set")
+    assert a == {"rotation_degrees": 10.0, "area_range": (0.01, 0.5), "scale": False, "fill": "none",
+                 "hflip_prob": 0.5}
+    assert type(a["rotation_degrees"]) is float
+    # JSON spellings (what `--patch` took before) mean the same
+    b = parse_overrides(["rotation_degrees=10.0", "area_range=[0.01, 0.5]", "scale=False", 'fill="none"',
+                         "hflip_prob=1/2"], "--patch")
+    assert a == b
+    assert make_config("all", **a).to_dict() == make_config("all", **b).to_dict()
+    assert make_config(**parse_overrides(["rotation_degrees=10"], "--patch")).rotation_degrees == 10.0
+    assert parse_overrides(["size=48"], "--patch") == {"size": 48}
+    for items, words in [(["rotation_degrees"], "--patch expects KEY=VALUE"),
+                         (["nonsense=1"], "--patch: unknown patch parameter 'nonsense'"),
+                         (["rotation_degrees=abc"], "--patch rotation_degrees=abc: expected float"),
+                         (["area_range=1/0,1"], "--patch area_range=1/0,1: expected two numbers"),
+                         (["scale=maybe"], "expected bool"), (["size=1.5"], "expected int")]:
+        with pytest.raises(UserError) as info:
+            parse_overrides(items, "--patch")
+        assert words in str(info.value) and "\n" not in str(info.value), items
 
 
 def test_too_small_image_says_what_size_is_needed():

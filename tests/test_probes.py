@@ -11,12 +11,14 @@ import torch
 from PIL import Image
 
 from monossl.cli import main
-from monossl.data.datasets import TensorImages, load_pair
-from monossl.eval.probes import (
-    PROTOCOLS, LinearProbes, Pool, ProbeProtocol, average_crop_logits, get_protocol, pooled_features,
-    pooled_shapes, run_probe,
-)
-from monossl.eval.probes import test_transform as make_test_transform  # (not a test)
+from monossl.data.datasets import load_pair
+from monossl.data.image_sets import TensorImages
+from monossl.eval.features import pooled_features, pooled_shapes
+from monossl.eval.linear_probes import LinearProbes, average_crop_logits
+from monossl.eval.probe import probe
+from monossl.eval.protocols import PROTOCOLS, Pool, ProbeProtocol, get_protocol
+from monossl.eval.protocols import test_transform as make_test_transform  # (not a test)
+from monossl.eval.results import EpochRecord, ProbeResult, TapResult
 from monossl.models import build_trunk, save_trunk
 
 
@@ -100,11 +102,15 @@ def test_separable_toy_reaches_100():
     torch.manual_seed(0)
     trunk = build_trunk("cifar")
     proto = get_protocol("cifar").with_overrides(epochs=4, batch_size=32)
-    result = run_probe(trunk, colour_dataset(128, 1), colour_dataset(64, 2), proto, device="cpu", seed=0,
-                       progress=False, verbose=False)
+    result = probe(trunk, colour_dataset(128, 1), colour_dataset(64, 2), proto, device="cpu", seed=0,
+                   progress=False, verbose=False)
     for tap, r in result["taps"].items():
         assert r["top1"] >= 98.0, (tap, r)
         assert r["top5"] == 100.0  # 4 classes: top-5 is top-4
+    # the dict holds exactly what ProbeResult describes (results.json)
+    assert set(result) == ProbeResult.__required_keys__
+    assert all(set(r) == TapResult.__required_keys__ for r in result["taps"].values())
+    assert [set(h) for h in result["history"]] == [EpochRecord.__required_keys__ | EpochRecord.__optional_keys__] * 4
 
 
 def test_cache_equals_streaming():
@@ -114,8 +120,8 @@ def test_cache_equals_streaming():
     for bn_stats in ("dataset", "batch"):
         proto = dataclasses.replace(get_protocol("cifar").with_overrides(epochs=2, batch_size=32), bn_stats=bn_stats)
         kw = dict(device="cpu", seed=5, progress=False, verbose=False, return_probes=True)
-        cached, p1 = run_probe(trunk, train, test, proto, cache=True, **kw)
-        streamed, p2 = run_probe(trunk, train, test, proto, cache=False, **kw)
+        cached, p1 = probe(trunk, train, test, proto, cache=True, **kw)
+        streamed, p2 = probe(trunk, train, test, proto, cache=False, **kw)
         assert cached["cached_features"] and not streamed["cached_features"]
         for k in cached["taps"]:
             w1, w2 = p1.heads[k][1].weight, p2.heads[k][1].weight
@@ -124,7 +130,7 @@ def test_cache_equals_streaming():
             bn1, bn2 = p1.heads[k][0], p2.heads[k][0]
             assert torch.allclose(bn1.running_mean, bn2.running_mean, rtol=1e-3, atol=1e-3)
     # the same seed gives the same probes
-    again, p3 = run_probe(trunk, train, test, proto, cache=True, **kw)
+    again, p3 = probe(trunk, train, test, proto, cache=True, **kw)
     assert again["taps"] == cached["taps"]
     assert all(torch.equal(a, b) for a, b in zip(p1.state_dict().values(), p3.state_dict().values()))
 
@@ -137,7 +143,7 @@ def test_augmentation_path_on_folder(tiny_imagefolder):
                           milestones=(1,), batch_size=4, train_aug="rrc-flip", input_size=32, test_resize=36,
                           test_crops=10)
     train, val = load_pair(f"folder:{tiny_imagefolder}")
-    result = run_probe(trunk, train, val, proto, device="cpu", seed=0, progress=False, verbose=False, workers=0)
+    result = probe(trunk, train, val, proto, device="cpu", seed=0, progress=False, verbose=False, workers=0)
     assert not result["cached_features"]
     assert result["protocol"]["test_crops"] == 10
     for r in result["taps"].values():

@@ -106,6 +106,14 @@ def test_images_command_lists_builtins(capsys):
     assert "512x512" in out and "public domain" in out
 
 
+def test_builtin_table_sizes_are_the_loaded_sizes():
+    rows = sources.builtin_table()
+    assert [r["name"] for r in rows] == [f"builtin:{name}" for name in BUILTINS]
+    assert [r["name"] for r in rows if r["default"]] == [f"builtin:{DEFAULT_IMAGE}"]
+    loaded = sources.builtin_table(check=True)
+    assert [(r["width"], r["height"]) for r in loaded] == [(r["width"], r["height"]) for r in rows]
+
+
 @pytest.fixture
 def bad_files(tmp_path):
     good = tmp_path / "good.png"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,8 @@ import torch.nn.functional as F
 from monossl.cli import main
 from monossl.errors import UserError
 from monossl.models import build_trunk, load_trunk
-from monossl.viz import filters, plots, report, style
+from monossl.paper import CIFAR10_BIGAN
+from monossl.viz import filters, networks, plots, report, style
 
 
 def _randomise_bn(trunk, seed=0):
@@ -52,26 +55,37 @@ def tiny_run(tmp_path_factory):
 def test_filter_grid_size_and_normalisation():
     f = torch.randn(10, 3, 5, 5)
     grid = filters.filter_grid(f, scale=3, pad=1)
-    assert filters.grid_shape(10) == (3, 4)
-    assert grid.shape == (3 * 15 + 4, 4 * 15 + 5, 3)
+    assert grid.shape == (3 * 15 + 4, 4 * 15 + 5, 3)  # ceil(sqrt(10)) = 4 columns, 3 rows, 1-px gaps
     assert grid.min() >= 0 and grid.max() <= 1
-    # each cell is min-max normalised on its own: its minimum is 0 and its maximum 1
-    cell = grid[1:16, 1 + 2 * 16:1 + 2 * 16 + 15]  # row 0, column 2: filter 2
-    assert cell.min() == 0 and cell.max() == 1
-    # nearest enlargement: 3x3 blocks are constant
-    assert (cell[:3, :3] == cell[0, 0]).all()
-    assert filters.filter_grid(f, scale=1, pad=0, ncols=10).shape == (5, 50, 3)
+    assert (grid[0] == 1).all() and (grid[:, 0] == 1).all() and (grid[16] == 1).all()  # white gaps
+    # each cell holds its filter, min-max normalised on its own and enlarged 3x (nearest)
+    for i, (row, col) in enumerate([(0, 0), (0, 2), (1, 1), (2, 1)]):
+        k = 4 * row + col
+        cell = torch.from_numpy(grid[1 + row * 16:1 + row * 16 + 15, 1 + col * 16:1 + col * 16 + 15].copy())
+        lo, hi = f[k].min(), f[k].max()
+        expected = ((f[k] - lo) / (hi - lo)).repeat_interleave(3, 1).repeat_interleave(3, 2).permute(1, 2, 0)
+        torch.testing.assert_close(cell, expected)
+    assert (grid[1 + 2 * 16:, 1 + 2 * 16:] == 1).all()  # the last row's cells after filter 9 stay empty
+    flat = filters.filter_grid(f, scale=1, pad=0, ncols=10)
+    assert flat.shape == (5, 50, 3)
+    torch.testing.assert_close(torch.from_numpy(flat[:, 45:50].copy()), filters.normalise_filters(f)[9].permute(1, 2, 0))
 
 
 def test_filters_figure_labels_from_meta(tiny_run):
     trunk, meta = load_trunk(tiny_run)
-    assert filters.run_label(meta) == "rotnet, astronaut, all"
-    assert filters.run_label({"method": "supervised", "data": "cifar10"}) == "supervised, cifar10"
-    nets = [filters.random_network("cifar", 3), filters.load_network(tiny_run)]
+    assert networks.run_label(meta) == "rotnet, astronaut, all"
+    assert networks.run_label({"method": "supervised", "data": "cifar10"}) == "supervised, cifar10"
+    nets = networks.networks([tiny_run], random=True, seed=3)
+    assert [n.label for n in nets] == ["random (seed 3)", "rotnet, astronaut, all"]
+    torch.manual_seed(3)
+    assert torch.equal(nets[0].trunk.conv1.weight, build_trunk("cifar").conv1.weight)
+    assert torch.equal(nets[1].trunk.conv1.weight, trunk.conv1.weight)
     fig = filters.filters_figure(nets)
     coherence = [filters.spatial_coherence(filters.conv1_filters(n.trunk)) for n in nets]
     assert [ax.get_title() for ax in fig.axes] == [f"random (seed 3)\nspatial coherence {coherence[0]:.2f}",
                                                    f"rotnet, astronaut, all\nspatial coherence {coherence[1]:.2f}"]
+    for ax, n in zip(fig.axes, nets):  # each panel shows its network's conv1 grid
+        assert np.array_equal(ax.get_images()[0].get_array(), filters.filter_grid(filters.conv1_filters(n.trunk)))
 
 
 def test_bn_folding_reproduces_conv1_bn_up_to_the_shift():
@@ -113,8 +127,16 @@ def test_sobel_effective_filter_reproduces_sobel_then_conv1():
 def test_filters_cli(tiny_run, tmp_path, capsys):
     out = tmp_path / "f.png"
     assert main(["filters", "--random", str(tiny_run), "--out", str(out)]) == 0
-    assert out.stat().st_size > 1000
-    assert "rotnet, astronaut, all: 32 filters 3x3" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "random (seed 0): 32 filters 3x3" in printed and "rotnet, astronaut, all: 32 filters 3x3" in printed
+    from PIL import Image
+
+    png = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert png.shape[1] > png.shape[0]  # two panels side by side
+    # the filters are drawn in colour (titles alone would be grey): many coloured pixels, in both halves
+    coloured = png.max(2) - png.min(2) > 40
+    half = png.shape[1] // 2
+    assert coloured[:, :half].sum() > 2000 and coloured[:, half:].sum() > 2000
 
 
 # ---------------------------------------------------------------------------- style
@@ -149,14 +171,23 @@ def test_stylize_compare_cli(tiny_run, tmp_path, capsys):
     out = tmp_path / "cmp.png"
     assert main(["stylize", "--content", "builtin:astronaut", "--style", "builtin:coffee", "--random",
                  "--compare", str(tiny_run), "--size", "16", "--steps", "2", "--out", str(out)]) == 0
-    assert out.stat().st_size > 1000
     text = capsys.readouterr().out
     assert text.count("style loss at start") == 2 and text.count("style loss at end") == 2
-    single = tmp_path / "one.png"
-    assert main(["stylize", "--run", str(tiny_run), "--size", "16", "--steps", "1", "--out", str(single)]) == 0
+    assert text.index("[random (seed 0)]") < text.index("[rotnet, astronaut, all]")
     from PIL import Image
 
-    assert Image.open(single).size == (16, 16)
+    figure = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert figure.shape[1] > 3 * figure.shape[0]  # four panels in a row: content, style, two networks
+    assert (figure.max(2) - figure.min(2) > 40).sum() > 5000  # the images, in colour
+    single = tmp_path / "one.png"
+    assert main(["stylize", "--run", str(tiny_run), "--size", "16", "--steps", "1", "--out", str(single)]) == 0
+    written = np.asarray(Image.open(single).convert("RGB"))
+    assert written.shape == (16, 16, 3)
+    # the PNG holds the stylised image (8-bit), which is not the content image
+    r = style.stylize(networks.load_network(tiny_run).trunk, "builtin:astronaut", "builtin:coffee", size=16, steps=1,
+                      log=lambda *_: None)
+    assert np.array_equal(written, (r["image"].permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
+    assert not torch.equal(r["image"], r["content"])
 
 
 # ---------------------------------------------------------------------------- plots, report
@@ -175,9 +206,17 @@ def test_contact_sheet_from_run_config(tiny_run, tmp_path):
     config = plots.read_run_config(tiny_run)
     patches = plots.patches_from_config(config, n=6)
     assert patches.shape == (6, 3, 32, 32)
-    assert plots.tile_images(patches, ncols=3, pad=1).shape == (2 * 32 + 3, 3 * 32 + 4, 3)
+    sheet = plots.contact_sheet_figure(patches, ncols=3).axes[0].get_images()[0].get_array()
+    assert sheet.shape == (2 * 32 + 3, 3 * 32 + 4, 3)
+    for i in range(6):  # patch i in row i // 3, column i % 3, with 1-px white gaps
+        y, x = 1 + (i // 3) * 33, 1 + (i % 3) * 33
+        assert np.array_equal(sheet[y:y + 32, x:x + 32], patches[i].permute(1, 2, 0).numpy())
+    assert (sheet[0] == 1).all() and (sheet[33] == 1).all()
     out = plots.write_contact_sheet(tiny_run, tmp_path / "p.png", n=6)
-    assert out.stat().st_size > 1000
+    from PIL import Image
+
+    png = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert (png.min(2) < 230).mean() > 0.4  # mostly patches, not white space
 
 
 def _md_tables(text):
@@ -228,7 +267,7 @@ def test_report_numbers_equal_the_results_files(tiny_run, tmp_path):
                 assert float(line[header.index(tap)]) == value, (row, tap)
                 prow = paper_rows.get(row)
                 if prow:
-                    assert float(line[header.index(f"{tap} (paper)")]) == report.PAPER_CIFAR10_BIGAN[prow][tap]
+                    assert float(line[header.index(f"{tap} (paper)")]) == CIFAR10_BIGAN[prow][tap]
                 elif f"{tap} (paper)" in header:
                     assert line[header.index(f"{tap} (paper)")] == ""
 
@@ -239,12 +278,14 @@ def test_report_numbers_equal_the_results_files(tiny_run, tmp_path):
     # the paper's table is reproduced as in PAPER.md
     paper_header, paper_body = tables[2]
     assert {r[0]: [float(v) for v in r[1:]] for r in paper_body} == {
-        k: [v[t] for t in ("conv1", "conv2", "conv3", "conv4")] for k, v in report.PAPER_CIFAR10_BIGAN.items()}
+        k: [v[t] for t in ("conv1", "conv2", "conv3", "conv4")] for k, v in CIFAR10_BIGAN.items()}
     # the figures exist and the HTML is self-contained with the same numbers
     for name in ("bars-1.png", "bars-2.png", "filters.png", "patches.png"):
         assert (out / name).is_file() and f"({name})" in md
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4
+    for name in ("bars-1.png", "bars-2.png", "filters.png", "patches.png"):  # each figure embedded as written
+        assert "data:image/png;base64," + base64.b64encode((out / name).read_bytes()).decode("ascii") in page
     assert not re.search(r'src="(?!data:)', page)
     for cells in table.values():
         for v in cells.values():

@@ -2,7 +2,8 @@
 import copy, dataclasses, torch
 from monossl.models import load_trunk, build_trunk
 from monossl.data.datasets import load_dataset, subset
-from monossl.eval.probes import get_protocol, run_probe
+from monossl.eval.probe import probe
+from monossl.eval.protocols import get_protocol
 from monossl.viz.filters import bn_scale, bn_shift
 torch.manual_seed(0)
 rand = build_trunk("cifar")
@@ -34,5 +35,5 @@ for name, src in (("rand", rand), ("rot", rot), ("sup", sup)):
     r = responses(base)
     mean = r.mean((0, 2, 3)); std = r.std((0, 2, 3))
     for tname, theta in (("own", own_theta(src)), ("zero", torch.zeros(32)), ("mean", mean), ("mean+1sd", mean + std), ("mean-1sd", mean - std)):
-        res = run_probe(make(src, theta), train, test, proto, device="cpu", progress=False, verbose=False)
+        res = probe(make(src, theta), train, test, proto, device="cpu", progress=False, verbose=False)
         print(f"W={name:5s} theta={tname:9s} conv1 {res['taps']['conv1']['top1']:.1f}", flush=True)

@@ -4,8 +4,10 @@ import torch.nn.functional as F
 from monossl.models import build_trunk
 from monossl.data.datasets import load_dataset, subset
 from monossl.data.sources import load_images
-from monossl.data.patches import PatchStream, make_config
-from monossl.eval.probes import get_protocol, run_probe
+from monossl.data.patch_config import make_config
+from monossl.data.patches import PatchStream
+from monossl.eval.probe import probe as run_probe
+from monossl.eval.protocols import get_protocol
 torch.manual_seed(0)
 rand = build_trunk("cifar")
 train = subset(load_dataset("cifar10:/work/val", "train"), 10000, seed=0)

@@ -189,6 +189,38 @@ def curve_records(records: list[dict]) -> list[dict]:
     return sorted((r for r in records if r.get("event") == "probe"), key=lambda r: r["step"])
 
 
+def changed_settings(previous: dict, current: dict, ignore=()) -> list[str]:
+    """The keys of `current` whose value differs from `previous` (compared as JSON, so tuples and
+    lists alike; nested dicts name their differing keys as `outer.inner`). Keys `previous` does not
+    hold (written by an older version) and keys in `ignore` are not compared."""
+    changed = []
+    for key, value in current.items():
+        if key in ignore or key not in previous:
+            continue
+        before = previous[key]
+        if isinstance(value, dict) and isinstance(before, dict):
+            changed += [f"{key}.{k}" for k in changed_settings(before, value)]
+        elif json.dumps(before, default=str) != json.dumps(value, default=str):
+            changed.append(key)
+    return changed
+
+
+def check_settings(path, settings: dict, refusal: str, ignore=(), what: str = "settings") -> bool:
+    """The one check that a directory's outputs come from one set of settings.
+
+    If `path` exists, raise UserError(`refusal` with {changed} replaced by the differing keys) when
+    `settings` differ from what it holds; return True. Otherwise return False: the caller writes
+    its record (`runs.write_json(path, ...)`) once its other checks have passed."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    previous = read_json(path, what)
+    changed = changed_settings(previous if isinstance(previous, dict) else {}, settings, ignore)
+    if changed:
+        raise UserError(refusal.replace("{changed}", ", ".join(changed)))  # not str.format: paths may hold braces
+    return True
+
+
 def ensure_writable_dir(path) -> Path:
     """Create `path` (and parents) or fail with a one-line error naming it."""
     path = Path(path)

@@ -1,7 +1,7 @@
 """The one training loop, for every method.
 
-It knows nothing about methods beyond `method.step(batch, step)` and the optional hooks
-documented in methods/base.py. It owns: the device and numerics (bf16 autocast and
+It knows nothing about methods beyond `method.step(batch, step)` and the hooks of
+`methods.base.Method` (no-ops unless a method overrides them). It owns: the device and numerics (bf16 autocast and
 channels-last on CUDA), which sample indices each step uses, seeding, the progress bar,
 metrics.jsonl, atomic checkpoints, resume, and distributed data parallelism.
 
@@ -25,7 +25,8 @@ from tqdm import tqdm
 from monossl import runs
 from monossl.device import autocast, memory_format
 from monossl.distributed import all_mean, is_main, world
-from monossl.errors import UserError, first_line
+from monossl.errors import TrainingStopped, UserError, first_line
+from monossl.seeds import derive_seed
 
 
 @dataclass
@@ -116,8 +117,7 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
         epoch = step // spe if spe else 0
         if spe is not None and step % spe == 0:
             # an epoch starts: the method may choose its order (DeepCluster's sampler), else a shuffle
-            hook = getattr(method, "begin_epoch", None)
-            started = (hook(epoch, source) if hook is not None else None) or {}
+            started = method.begin_epoch(epoch, source) or {}
             order = started.get("order")
             order = source.order(epoch) if order is None else order
             if started.get("log") and is_main():
@@ -139,13 +139,13 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
             batch["images"] = batch["images"].contiguous(memory_format=memory_format(device))
 
         # the same seed on every rank: random draws are made for the global batch (distributed.py)
-        torch.manual_seed(loop.seed * 1_000_003 + step * 7919)
+        torch.manual_seed(derive_seed(loop.seed, 0, step))
         with autocast(device):
             metrics = method.step(batch, step)
         for k, v in metrics.items():
             if not math.isfinite(v):  # checkpoints are only written after finite steps: last.pt is good
                 bar.close()
-                raise UserError(f"training stopped: {k} became {v} at step {step}; "
+                raise TrainingStopped(f"training stopped: {k} became {v} at step {step}; "
                                 f"the last good checkpoint is {ckpt_path}")
             pending.setdefault(k, []).append(v)
         images_seen += batch["images"].shape[0] * world_size
@@ -161,9 +161,9 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
             if is_main():
                 runs.append_jsonl(run_dir / "metrics.jsonl", last_record)
             bar.set_postfix({k: f"{v:.3g}" for k, v in last_record.items() if k in ("loss", "images_per_s")})
-        if spe is not None and done % spe == 0 and hasattr(method, "end_epoch") and is_main():
+        if spe is not None and done % spe == 0 and is_main():
             method.end_epoch(epoch, run_dir)
-        if hasattr(method, "after_step") and is_main():
+        if is_main():
             method.after_step(done, run_dir)
         if done % loop.checkpoint_every == 0 or done == end_step:
             save(done)

@@ -22,10 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from monossl.errors import UserError
+from monossl.seeds import derive_seed
 
 
 def permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch))
     return torch.randperm(n, generator=g)
 
 

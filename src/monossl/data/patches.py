@@ -1,5 +1,8 @@
 """Patches of one (or a few) images as a deterministic, batched stream (PAPER.md section 1).
 
+This module turns patch parameters into pixels; the configuration and presets are in
+data/patch_config.py, the random parameters in data/patch_params.py.
+
     stream = PatchStream(load_images(["builtin:astronaut"]), make_config("all", size=32), seed=0)
     x = stream.batch(range(256))          # (256, 3, 32, 32) float32 in [0, 1]
     x0 = stream[0]                        # (3, 32, 32), the same pixels as x[0]
@@ -18,18 +21,18 @@ What one patch is (the released generator's steps, PAPER.md section 1):
 How it is computed here:
 
 * **Deterministic by (seed, index).** Every random number of patch i is a counter-based
-  hash (SplitMix64 finaliser) of (seed, i, slot); no global RNG state, no per-process
-  state. The draw is vectorised over a batch in numpy float64, so the parameters are
+  hash (SplitMix64 finaliser) of (seed, i, slot) (data/counter_rng.py); no global RNG state,
+  no per-process state. The draw (data/patch_params.py) is vectorised over a batch in numpy float64, so the parameters are
   bit-identical in every process, batch, worker and device. Pixels are bit-identical
   across batch sizes and worker counts on one device (the only reduction, the patch mean
   for contrast, is made exact by summing integers); CPU and CUDA agree to float rounding.
 * **One resampling.** Steps 1-5 compose into one affine map from output pixels to source
   pixels, sampled once with `grid_sample`.
-* **Antialiased.** Each source image is stored as an image pyramid (each level made by
-  a 2x decimation with Pillow's bicubic filter) packed into one texture; a patch samples
-  the two levels around its level of detail log2(source pixels per output pixel) and
-  blends them (trilinear mip-mapping), so a 960 -> 32 shrink matches Pillow's
-  antialiased resize instead of aliasing.
+* **Antialiased.** Each source image is stored as an image pyramid (data/pyramid.py: two
+  levels per octave, each made with Pillow's antialiased bicubic resize) packed into one
+  texture; a patch samples (bilinear) the level whose texels are just not larger than its
+  output pixels, so a 960 -> 32 shrink matches Pillow's antialiased resize instead of
+  aliasing.
 * **Fill.** `fill="black"` reproduces the released generator: output pixels whose
   pre-image falls outside the resized crop of step 2 are black (with the 30-degree shear
   about a quarter of the patches have a black wedge). `fill="none"` replaces the R x R
@@ -48,288 +51,19 @@ How it is computed here:
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from monossl.data.patch_config import PatchConfig
+from monossl.data.patch_params import PatchParams, draw_params, inverse_warp
+from monossl.data.pyramid import LEVELS_PER_OCTAVE, Pyramid
 from monossl.errors import UserError
 
 # Luma weights of torchvision's rgb_to_grayscale (used by contrast and saturation).
 GREY = (0.2989, 0.587, 0.114)
-
-# Median accepted area fraction of the default draw (area U[1/500, 1], aspect log-U[3/4, 4/3],
-# retried until it fits): 0.436. Used as the one fixed area when the scale switch is off.
-DEFAULT_FIXED_AREA = 0.44
-
-FILL_MODES = ("black", "none")
-
-# Antialiasing: the source is prefiltered at LEVELS_PER_OCTAVE sizes per octave; a patch
-# samples (bilinear) the level k = floor(LEVELS_PER_OCTAVE * log2(source pixels per output
-# pixel)), i.e. the smallest level whose texels are not larger than the output pixels.
-# Output pixels are then 1 to 1.41 texels apart: no aliasing, little extra blur.
-LEVELS_PER_OCTAVE = 2
-
-
-@dataclass(frozen=True)
-class PatchConfig:
-    """Every parameter of the patch distribution (defaults: the paper's, preset `all`)."""
-
-    size: int = 32  # S: output side in pixels
-    initial_crop_fraction: float = 0.5  # step 1: square side = this x the image's short side
-    scale: bool = True  # step 2 scale switch: area in area_range (True) or fixed_area (False)
-    area_range: tuple[float, float] = (1 / 500, 1.0)  # step 2: area fraction of the crop
-    fixed_area: float = DEFAULT_FIXED_AREA  # step 2 with scale off
-    aspect_range: tuple[float, float] = (3 / 4, 4 / 3)  # step 2: log-uniform aspect w/h
-    rotation_degrees: float = 30.0  # step 3: angle uniform in [-r, r]
-    shear_degrees: float = 30.0  # step 3: x-shear uniform in [-s, s]
-    hflip_prob: float = 0.0  # step 4
-    vflip_prob: float = 0.0  # step 4 (off: it breaks RotNet's labels)
-    jitter_prob: float = 0.5  # step 6
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    fill: str = "black"  # "black": the released generator's wedges; "none": never a fill pixel
-
-    # ------------------------------------------------------------------ helpers
-    @property
-    def resize_side(self) -> int:
-        """R, the side step 2 resizes to: floor(sqrt(2) * S), as the released generator."""
-        return int(math.sqrt(2) * self.size)
-
-    @property
-    def crop_offset(self) -> int:
-        """Where step 5's S x S crop starts in the R x R image: torchvision's CenterCrop
-        offset int(round((R - S) / 2)) (Python rounds halves to even)."""
-        return int(round((self.resize_side - self.size) / 2.0))
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["area_range"] = list(self.area_range)
-        d["aspect_range"] = list(self.aspect_range)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PatchConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise UserError(f"unknown patch parameter(s): {', '.join(sorted(unknown))}")
-        d = dict(d)
-        for key in ("area_range", "aspect_range"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d).validate()
-
-    def validate(self) -> "PatchConfig":
-        """Raise UserError (one line) for a value that makes no sense; return self."""
-
-        def num(name, value):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise UserError(f"{name} must be a finite number, not {value!r}")
-            return float(value)
-
-        def prob(name):
-            v = num(name, getattr(self, name))
-            if not 0.0 <= v <= 1.0:
-                raise UserError(f"{name} must be a probability in [0, 1], not {v}")
-
-        def pair(name, low_ok):
-            value = getattr(self, name)
-            if not isinstance(value, (tuple, list)) or len(value) != 2:
-                raise UserError(f"{name} must be two numbers (min, max), not {value!r}")
-            lo, hi = num(name, value[0]), num(name, value[1])
-            if lo > hi:
-                raise UserError(f"{name} is inverted or empty: min {lo:g} > max {hi:g}")
-            if not low_ok(lo, hi):
-                raise UserError(f"{name} ({lo:g}, {hi:g}) is out of bounds")
-            return lo, hi
-
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
-            raise UserError(f"size must be a positive integer, not {self.size!r}")
-        if self.size > 8192:
-            raise UserError(f"size {self.size} is larger than the supported 8192")
-        f = num("initial_crop_fraction", self.initial_crop_fraction)
-        if not 0.0 < f <= 1.0:
-            raise UserError(f"initial_crop_fraction must be in (0, 1], not {f}")
-        if not isinstance(self.scale, bool):
-            raise UserError(f"scale must be true or false, not {self.scale!r}")
-        lo, hi = pair("area_range", lambda lo, hi: 0.0 < lo and hi <= 1.0)
-        a = num("fixed_area", self.fixed_area)
-        if not 0.0 < a <= 1.0:
-            raise UserError(f"fixed_area must be in (0, 1], not {a}")
-        pair("aspect_range", lambda lo, hi: lo > 0.0)
-        r = num("rotation_degrees", self.rotation_degrees)
-        if not 0.0 <= r <= 180.0:
-            raise UserError(f"rotation_degrees must be in [0, 180], not {r}")
-        s = num("shear_degrees", self.shear_degrees)
-        if not 0.0 <= s < 80.0:
-            raise UserError(f"shear_degrees must be in [0, 80), not {s}")
-        for name in ("hflip_prob", "vflip_prob", "jitter_prob"):
-            prob(name)
-        for name in ("brightness", "contrast", "saturation"):
-            v = num(name, getattr(self, name))
-            if v < 0:
-                raise UserError(f"{name} must be >= 0, not {v}")
-        h = num("hue", self.hue)
-        if not 0.0 <= h <= 0.5:
-            raise UserError(f"hue must be in [0, 0.5], not {h}")
-        if self.fill not in FILL_MODES:
-            raise UserError(f"fill must be one of {', '.join(FILL_MODES)}, not {self.fill!r}")
-        return self
-
-    def min_short_side(self) -> int:
-        """The smallest image short side this configuration accepts: its initial crop
-        (initial_crop_fraction x short side) must be at least the patch size."""
-        return math.ceil(self.size / self.initial_crop_fraction - 1e-9)
-
-
-# The ablation switches (PAPER.md section 1): scale = area range on (off: fixed_area),
-# rotation = rotation AND shear (off: none), jitter = step 6 (off: none). Position always on.
-_SWITCH_OFF = {
-    "scale": {"scale": False},
-    "rotation": {"rotation_degrees": 0.0, "shear_degrees": 0.0},
-    "jitter": {"jitter_prob": 0.0},
-}
-_PRESET_SWITCHES = {
-    "none": (),
-    "jitter": ("jitter",),
-    "rotation": ("rotation",),
-    "scale": ("scale",),
-    "rotation+jitter": ("rotation", "jitter"),
-    "rotation+scale": ("rotation", "scale"),
-    "jitter+scale": ("jitter", "scale"),
-    "all": ("rotation", "jitter", "scale"),
-}
-
-
-def _preset_overrides(switches_on) -> dict:
-    out = {}
-    for switch, off in _SWITCH_OFF.items():
-        if switch not in switches_on:
-            out.update(off)
-    return out
-
-
-PRESETS: dict[str, dict] = {name: _preset_overrides(on) for name, on in _PRESET_SWITCHES.items()}
-
-
-def make_config(preset: str = "all", **overrides) -> PatchConfig:
-    """The preset's configuration with `overrides` (any PatchConfig field) applied, validated."""
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(PatchConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise UserError(
-            f"unknown patch parameter(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(fields))}"
-        )
-    values = dict(PRESETS[preset])
-    values.update(overrides)
-    for key in ("area_range", "aspect_range"):
-        if key in values and isinstance(values[key], list):
-            values[key] = tuple(values[key])
-    return dataclasses.replace(PatchConfig(), **values).validate()
-
-
-# ---------------------------------------------------------------------------- randomness
-# Counter-based: u(seed, index, slot) = mix(mix(key(seed) ^ mix(index + G)) + (slot + 1) G),
-# with mix the SplitMix64 finaliser. Pure function of its inputs, vectorised in numpy.
-
-_G = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
-# Slots (which random number of a patch drives what).
-SLOT_SOURCE, SLOT_JITTER, SLOT_BRIGHT, SLOT_CONTRAST, SLOT_SAT, SLOT_HUE = 0, 1, 2, 3, 4, 5
-SLOT_HFLIP, SLOT_VFLIP, SLOT_ANGLE, SLOT_SHEAR = 6, 7, 8, 9
-SLOT_CROP_X, SLOT_CROP_Y, SLOT_POS_X, SLOT_POS_Y = 10, 11, 12, 13
-SLOT_ATTEMPTS = 14  # attempt k uses slots 14 + 2k (area) and 15 + 2k (aspect)
-FIRST_ROUND = 8  # attempts drawn for every patch at once; more only for the rare misses
-MAX_ATTEMPTS = 100  # then the last draw is shrunk until it fits (only degenerate configs)
-
-
-def _mix(z: np.ndarray) -> np.ndarray:
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
-
-def _patch_keys(seed: int, indices: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        key = _mix(np.array([seed], dtype=np.uint64) * _G + np.uint64(0x632BE59BD9B4E019))
-        return _mix(key ^ _mix(indices.astype(np.uint64) + _G))
-
-
-def _uniforms(keys: np.ndarray, slots) -> np.ndarray:
-    """(len(keys), len(slots)) float64 uniforms in [0, 1), 53 random bits each."""
-    slots = np.asarray(slots, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        z = _mix(keys[:, None] + (slots[None, :] + np.uint64(1)) * _G)
-    return (z >> np.uint64(11)).astype(np.float64) * (2.0 ** -53)
-
-
-def uniforms(seed: int, indices, slots) -> np.ndarray:
-    """The raw random numbers of patches `indices` (for tests and tools)."""
-    return _uniforms(_patch_keys(int(seed), np.asarray(indices, dtype=np.int64)), slots)
-
-
-# ---------------------------------------------------------------------------- geometry
-
-def _inverse_warp(angle_deg: np.ndarray, shear_deg: np.ndarray) -> np.ndarray:
-    """(B, 2, 2) map from output offsets to pre-warp offsets: torchvision's inverse affine
-    (RandomAffine(angle, shear=(sx, 0)), `_get_inverse_affine_matrix`)."""
-    rot = np.deg2rad(angle_deg)
-    t = np.tan(np.deg2rad(shear_deg))
-    c, s = np.cos(rot), np.sin(rot)
-    m = np.empty(angle_deg.shape + (2, 2))
-    m[..., 0, 0] = c - s * t
-    m[..., 0, 1] = s + c * t
-    m[..., 1, 0] = -s
-    m[..., 1, 1] = c
-    return m
-
-
-@dataclass
-class PatchParams:
-    """Everything that defines a batch of patches (numpy arrays, one entry per patch).
-
-    Lengths are in source-image pixels, angles in degrees. `center_x/y` is where the centre
-    of the output square lands in the source image; `box_w/h` is the step-2 crop that is
-    resized to R x R.
-    """
-
-    index: np.ndarray
-    source: np.ndarray
-    crop_x: np.ndarray
-    crop_y: np.ndarray
-    crop_side: np.ndarray
-    area: np.ndarray
-    aspect: np.ndarray
-    box_w: np.ndarray
-    box_h: np.ndarray
-    center_x: np.ndarray
-    center_y: np.ndarray
-    angle: np.ndarray
-    shear: np.ndarray
-    hflip: np.ndarray
-    vflip: np.ndarray
-    jitter: np.ndarray
-    brightness: np.ndarray
-    contrast: np.ndarray
-    saturation: np.ndarray
-    hue: np.ndarray
-    attempts: np.ndarray
-    fitted: np.ndarray = field(default=None)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def subset(self, sel) -> "PatchParams":
-        return PatchParams(**{f.name: getattr(self, f.name)[sel] for f in dataclasses.fields(self)})
 
 
 def colour_matrices(brightness, saturation, hue) -> np.ndarray:
@@ -352,53 +86,6 @@ def colour_matrices(brightness, saturation, hue) -> np.ndarray:
     c, sn = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
     rot = c * eye + sn * kx + (1 - c) * kk
     return rot @ sat * b[:, None, None]
-
-
-# ---------------------------------------------------------------------------- pyramid
-
-class _Pyramid:
-    """An image at LEVELS_PER_OCTAVE sizes per octave (level k: 2^(-k/2) x the size), each
-    level made from the full image with the antialiased bicubic resize Pillow uses
-    (`F.interpolate(antialias=True)`), all shelf-packed into one texture so one
-    `grid_sample` call serves every patch of the image.
-
-    Each level has a one-texel replicated border, so a bilinear sample up to half a texel
-    outside a level reads that level's edge, never its neighbour. `table[k] = (x offset,
-    y offset, width, height)` of level k's interior. Values are clamped to [0, 1] (the
-    bicubic filter rings slightly), so every sample is in [0, 1].
-    """
-
-    def __init__(self, image: torch.Tensor, min_side: int = 4):
-        h0, w0 = image.shape[1:]
-        levels = [image[None].clamp(0.0, 1.0)]
-        k = 1
-        while True:
-            f = 2.0 ** (-k / LEVELS_PER_OCTAVE)
-            h, w = round(h0 * f), round(w0 * f)
-            if min(h, w) < min_side:
-                break
-            lv = F.interpolate(image[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-            levels.append(lv.clamp_(0.0, 1.0))
-            k += 1
-        # shelf packing, largest first; shelf width = the two largest levels side by side
-        sizes = [(lv.shape[2] + 2, lv.shape[3] + 2) for lv in levels]
-        width = sizes[0][1] + (sizes[1][1] if len(sizes) > 1 else 0)
-        places, x, y, shelf_h = [], 0, 0, 0
-        for h, w in sizes:
-            if x + w > width:
-                x, y, shelf_h = 0, y + shelf_h, 0
-            places.append((x, y))
-            x, shelf_h = x + w, max(shelf_h, h)
-        height = y + shelf_h
-        tex = image.new_zeros(1, 3, height, width)
-        for (ox, oy), lv in zip(places, levels):
-            h, w = lv.shape[2:]
-            tex[:, :, oy:oy + h + 2, ox:ox + w + 2] = F.pad(lv, (1, 1, 1, 1), mode="replicate")
-        self.texture = tex.contiguous(memory_format=torch.channels_last)
-        self.table = np.array([(ox + 1, oy + 1, lv.shape[3], lv.shape[2])
-                               for (ox, oy), lv in zip(places, levels)], dtype=np.float64)
-        self.max_level = len(levels) - 1
-        self.height, self.width = h0, w0
 
 
 # ---------------------------------------------------------------------------- the stream
@@ -462,7 +149,7 @@ class PatchStream:
                 )
             # built on the CPU (identical on every device; CUDA's antialiased resize cannot
             # do large reductions), then moved to the stream's device
-            pyr = _Pyramid(img.detach().to("cpu", torch.float32))
+            pyr = Pyramid(img.detach().to("cpu", torch.float32))
             pyr.texture = pyr.texture.to(self.device)
             self.pyramids.append(pyr)
             sides.append(int(config.initial_crop_fraction * min(h, w)))
@@ -477,86 +164,7 @@ class PatchStream:
     # ------------------------------------------------------------------ parameters
     def params(self, indices) -> PatchParams:
         """The sampled parameters of patches `indices` (numpy float64, deterministic)."""
-        cfg = self.config
-        idx = _as_indices(indices)
-        n = len(idx)
-        keys = _patch_keys(self.seed, idx)
-        u = _uniforms(keys, range(SLOT_ATTEMPTS))
-        source = np.minimum((u[:, SLOT_SOURCE] * self.num_images).astype(np.int64), self.num_images - 1)
-        w_img, h_img = self.image_sizes[source, 0], self.image_sizes[source, 1]
-        c = self.crop_sides[source]
-        crop_x = u[:, SLOT_CROP_X] * (w_img - c)
-        crop_y = u[:, SLOT_CROP_Y] * (h_img - c)
-        angle = (2 * u[:, SLOT_ANGLE] - 1) * cfg.rotation_degrees
-        shear = (2 * u[:, SLOT_SHEAR] - 1) * cfg.shear_degrees
-        hflip = u[:, SLOT_HFLIP] < cfg.hflip_prob
-        vflip = u[:, SLOT_VFLIP] < cfg.vflip_prob
-        jitter = u[:, SLOT_JITTER] < cfg.jitter_prob
-
-        def factor(slot, strength):
-            lo = max(0.0, 1.0 - strength)
-            return np.where(jitter, lo + u[:, slot] * (1.0 + strength - lo), 1.0)
-
-        brightness = factor(SLOT_BRIGHT, cfg.brightness)
-        contrast = factor(SLOT_CONTRAST, cfg.contrast)
-        saturation = factor(SLOT_SAT, cfg.saturation)
-        hue = np.where(jitter, (2 * u[:, SLOT_HUE] - 1) * cfg.hue, 0.0)
-
-        # footprint of the output square per unit box size (fill="none" only):
-        # extent of |M^-1 F| (S/2, S/2) in R-space, per axis, relative to R
-        R = cfg.resize_side
-        if cfg.fill == "none":
-            minv = np.abs(_inverse_warp(angle, shear))
-            reach = 2 * (R / 2.0 - cfg.crop_offset)  # >= S: the off-centre crop reaches further
-            foot_x = reach * (minv[:, 0, 0] + minv[:, 0, 1]) / R
-            foot_y = reach * (minv[:, 1, 0] + minv[:, 1, 1]) / R
-        else:
-            foot_x = foot_y = np.ones(n)
-
-        area = np.full(n, np.nan)
-        aspect = np.full(n, np.nan)
-        attempts = np.zeros(n, dtype=np.int64)
-        todo = np.arange(n)
-        log_lo, log_hi = math.log(cfg.aspect_range[0]), math.log(cfg.aspect_range[1])
-        a_lo, a_hi = cfg.area_range
-        k0 = 0
-        while len(todo) and k0 < MAX_ATTEMPTS:
-            k1 = min(MAX_ATTEMPTS, k0 + (FIRST_ROUND if k0 == 0 else 16))
-            slots = SLOT_ATTEMPTS + 2 * np.arange(k0, k1)
-            ua = _uniforms(keys[todo], slots)
-            ur = _uniforms(keys[todo], slots + 1)
-            a = a_lo + ua * (a_hi - a_lo) if cfg.scale else np.full_like(ua, cfg.fixed_area)
-            r = np.exp(log_lo + ur * (log_hi - log_lo))
-            fx = np.sqrt(a * r) * foot_x[todo, None]
-            fy = np.sqrt(a / r) * foot_y[todo, None]
-            ok = (fx <= 1.0) & (fy <= 1.0)
-            hit = ok.any(axis=1)
-            first = ok.argmax(axis=1)
-            rows = todo[hit]
-            area[rows] = a[hit, first[hit]]
-            aspect[rows] = r[hit, first[hit]]
-            attempts[rows] = k0 + first[hit] + 1
-            if k1 >= MAX_ATTEMPTS and not hit.all():  # give up: keep the last draw, shrink below
-                miss = todo[~hit]
-                area[miss], aspect[miss] = a[~hit, -1], r[~hit, -1]
-                attempts[miss] = MAX_ATTEMPTS
-            todo = todo[~hit]
-            k0 = k1
-        box_w = c * np.sqrt(area * aspect)
-        box_h = c * np.sqrt(area / aspect)
-        fx, fy = box_w * foot_x, box_h * foot_y  # what must fit in the crop
-        shrink = np.minimum(1.0, np.minimum(c / fx, c / fy))
-        fitted = shrink >= 1.0
-        box_w, box_h, fx, fy = box_w * shrink, box_h * shrink, fx * shrink, fy * shrink
-        center_x = crop_x + fx / 2 + u[:, SLOT_POS_X] * np.maximum(c - fx, 0.0)
-        center_y = crop_y + fy / 2 + u[:, SLOT_POS_Y] * np.maximum(c - fy, 0.0)
-        return PatchParams(
-            index=idx, source=source, crop_x=crop_x, crop_y=crop_y, crop_side=c,
-            area=area, aspect=aspect, box_w=box_w, box_h=box_h, center_x=center_x,
-            center_y=center_y, angle=angle, shear=shear, hflip=hflip, vflip=vflip,
-            jitter=jitter, brightness=brightness, contrast=contrast, saturation=saturation,
-            hue=hue, attempts=attempts, fitted=fitted,
-        )
+        return draw_params(self.config, self.seed, _as_indices(indices), self.image_sizes, self.crop_sides)
 
     def output_to_source(self, p: PatchParams):
         """(A, t) with source = A @ output + t, in continuous pixel coordinates (pixel
@@ -565,7 +173,7 @@ class PatchStream:
         flip = np.ones((len(p), 2))
         flip[p.hflip, 0] = -1.0
         flip[p.vflip, 1] = -1.0
-        Q = _inverse_warp(p.angle, p.shear) * flip[:, None, :]  # M^-1 F
+        Q = inverse_warp(p.angle, p.shear) * flip[:, None, :]  # M^-1 F
         scale = np.stack([p.box_w / R, p.box_h / R], axis=1)
         A = Q * scale[:, :, None]
         # output pixel p sits at p + offset in the R x R image; the offset is torchvision's

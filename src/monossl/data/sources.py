@@ -17,7 +17,7 @@ shape (3, H, W) with values in [0, 1]:
   `UserError`, not half-way through generating patches.
 
 Built-in images (`builtin:NAME`) are photographs bundled inside scikit-image's wheel (no
-network needed); `monossl images` lists them with size and licence.
+network needed); `builtin_table()` (`monossl images`) lists them with size and licence.
 
 The default image is `astronaut` (Eileen Collins, NASA, public domain): a busy, colourful
 photograph -- a face, an orange suit, a flag, hardware and text -- so random patches show
@@ -233,28 +233,16 @@ def describe_source(spec) -> dict:
     return {"spec": str(spec), "path": str(path), "sha256": digest}
 
 
-# --- `monossl images` ---------------------------------------------------------------
-
-def configure(parser) -> None:
-    parser.add_argument(
-        "--check", action="store_true",
-        help="also load every image (verifies the bundled files are present and readable)",
-    )
-
-
-def run(args) -> int:
+def builtin_table(check: bool = False) -> list[dict]:
+    """The built-in images, one dict each: name (`builtin:NAME`), width, height, licence,
+    description and default (True for DEFAULT_IMAGE). With `check`, every image is loaded
+    (verifying the bundled files) and its size is the loaded one."""
     rows = []
     for name, info in BUILTINS.items():
         w, h = info["size"]
-        if getattr(args, "check", False):
-            t = load_image(BUILTIN_PREFIX + name)
-            h, w = t.shape[1:]
-        marker = "*" if name == DEFAULT_IMAGE else ""
-        rows.append([f"builtin:{name}{marker}", f"{w}x{h}", info["licence"], info["description"]])
-    header = ["name", "size", "licence", "description"]
-    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(3)]
-    print("  ".join(header[i].ljust(widths[i]) for i in range(3)) + "  " + header[3])
-    for r in rows:
-        print("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3])
-    print("* default image (busy, colourful, public domain); use any other file with --image PATH")
-    return 0
+        if check:
+            h, w = load_image(BUILTIN_PREFIX + name).shape[1:]
+        rows.append({"name": BUILTIN_PREFIX + name, "width": int(w), "height": int(h),
+                     "licence": info["licence"], "description": info["description"],
+                     "default": name == DEFAULT_IMAGE})
+    return rows

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import time
 
-from monossl.eval.probes import DEFAULT_PROTOCOL, get_protocol, run_probe
+from monossl.eval.probe import probe
+from monossl.eval.protocols import DEFAULT_PROTOCOL, get_protocol
 
 
 class CurveProbe:
@@ -39,8 +40,8 @@ class CurveProbe:
 
     def __call__(self, trunk) -> dict:
         t0 = time.perf_counter()
-        result = run_probe(trunk, self.train, self.val, self.protocol, device=self.device, seed=self.seed,
-                           progress=False, verbose=False, workers=0)
+        result = probe(trunk, self.train, self.val, self.protocol, device=self.device, seed=self.seed,
+                       progress=False, verbose=False, workers=0)
         return {"top1": {k: v["top1"] for k, v in result["taps"].items()},
                 "seconds": round(time.perf_counter() - t0, 2)}
 

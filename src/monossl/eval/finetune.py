@@ -1,59 +1,69 @@
-"""`monossl finetune RUN --freeze conv1,conv2 --data DATA`: fine-tune a pretrained trunk, then probe it.
+"""Fine-tune a pretrained trunk with some layers frozen, then probe it: `finetune(FinetuneConfig(...))`.
 
 PAPER.md §4 (Table 4): keep the named layers of a pretrained trunk exactly (weights and
 BatchNorm running statistics), re-initialise everything else, train the trunk and a new linear
-classifier with the labels of --data, then probe every tap with linear classifiers.
+classifier with the labels of `data` (`methods.finetune.FineTune`, the one training loop with
+its checkpoints and resume), then probe every tap with linear classifiers:
 
-  * frozen stages: `requires_grad=False`, not in the optimiser (so no weight decay and no
-    momentum touch them), and in eval mode throughout training (so their BatchNorm running
-    statistics never move);
-  * the other stages and the head: the trunk's own initialisation, drawn from --seed;
-  * training: the supervised method and the one training loop (checkpoints, --resume);
-  * OUT/trunk.pt, then OUT/probe-<protocol>/results.{json,md} as `monossl probe` writes them.
+  * OUT/config.json (the settings; a resumed run must match them), OUT/last.pt, OUT/trunk.pt;
+  * OUT/probe-<protocol>/results.{json,md} as `monossl probe` writes them.
 
-OUT defaults to RUN/finetune-<layers> (e.g. runs/rot/finetune-conv1-conv2).
+OUT defaults to RUN/finetune-<layers> (e.g. runs/rot/finetune-conv1-conv2). Every setting is
+checked before anything is written. A training run that cannot go on raises
+`monossl.errors.TrainingStopped` (its last checkpoint is good).
+
+    result = finetune(FinetuneConfig(run_dir="runs/rot", data="cifar10", steps=500))
+    result["taps"]["conv3"]["top1"]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from monossl import runs
+from monossl.data.batches import dataset_source
+from monossl.data.datasets import load_pair, subset
+from monossl.device import resolve_device
+from monossl.distributed import is_main, setup, sync_batchnorm, world
 from monossl.errors import UserError
-from monossl.methods.supervised import Supervised, SupervisedConfig
+from monossl.eval.probe import probe
+from monossl.eval.protocols import DEFAULT_PROTOCOL, check_trunk, get_protocol
+from monossl.eval.results import ProbeResult, write_results
+from monossl.methods.finetune import FineTune, reinitialised_trunk
+from monossl.methods.supervised import SupervisedConfig
+from monossl.models import load_trunk, save_trunk
+from monossl.pretrain import DEFAULT_BATCH, DEFAULT_STEPS, default_lr
+from monossl.train import LoopConfig, steps_per_epoch, train
 
-DEFAULT_STEPS = 500  # as `monossl pretrain --method supervised`
-DEFAULT_BATCH = 128
+DEFAULT_FREEZE = ("conv1", "conv2")
 
 
-class FineTune(Supervised):
-    """The supervised method on a trunk whose `frozen` stages keep their weights and statistics."""
+@dataclass
+class FinetuneConfig:
+    """Everything one fine-tuning run takes; None means "the default" (noted per field)."""
 
-    name = "finetune"
-
-    def __init__(self, trunk, total_steps: int, config: SupervisedConfig, frozen: list[str]):
-        self.frozen = tuple(frozen)
-        for name in self.frozen:
-            trunk.stages[name].requires_grad_(False)
-        super().__init__(trunk, total_steps, config)
-        # Only what trains goes into the optimiser: SGD's weight decay and momentum would otherwise
-        # be the only things left that could touch a frozen weight.
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        self._opt = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum, nesterov=True,
-                                    weight_decay=config.weight_decay)
-
-    def train(self, mode: bool = True):
-        # the loop puts the method in training mode; frozen BatchNorm layers stay in eval mode
-        # (running statistics used, never updated)
-        super().train(mode)
-        for name in self.frozen:
-            self.trunk.stages[name].eval()
-        return self
+    run_dir: str | Path  # the pretrained run: a directory holding trunk.pt, or the trunk file
+    data: str  # labelled dataset to fine-tune and probe on (a `monossl.data.datasets` spec)
+    freeze: str | Sequence[str] = DEFAULT_FREEZE  # layers kept as pretrained: ("conv1", "conv2") or "conv1,conv2"
+    out: str | Path | None = None  # None: RUN/finetune-<layers>
+    steps: int | None = None  # None: the supervised method's (pretrain.DEFAULT_STEPS), unless epochs
+    epochs: int | None = None  # instead of steps: epochs over the training images
+    batch_size: int | None = None  # None: the supervised method's (pretrain.DEFAULT_BATCH)
+    lr: float | None = None  # None: the supervised method's (AlexNet: pretrain.default_lr)
+    image_size: int | None = None  # folder images read at S x S; None: 32 for the cifar trunk, else 256
+    seed: int = 0  # the re-initialised layers, the batches and the probes
+    device: str = "auto"
+    protocol: str | None = None  # probe protocol; None: the trunk's (DEFAULT_PROTOCOL)
+    probe_epochs: int | None = None  # None: the protocol's
+    subset: int | None = None  # class-balanced subset of the training images
+    test_subset: int | None = None  # class-balanced subset of the test images
+    workers: int | None = None  # data-loading processes of the probes
+    sync_bn: bool = False  # under torchrun: BatchNorm of the trained layers over the global batch
+    resume: bool = False  # continue the fine-tuning in OUT from its last checkpoint
+    progress: bool | None = None  # None: bars on a terminal; False: no bars and no progress lines
+    stop_after: int | None = None  # stop (checkpointed) after this many steps: tests and debugging
 
 
 def parse_freeze(text: str, taps) -> list[str]:
@@ -66,153 +76,93 @@ def parse_freeze(text: str, taps) -> list[str]:
     return [t for t in taps if t in names]
 
 
-def reinitialised_trunk(pretrained, frozen: list[str], seed: int):
-    """A fresh trunk of the same architecture (its own initialisation, drawn from `seed`) holding
-    the pretrained trunk's `frozen` stages: weights and BatchNorm statistics, copied exactly."""
-    from monossl.models import build_trunk
+def finetune(config: FinetuneConfig) -> ProbeResult | None:
+    """Fine-tune, save OUT/trunk.pt, probe; returns the probe result (what results.json holds).
 
-    torch.manual_seed(seed)
-    trunk = build_trunk(pretrained.arch, **pretrained.config)
-    for name in frozen:
-        trunk.stages[name].load_state_dict(pretrained.stages[name].state_dict())
-    return trunk
-
-
-def configure(p: argparse.ArgumentParser) -> None:
-    from monossl.cli import positive
-    from monossl.data.datasets import SPEC_HELP
-    from monossl.eval.probes import PROTOCOLS
-
-    p.add_argument("run_dir", help="the pretrained run (a directory holding trunk.pt, or the file)")
-    p.add_argument("--freeze", default="conv1,conv2",
-                   help="comma-separated layers kept as pretrained (weights and BatchNorm statistics); default conv1,conv2")
-    p.add_argument("--data", required=True, help=f"labelled dataset to fine-tune and probe on: {SPEC_HELP}")
-    p.add_argument("--out", default=None, help="output directory (default RUN/finetune-<layers>)")
-    p.add_argument("--steps", type=positive(), default=None, help=f"fine-tuning steps (default {DEFAULT_STEPS})")
-    p.add_argument("--epochs", type=positive(), default=None, help="fine-tuning epochs over --data's training images "
-                   "(instead of --steps)")
-    p.add_argument("--batch-size", type=positive(), default=None, help=f"images per step (default {DEFAULT_BATCH})")
-    p.add_argument("--lr", type=positive(float), default=None,
-                   help=f"base learning rate (default {SupervisedConfig.lr}; AlexNet 0.01)")
-    p.add_argument("--image-size", type=positive(), default=None,
-                   help="folder images are read at S x S before the random-resized crop (default 256 for AlexNet, "
-                        "32 for the cifar trunk)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the re-initialised layers, the batches and the probes")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
-                   help="probe protocol (default: the trunk's: asano-max for AlexNets, cifar for the cifar trunk)")
-    p.add_argument("--probe-epochs", type=positive(), default=None, help="probe epochs (default: the protocol's)")
-    p.add_argument("--subset", type=positive(), default=None, metavar="N",
-                   help="fine-tune and probe on a class-balanced subset of N training images")
-    p.add_argument("--test-subset", type=positive(), default=None, metavar="N",
-                   help="evaluate the probes on a class-balanced subset of N test images")
-    p.add_argument("--workers", type=int, default=None, help="data-loading processes of the probes")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun: BatchNorm of the trained layers over the global batch")
-    p.add_argument("--resume", action="store_true", help="continue the fine-tuning in OUT from its last checkpoint")
-    p.add_argument("--stop-after", type=positive(), default=None, help=argparse.SUPPRESS)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def run(args) -> int:
-    from monossl.data.batches import dataset_source
-    from monossl.data.datasets import load_pair, subset
-    from monossl.device import resolve_device
-    from monossl.distributed import is_main, setup, sync_batchnorm, world
-    from monossl.eval.probes import (
-        DEFAULT_PROTOCOL,
-        check_trunk,
-        get_protocol,
-        run_probe,
-        write_results,
-    )
-    from monossl.models import load_trunk, save_trunk
-    from monossl.train import LoopConfig, steps_per_epoch, train
-
-    # every option is checked before anything is written
-    pretrained, source_meta = load_trunk(args.run_dir)
-    frozen = parse_freeze(args.freeze, pretrained.tap_names)
-    device = setup(resolve_device(args.device))  # joins torchrun's process group, if any
-    protocol = get_protocol(args.protocol or DEFAULT_PROTOCOL.get(pretrained.arch, "cifar"))
-    check_trunk(pretrained, protocol, str(args.run_dir))
-    protocol = protocol.with_overrides(epochs=args.probe_epochs)
-    run_dir = Path(args.run_dir)
-    out = Path(args.out) if args.out else (run_dir if run_dir.is_dir() else run_dir.parent) / f"finetune-{'-'.join(frozen)}"
+    Returns None when the run stopped early at `stop_after` (checkpointed: resume it with
+    `resume=True`). A run that was fine-tuned and probed before returns its stored result.
+    Raises UserError for bad settings (before anything is written) and TrainingStopped when
+    training cannot go on."""
+    quiet = config.progress is False
+    # every setting is checked before anything is written
+    pretrained, source_meta = load_trunk(config.run_dir)
+    freeze = config.freeze if isinstance(config.freeze, str) else ",".join(config.freeze)
+    frozen = parse_freeze(freeze, pretrained.tap_names)
+    device = setup(resolve_device(config.device))  # joins torchrun's process group, if any
+    protocol = get_protocol(config.protocol or DEFAULT_PROTOCOL.get(pretrained.arch, "cifar"))
+    check_trunk(pretrained, protocol, str(config.run_dir))
+    protocol = protocol.with_overrides(epochs=config.probe_epochs)
+    run_dir = Path(config.run_dir)
+    default_out = (run_dir if run_dir.is_dir() else run_dir.parent) / f"finetune-{'-'.join(frozen)}"
+    out = Path(config.out) if config.out else default_out
     if out.is_dir() and is_main():
         runs.lock_run_dir(out)  # a run directory in use is refused at once, naming the process that has it
-    if (out / "last.pt").exists() and not args.resume:
+    if (out / "last.pt").exists() and not config.resume:
         raise UserError(f"{out} already holds a fine-tuning run; pass --resume to continue it or choose another --out")
-    if args.resume and not (out / "config.json").exists():
+    if config.resume and not (out / "config.json").exists():
         raise UserError(f"--resume: {out} holds no fine-tuning run to resume (no config.json)")
 
-    train_set, test_set = load_pair(args.data)
-    if args.subset:
-        train_set = subset(train_set, args.subset, seed=args.seed)
-    if args.test_subset:
-        test_set = subset(test_set, args.test_subset, seed=args.seed)
-    size = args.image_size or (32 if pretrained.input_size <= 64 else 256)
-    source = dataset_source(train_set, labelled=True, size=size, seed=args.seed)
-    batch_size = args.batch_size or DEFAULT_BATCH
+    train_set, test_set = load_pair(config.data)
+    if config.subset:
+        train_set = subset(train_set, config.subset, seed=config.seed)
+    if config.test_subset:
+        test_set = subset(test_set, config.test_subset, seed=config.seed)
+    size = config.image_size or (32 if pretrained.input_size <= 64 else 256)
+    source = dataset_source(train_set, labelled=True, size=size, seed=config.seed)
+    batch_size = config.batch_size or DEFAULT_BATCH["supervised"]
     spe = steps_per_epoch(source, batch_size)  # refuses a training set smaller than one batch
-    total_steps = args.epochs * spe if args.epochs is not None else args.steps or DEFAULT_STEPS
+    total_steps = config.epochs * spe if config.epochs is not None else config.steps or DEFAULT_STEPS["supervised"]
 
-    trunk = reinitialised_trunk(pretrained, frozen, args.seed)
-    if args.sync_bn and world()[1] > 1:
+    trunk = reinitialised_trunk(pretrained, frozen, config.seed)
+    if config.sync_bn and world()[1] > 1:
         # only the trained layers: frozen BatchNorms stay in eval mode and never compute batch statistics
         for name in trunk.tap_names:
             if name not in frozen:
                 sync_batchnorm(trunk.stages[name], device)
-    from monossl.pretrain import default_lr
-
-    lr = args.lr or default_lr("supervised", trunk.arch)
-    config = SupervisedConfig(num_classes=len(train_set.classes), **({"lr": lr} if lr else {}))
-    method = FineTune(trunk, total_steps, config, frozen)
+    lr = config.lr or default_lr("supervised", trunk.arch)
+    method_config = SupervisedConfig(num_classes=len(train_set.classes), **({"lr": lr} if lr else {}))
+    method = FineTune(trunk, total_steps, method_config, frozen)
     settings = {
-        "command": "finetune", "source_run": str(args.run_dir), "source_meta": source_meta,
+        "command": "finetune", "source_run": str(config.run_dir), "source_meta": source_meta,
         "arch": trunk.arch, "arch_config": trunk.config, "frozen": frozen,
         "reinitialised": [t for t in trunk.tap_names if t not in frozen] + ["head"],
-        "data": args.data, "subset": args.subset, "test_subset": args.test_subset, "image_size": size,
-        "method_config": asdict(config), "seed": args.seed, "batch_size": batch_size, "total_steps": total_steps,
-        "source": source.describe(), "protocol": protocol.to_dict(), "device": str(device),
+        "data": config.data, "subset": config.subset, "test_subset": config.test_subset, "image_size": size,
+        "method_config": asdict(method_config), "seed": config.seed, "batch_size": batch_size,
+        "total_steps": total_steps, "source": source.describe(), "protocol": protocol.to_dict(), "device": str(device),
     }
-    # only now, with every option checked: bad input leaves no empty run directory behind
+    # only now, with every setting checked: bad input leaves no empty run directory behind
     if is_main():
         runs.lock_run_dir(out)  # torchrun's other processes share rank 0's run directory
     else:
         runs.ensure_writable_dir(out)
-    if args.resume:
-        previous = runs.read_json(out / "config.json", "fine-tuning configuration")
-        changed = [k for k in settings if k != "device"
-                   and json.dumps(previous.get(k), default=str) != json.dumps(settings[k], default=str)]
-        if changed:
-            raise UserError(f"--resume: the options differ from the fine-tuning run in {out} ({', '.join(changed)})")
+    if config.resume:
+        runs.check_settings(out / "config.json", settings, "--resume: the options differ from the fine-tuning "
+                            f"run in {out} ({{changed}})", ignore=("device",), what="fine-tuning configuration")
     elif is_main():
         runs.write_json(out / "config.json", {**settings, "environment": runs.environment()})
 
     probe_dir = out / f"probe-{protocol.name}"
     if (probe_dir / "results.json").exists():
         print(f"fine-tuned and probed before: {probe_dir / 'results.json'}")
-        return 0
-    if not args.quiet and is_main():
-        print(f"finetune {args.run_dir}: {', '.join(frozen)} frozen, {', '.join(settings['reinitialised'])} "
-              f"re-initialised (seed {args.seed}); {total_steps} steps of {batch_size} on {args.data} -> {out}")
-    loop = LoopConfig(total_steps=total_steps, batch_size=batch_size, seed=args.seed,
-                      checkpoint_every=max(1, min(100, total_steps // 10)), stop_after=args.stop_after)
-    result = train(method, source, loop, out, device, progress=False if args.quiet else None)
-    if not result["finished"]:
+        return runs.read_json(probe_dir / "results.json", "probe result")
+    if not quiet and is_main():
+        print(f"finetune {config.run_dir}: {', '.join(frozen)} frozen, {', '.join(settings['reinitialised'])} "
+              f"re-initialised (seed {config.seed}); {total_steps} steps of {batch_size} on {config.data} -> {out}")
+    loop = LoopConfig(total_steps=total_steps, batch_size=batch_size, seed=config.seed,
+                      checkpoint_every=max(1, min(100, total_steps // 10)), stop_after=config.stop_after)
+    trained = train(method, source, loop, out, device, progress=config.progress)
+    if not trained["finished"]:
         if is_main():
-            print(f"stopped after {result['step']} of {total_steps} steps; rerun with --resume to continue")
-        return 0
-    meta = {"method": "finetune", "frozen": frozen, "source_run": str(args.run_dir), "source_meta": source_meta,
-            "data": args.data, "seed": args.seed, "total_steps": total_steps}
+            print(f"stopped after {trained['step']} of {total_steps} steps; rerun with --resume to continue")
+        return None
+    meta = {"method": "finetune", "frozen": frozen, "source_run": str(config.run_dir), "source_meta": source_meta,
+            "data": config.data, "seed": config.seed, "total_steps": total_steps}
     if is_main():
         save_trunk(out / "trunk.pt", method.trunk, meta)
-    probe = run_probe(method.trunk, train_set, test_set, protocol, device=device, seed=args.seed, out_dir=None,
-                      progress=not args.quiet, verbose=not args.quiet, meta=meta, dataset=args.data,
-                      workers=args.workers)
-    if not is_main():
-        return 0
-    write_results(probe_dir, probe)
-    if not args.quiet:
-        print(f"fine-tuned -> {out / 'trunk.pt'}; probes -> {probe_dir / 'results.json'}")
-    return 0
+    result = probe(method.trunk, train_set, test_set, protocol, device=device, seed=config.seed, out_dir=None,
+                   progress=not quiet, verbose=not quiet, meta=meta, dataset=config.data, workers=config.workers)
+    if is_main():
+        write_results(probe_dir, result)
+        if not quiet:
+            print(f"fine-tuned -> {out / 'trunk.pt'}; probes -> {probe_dir / 'results.json'}")
+    return result

@@ -8,15 +8,8 @@ parallelism works for every method and every optimiser, including ones made mid-
 Learning rates are a pure function of the step index, so resuming from a checkpoint
 needs no scheduler state.
 
-Optional hooks the loop calls when a method defines them:
-  * `begin_epoch(epoch, source) -> dict | None`: called at every epoch boundary of a finite
-    source; may return {"order": LongTensor of the epoch's sample indices (DeepCluster's
-    cluster-uniform sampler), "log": {name: float} written to metrics.jsonl}.
-  * `end_epoch(epoch, run_dir)`: after an epoch's last step (e.g. sample grids).
-  * `after_step(steps_done, run_dir)`: after every step, on rank 0 (BiGAN's sample grids on an
-    unlimited stream, which has no epochs).
-  * `extra_state() / load_extra_state(state)`: method state outside parameters/buffers
-    (e.g. DeepCluster's pseudo-labels) to keep in checkpoints.
+The loop calls every hook of `Method` (begin_epoch, end_epoch, after_step, extra_state,
+load_extra_state); here they do nothing, and a method overrides the ones it needs.
 """
 
 from __future__ import annotations
@@ -68,6 +61,26 @@ class Method(nn.Module):
     def step(self, batch: dict, step: int) -> dict[str, float]:
         raise NotImplementedError
 
+    # ----------------------------------------------------------------- hooks (no-ops by default)
+
+    def begin_epoch(self, epoch: int, source) -> dict | None:
+        """At every epoch boundary of a finite source: may return {"order": LongTensor of the epoch's
+        sample indices (DeepCluster's cluster-uniform sampler), "log": {name: float} for metrics.jsonl}."""
+        return None
+
+    def end_epoch(self, epoch: int, run_dir) -> None:
+        """After an epoch's last step, on rank 0 (e.g. sample grids)."""
+
+    def after_step(self, steps_done: int, run_dir) -> None:
+        """After every step, on rank 0 (BiGAN's sample grids on an unlimited stream, which has no epochs)."""
+
+    def extra_state(self) -> dict | None:
+        """Method state outside parameters and buffers (DeepCluster's pseudo-labels) to keep in checkpoints."""
+        return None
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what `extra_state` returned; called before the weights load (it may rebuild heads)."""
+
     @staticmethod
     def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
         """`optimizer.step()`, after averaging gradients over ranks when running distributed."""
@@ -77,12 +90,13 @@ class Method(nn.Module):
     def training_state(self) -> dict:
         """Everything needed to resume: parameters, buffers, optimiser state, extra state."""
         state = {"model": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()}}
-        if hasattr(self, "extra_state"):
-            state["extra"] = self.extra_state()
+        extra = self.extra_state()
+        if extra is not None:
+            state["extra"] = extra
         return state
 
     def load_training_state(self, state: dict) -> None:
-        if hasattr(self, "load_extra_state") and "extra" in state:
+        if "extra" in state:
             self.load_extra_state(state["extra"])  # may rebuild heads before their weights load
         self.load_state_dict(state["model"])
         for name, opt in self.optimizers().items():

@@ -1,54 +1,46 @@
 """BiGAN (Donahue et al., 2017): an encoder E, a generator G and a joint discriminator D(x, z).
 
-D tells real pairs (x, E(x)) from generated pairs (G(z), z); E and G are trained together to
-fool it. At the optimum E inverts G, so E (the trunk we probe) must describe images well
-enough to be told apart from the latent code that made them (PAPER.md §2). The CIFAR-10
-ablation of the paper trained it at 32 px ("MonoGAN").
+D tells real pairs (x, E(x)) from generated pairs (G(z), z); E and G are trained together to fool
+it. At the optimum E inverts G, so E (the trunk we probe) must describe images well enough to be
+told apart from the latent code that made them (PAPER.md §2; the paper's CIFAR-10 "MonoGAN": 32 px).
 
-Networks (see docs/bigan.md):
-  * E = the trunk + `Linear(trunk.feature_dim, latent_dim)`. The trunk takes RGB in [0, 1]
-    and normalises itself; E reads the batch resized to `encoder_size`: the CIFAR trunk's 32 px,
-    or 112 px for AlexNet (Donahue et al.'s encoder resolution; the AlexNet head takes it).
-  * G: DCGAN generator, z (200-d, uniform in [-1, 1]) -> Linear -> 4x4 -> transposed 4x4/2
-    convs with BatchNorm + ReLU -> tanh image in [-1, 1], 32 px (64 px: one more block).
-  * D: x-branch of 4x4/2 convs with LeakyReLU(0.2) down to 4x4; z-branch of two 512-unit
-    layers; concatenated -> dropout -> 1024 -> dropout -> one logit. No BatchNorm in D (real
-    and generated pairs go through it in one batch; batch statistics would leak the label).
+Networks (docs/bigan.md): E = the trunk + `Linear(feature_dim, latent_dim)` on the batch (RGB in
+[0, 1]) resized to `encoder_size` (32 px for the CIFAR trunk, Donahue et al.'s 112 px for AlexNet);
+G and D are `models.gan`'s DCGAN networks at `image_size`; z is 200-d, uniform in [-1, 1].
 
 Losses (non-saturating): D minimises BCE(D(x, E(x)), 1) + BCE(D(G(z), z), 0);
 E and G minimise BCE(D(x, E(x)), 0) + BCE(D(G(z), z), 1) (the labels swapped).
 Adam lr 2e-4, betas (0.5, 0.999) for D and for (E, G); constant lr for the first half of
 training, then linear decay to 0 (Donahue et al.'s schedule; `lr_decay_start`).
 
-Each step logs d_real = mean D(x, E(x)), d_fake = mean D(G(z), z) (probabilities, from
-the discriminator's pass before its update), d_loss, g_loss, e_loss, eg_loss = g_loss +
-e_loss, recon_ratio = mean ||x - G(E(x))|| / mean ||x - G(E(x'))|| with x' the batch rolled
-by one (1 = G(E(x)) knows nothing of x; lower = E and G invert each other), and lr.
+Each step logs d_real = mean D(x, E(x)) and d_fake = mean D(G(z), z) (from D's pass before its
+update), the losses, lr and recon_ratio = mean ||x - G(E(x))|| / mean ||x - G(E(x'))||, x' the
+batch rolled by one (1: G(E(x)) knows nothing of x; lower: E and G invert each other).
 
-Stop rules: losses that become NaN/inf stop the run in the training loop (train.py) with
-the last good checkpoint kept; when the discriminator wins outright (d_real > 1 - margin
-and d_fake < margin) for `d_win_patience` consecutive steps, `step` raises UserError, so
-the checkpoint on disk stays the last one written before.
+Stop rules: NaN/inf losses stop the run in the training loop (train.py); when the
+discriminator wins outright (d_real > 1 - margin and d_fake < margin) for `d_win_patience`
+consecutive steps, `step` raises TrainingStopped; either way last.pt stays the last good checkpoint.
 
-Sample grids (real patches / G(E(x)) / G(z) for a fixed z, in eval mode): `end_epoch`
-(finite sources) and `after_step` (every `sample_every` steps and at the last step; the
-loop must call it, see docs/bigan.md) write run_dir/samples/*.png atomically.
+Sample grids (real patches / G(E(x)) / G(z) for a fixed z, in eval mode) go to run_dir/samples/:
+`end_epoch` (finite sources) and `after_step` (every `sample_every` steps and at the last step).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.utils import make_grid, save_image
 
 from monossl.distributed import global_count, local_rows
-from monossl.errors import UserError
+from monossl.errors import TrainingStopped
 from monossl.methods.augment import random_resized_crop
 from monossl.methods.base import Method, set_lr
+from monossl.models.gan import Discriminator, Generator
+from monossl.runs import atomic_path
 
 
 @dataclass
@@ -75,68 +67,6 @@ class BiGANConfig:
     d_win_patience: int = 200
     sample_every: int = 500  # steps between sample grids of `after_step` (0: only at the end)
     sample_count: int = 16  # images per row of a sample grid
-
-
-def _dcgan_init(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            nn.init.normal_(m.weight, 1.0, 0.02)
-            nn.init.zeros_(m.bias)
-
-
-def _blocks(size: int) -> int:
-    """Number of x2 resolution steps between 4x4 and `size` (32 -> 3, 64 -> 4)."""
-    n = int(round(math.log2(size / 4)))
-    if size < 8 or 4 * 2**n != size:
-        raise UserError(f"BiGAN image_size must be 4 x a power of two (32, 64, ...), got {size}")
-    return n
-
-
-class Generator(nn.Module):
-    """DCGAN generator: z -> (B, 3, size, size) in [-1, 1]."""
-
-    def __init__(self, latent_dim: int = 200, size: int = 32, width: int = 64):
-        super().__init__()
-        n = _blocks(size)
-        ch = width * 2 ** (n - 1)
-        self.size, self.latent_dim, self.top = size, latent_dim, ch
-        self.fc = nn.Sequential(nn.Linear(latent_dim, ch * 16, bias=False), nn.BatchNorm1d(ch * 16), nn.ReLU(True))
-        layers = []
-        for _ in range(n - 1):
-            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
-            ch //= 2
-        layers += [nn.ConvTranspose2d(ch, 3, 4, 2, 1), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
-        _dcgan_init(self)
-
-    def forward(self, z):
-        return self.net(self.fc(z).view(-1, self.top, 4, 4))
-
-
-class Discriminator(nn.Module):
-    """Joint D(x, z) -> one logit per pair; x in [-1, 1] at `size` px, z latent_dim-d."""
-
-    def __init__(self, latent_dim: int = 200, size: int = 32, width: int = 64, dropout: float = 0.2):
-        super().__init__()
-        n = _blocks(size)
-        layers, ch, cin = [], width, 3
-        for _ in range(n):
-            layers += [nn.Conv2d(cin, ch, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-            cin, ch = ch, ch * 2
-        self.x_net = nn.Sequential(*layers, nn.Flatten())
-        self.z_net = nn.Sequential(nn.Linear(latent_dim, 512), nn.LeakyReLU(0.2, True),
-                                   nn.Linear(512, 512), nn.LeakyReLU(0.2, True))
-        self.joint = nn.Sequential(nn.Dropout(dropout), nn.Linear(cin * 16 + 512, 1024), nn.LeakyReLU(0.2, True),
-                                   nn.Dropout(dropout), nn.Linear(1024, 1))
-        self.size = size
-        _dcgan_init(self)
-
-    def forward(self, x, z):
-        return self.joint(torch.cat([self.x_net(x), self.z_net(z)], 1)).squeeze(1)
 
 
 def _resize(images, size: int):
@@ -259,7 +189,7 @@ class BiGAN(Method):
         self.d_win_streak = self.d_win_streak + 1 if wins else 0
         if c.d_win_patience and self.d_win_streak >= c.d_win_patience:
             first = step - self.d_win_streak + 1
-            raise UserError(
+            raise TrainingStopped(
                 f"training stopped: the BiGAN discriminator has won outright for {self.d_win_streak} consecutive "
                 f"steps (steps {first}-{step}: mean D(x,E(x)) > {1 - c.d_win_margin:g} and mean D(G(z),z) < "
                 f"{c.d_win_margin:g}; now {d_real:.4f} and {d_fake:.4f}), so E and G no longer learn. The run "
@@ -303,24 +233,14 @@ class BiGAN(Method):
         """Save the sample grid (rows: real, G(E(x)), G(z)) as a PNG, atomically."""
         if self._grid_real is None:
             return None
-        import numpy as np
-        from PIL import Image
-
-        from monossl.runs import atomic_path
-        from monossl.viz.plots import tile_images
-
         grid = self.sample_grid()
         n = grid.shape[0] // 3
-        array = (tile_images(grid, ncols=n) * 255).round().astype(np.uint8)
-        image = Image.fromarray(array)
-        scale = max(1, 256 // max(1, image.width // n))  # small patches: enlarge (nearest) to be visible
-        scale = min(scale, 4)
-        if scale > 1:
-            image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-        path = Path(path)
+        grid = make_grid(grid, nrow=n, padding=1, pad_value=1.0)
+        scale = min(4, max(1, 256 // max(1, grid.shape[-1] // n)))  # small patches: enlarge (nearest) to be visible
+        grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
         with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG")
-        return path
+            save_image(grid, tmp, format="PNG")
+        return Path(path)
 
     def end_epoch(self, epoch: int, run_dir) -> None:
         self.write_samples(Path(run_dir) / "samples" / f"epoch{epoch:04d}.png")

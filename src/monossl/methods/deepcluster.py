@@ -2,37 +2,31 @@
 
 Every epoch (`begin_epoch`, called by the training loop at each epoch boundary):
 
-  1. features of the whole fixed training set (indices 0..N-1 of the source: the patch
-     stream's first N patches, which are the same patches every epoch, or a dataset's
-     images) from the trunk's penultimate layer, in eval mode, without augmentation, in
-     chunks under `torch.no_grad`;
-  2. PCA to `pca_dim` (256) dimensions with whitening, fitted on a random subsample of at
-     most `pca_sample` features (kept in fp16), then L2 normalisation;
-  3. k-means with faiss (`kmeans_iters` = 20 iterations, a fresh seed derived from the run
-     seed and the epoch, AFK-MC^2 seeding by default, see `run_kmeans`); faiss re-seeds clusters that empty during its iterations, and
-     any cluster still empty in the final assignment is simply never sampled;
-  4. the epoch's order: N indices drawn uniformly over the non-empty clusters (each
-     cluster gets N // m or N // m + 1 draws, without replacement while it has enough
-     members, cycling through them when it has fewer);
+  1. features of the whole fixed training set (the source's samples 0..N-1: the same
+     patches every epoch) from the trunk's penultimate layer, in eval mode, without
+     augmentation, in chunks under `torch.no_grad`;
+  2. PCA to `pca_dim` (256) dimensions with whitening (`pca.PCAWhitening`), fitted on a
+     random subsample of at most `pca_sample` features (kept in fp16), then L2 normalisation;
+  3. faiss k-means (`kmeans.run_kmeans`: 20 iterations, AFK-MC^2 seeding, a seed from the run
+     seed and the epoch); a cluster left empty is never sampled;
+  4. the epoch's order: N indices uniform over the non-empty clusters
+     (`cluster_sampler.uniform_cluster_order`);
   5. a new randomly initialised linear head with k outputs and its own SGD optimiser (the
      cluster ids are new); the trunk's optimiser persists across epochs.
 
-Each step: the method's random-resized crop + flip, cross-entropy on the pseudo-labels
-of the batch's indices; both optimisers step. SGD lr 0.1 (PAPER.md: 0.05), momentum 0.9,
-weight decay 1e-5; constant lr unless `lr_milestones` is set.
+Each step: random-resized crop + flip, cross-entropy on the pseudo-labels of the batch's
+indices; both optimisers step. SGD lr 0.1 (PAPER.md: 0.05), momentum 0.9, weight decay 1e-5;
+constant lr unless `lr_milestones` is set.
 
-Under torchrun every rank extracts features of one block of the N samples, they are
-gathered on every rank, rank 0 runs PCA and k-means and broadcasts the labels.
+Under torchrun every rank extracts features of one block of the N samples, they are gathered
+on every rank, rank 0 runs PCA and k-means and broadcasts the labels. Memory (docs/deepcluster.md):
+for N <= pca_sample the N x D features are held in fp16 and projected after the fit; otherwise
+a first pass extracts the PCA subsample and a second extracts all N chunk by chunk, projecting
+each at once, so only N x pca_dim fp32 is kept (1.28M x 256 -> 1.3 GB).
 
-Memory (see docs/deepcluster.md): when N <= pca_sample the N x D features are held in
-fp16 and projected after the fit; otherwise a first pass extracts the PCA subsample
-(pca_sample x D fp16) and a second pass extracts all N in chunks and projects each chunk
-at once, so only N x pca_dim fp32 is kept (1.28M x 256 -> 1.3 GB).
-
-Everything random is drawn from generators seeded by (run seed, epoch), so runs are
-reproducible and a run resumed from a checkpoint equals an uninterrupted one: the
-pseudo-labels, k and the head (rebuilt to k outputs before its weights load) travel in
-the checkpoint via `extra_state`, the head optimiser via `optimizers()`.
+Everything random comes from generators seeded by (run seed, epoch), so a run resumed from a
+checkpoint equals an uninterrupted one: the pseudo-labels, k and the head (rebuilt to k
+outputs before its weights load) travel via `extra_state`, the head optimiser via `optimizers()`.
 """
 
 from __future__ import annotations
@@ -51,6 +45,11 @@ from monossl.distributed import broadcast, gather_rows, is_main, shard_range
 from monossl.errors import UserError
 from monossl.methods.augment import random_resized_crop
 from monossl.methods.base import Method, accuracy, set_lr, step_lr
+from monossl.methods.cluster_sampler import uniform_cluster_order
+from monossl.methods.kmeans import run_kmeans
+from monossl.methods.nmi import nmi
+from monossl.methods.pca import PCAWhitening
+from monossl.seeds import derive_seed
 
 #: default k: about this many points per cluster (ImageNet: 1.28M / 10,000 = 128) ...
 POINTS_PER_CLUSTER = 128
@@ -83,193 +82,9 @@ class DeepClusterConfig:
     collapse_fraction: float = 0.5  # warn when the largest cluster holds more than this fraction
 
 
-# ---------------------------------------------------------------------------------------
-# The pieces (pure functions, tested on their own)
-# ---------------------------------------------------------------------------------------
-
 def _seed(seed: int, epoch: int, salt: int) -> int:
-    """A 31-bit seed for (run seed, epoch, purpose)."""
-    return (seed * 1_000_003 + epoch * 7919 + salt * 104_729) % (2**31 - 1)
-
-
-class PCAWhitening:
-    """PCA to `dim` dimensions with whitening: y = ((x - mean) @ V) / sqrt(max(lambda, floor)).
-
-    Fitted in float64 (eigh of the covariance); `floor` = eig_floor * largest eigenvalue
-    keeps near-null directions (dead units, fewer samples than dimensions) from being
-    blown up into noise. On the data it was fitted on, the output covariance is the
-    identity in every direction whose eigenvalue is above the floor.
-    """
-
-    def __init__(self, mean: torch.Tensor, projection: torch.Tensor, eigenvalues: torch.Tensor):
-        self.mean = mean  # (D,) float32
-        self.projection = projection  # (D, dim) float32, whitening folded in
-        self.eigenvalues = eigenvalues  # (dim,) float64, before flooring
-
-    @classmethod
-    def fit(cls, x: torch.Tensor, dim: int, eig_floor: float = 1e-5, chunk: int = 8192) -> "PCAWhitening":
-        n, d = x.shape
-        if n < 2:
-            raise ValueError("PCA needs at least 2 samples")
-        mean = torch.zeros(d, dtype=torch.float64)
-        for i in range(0, n, chunk):
-            mean += x[i:i + chunk].double().sum(0)
-        mean /= n
-        dim = min(dim, d)
-        if n < d:
-            evals, evecs = cls._eig_from_gram(x, mean, dim)
-        else:
-            cov = torch.zeros(d, d, dtype=torch.float64)
-            for i in range(0, n, chunk):
-                xc = x[i:i + chunk].double() - mean
-                cov += xc.t() @ xc
-            cov /= n - 1
-            evals, evecs = torch.linalg.eigh(cov)  # ascending
-            evals, evecs = evals.flip(0)[:dim], evecs.flip(1)[:, :dim]
-        floor = max(float(evals[0]) * eig_floor, 1e-12)
-        scale = evals.clamp(min=floor).rsqrt()
-        return cls(mean.float(), (evecs * scale).float(), evals)
-
-    @staticmethod
-    def _eig_from_gram(x: torch.Tensor, mean: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top `dim` eigenpairs of the covariance from the n x n Gram matrix, for n < D
-        (AlexNet's D = 4096 with a few thousand samples: an n x n eigh instead of 4096 x 4096,
-        25-30 s on 2 cores). Directions beyond the data's rank get zero vectors: the data has
-        no variance there, so they carry nothing (the covariance route gives arbitrary ones)."""
-        n, d = x.shape
-        xc = x.double() - mean
-        evals, u = torch.linalg.eigh(xc @ xc.t() / (n - 1))  # ascending
-        evals, u = evals.flip(0)[:dim].clamp(min=0), u.flip(1)[:, :dim]
-        rank_ok = evals > evals[0] * 1e-12
-        evecs = (xc.t() @ u) / (evals * (n - 1)).sqrt().clamp(min=1e-300)  # unit-norm eigenvectors of xc^T xc
-        evecs[:, ~rank_ok] = 0
-        if dim > len(evals):  # fewer samples than dimensions asked for
-            evals = torch.cat([evals, evals.new_zeros(dim - len(evals))])
-            evecs = torch.cat([evecs, evecs.new_zeros(d, dim - evecs.shape[1])], dim=1)
-        return evals, evecs
-
-    @property
-    def dim(self) -> int:
-        return self.projection.shape[1]
-
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) @ self.projection
-
-
-KMEANS_INITS = ("random", "k-means++", "afk-mc2")
-
-
-def run_kmeans(x: torch.Tensor | np.ndarray, k: int, seed: int, niter: int = 20,
-               init: str = "afk-mc2") -> tuple[np.ndarray, dict]:
-    """faiss k-means on x (n, d) float32; returns (labels int64 (n,), stats).
-
-    init: "random" picks k distinct points (the original DeepCluster); "k-means++" samples
-    them D^2-weighted (O(nkd) extra); "afk-mc2" approximates k-means++ by MCMC
-    (O(nd + 50 k^2 d), about one Lloyd iteration at N = 128 k). Random starts often merge
-    two true clusters and split another, which 20 Lloyd iterations do not undo
-    (tests/test_deepcluster.py: 8 separated blobs were recovered by 0 of 20 random starts,
-    18 of 20 k-means++ and 18 of 20 AFK-MC^2 starts), hence the default.
-
-    Uses every point (no faiss subsampling: max_points_per_centroid is raised above n).
-    faiss splits a large cluster to re-seed any cluster that empties during the
-    iterations; the final assignment (nearest final centroid) can still leave one empty,
-    which the sampler then skips. stats: objective, number of non-empty clusters,
-    largest-cluster fraction, seconds.
-    """
-    import faiss
-
-    t0 = time.perf_counter()
-    x = np.ascontiguousarray(x.numpy() if torch.is_tensor(x) else x, dtype=np.float32)
-    n, d = x.shape
-    if not 1 <= k <= n:
-        raise UserError(f"k-means: cannot make {k} clusters of {n} points (choose --clusters between 1 and {n})")
-    if init not in KMEANS_INITS:
-        raise UserError(f"k-means init must be one of {', '.join(KMEANS_INITS)}, not {init!r}")
-    clus = faiss.Clustering(d, k)
-    clus.init_method = {"random": faiss.ClusteringInitMethod_RANDOM,
-                        "k-means++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
-                        "afk-mc2": faiss.ClusteringInitMethod_AFK_MC2}[init]
-    clus.niter = niter
-    clus.seed = int(seed)
-    clus.max_points_per_centroid = max(n // k + 1, 256)  # never subsample
-    clus.min_points_per_centroid = 1  # small k-per-point ratios are expected here; no warning
-    clus.verbose = False
-    index = faiss.IndexFlatL2(d)
-    clus.train(x, index)
-    centroids = faiss.vector_float_to_array(clus.centroids).reshape(k, d)
-    final = faiss.IndexFlatL2(d)
-    final.add(centroids)
-    _, assign = final.search(x, 1)
-    labels = assign[:, 0].astype(np.int64)
-    sizes = np.bincount(labels, minlength=k)
-    stats = clus.iteration_stats
-    objective = float(stats.at(stats.size() - 1).obj) if stats.size() else float("nan")
-    return labels, {
-        "kmeans_obj": objective / n,
-        "clusters_nonempty": int((sizes > 0).sum()),
-        "largest_cluster_frac": float(sizes.max() / n),
-        "cluster_time_s": time.perf_counter() - t0,
-    }
-
-
-def _entropy(counts: np.ndarray) -> float:
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-def nmi(a, b) -> float:
-    """Normalised mutual information of two labelings, I(a;b) / mean(H(a), H(b)).
-
-    The arithmetic-mean normalisation of scikit-learn's default; 1.0 for identical
-    partitions (up to renaming), 0.0 for independent ones. Two single-cluster labelings
-    count as identical (1.0).
-    """
-    from scipy.sparse import coo_matrix
-
-    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
-    if a.shape != b.shape:
-        raise ValueError("nmi: the labelings have different lengths")
-    _, ai = np.unique(a, return_inverse=True)
-    _, bi = np.unique(b, return_inverse=True)
-    n = a.size
-    joint = coo_matrix((np.ones(n), (ai, bi)), shape=(ai.max() + 1, bi.max() + 1)).tocsr()
-    joint.sum_duplicates()
-    ha, hb = _entropy(np.bincount(ai)), _entropy(np.bincount(bi))
-    if ha == 0.0 and hb == 0.0:
-        return 1.0
-    if ha == 0.0 or hb == 0.0:
-        return 0.0
-    pa, pb = np.bincount(ai) / n, np.bincount(bi) / n
-    rows, cols = joint.nonzero()
-    pij = np.asarray(joint[rows, cols]).ravel() / n
-    mi = float((pij * (np.log(pij) - np.log(pa[rows]) - np.log(pb[cols]))).sum())
-    return max(0.0, min(1.0, mi / ((ha + hb) / 2)))
-
-
-def uniform_cluster_order(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n sample indices drawn uniformly over the non-empty clusters of `labels`, shuffled.
-
-    Each of the m non-empty clusters gets n // m draws, plus one for n % m of them chosen at
-    random. Within a cluster the draws walk a random permutation of its members, so they
-    are without replacement while the cluster has enough members and spread evenly over
-    them (each used ceil or floor of draws/size times) when it has fewer. Empty clusters
-    are skipped, so the sampler never fails on them.
-    """
-    labels = labels.long().cpu()
-    if labels.numel() == 0:
-        raise ValueError("no labels to sample from")
-    # members grouped by cluster, in random order within each cluster
-    perm = torch.randperm(labels.numel(), generator=generator)
-    grouped = perm[torch.sort(labels[perm], stable=True).indices]
-    ids, sizes = torch.unique_consecutive(labels[grouped], return_counts=True)
-    offsets = torch.cumsum(sizes, 0) - sizes
-    m = ids.numel()
-    draws = torch.full((m,), n // m, dtype=torch.long)
-    draws[torch.randperm(m, generator=generator)[: n % m]] += 1
-    which = torch.repeat_interleave(torch.arange(m), draws)  # cluster (0..m-1) of each draw
-    within = torch.arange(n) - torch.repeat_interleave(torch.cumsum(draws, 0) - draws, draws)
-    picks = grouped[offsets[which] + within % sizes[which]]
-    return picks[torch.randperm(n, generator=generator)]
+    """A 31-bit seed (faiss takes no more) for (run seed, epoch, purpose)."""
+    return derive_seed(seed, 0, epoch, salt) % (2**31 - 1)
 
 
 def _eval_view(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -282,10 +97,6 @@ def _eval_view(images: torch.Tensor, size: int) -> torch.Tensor:
         return images[..., top:top + size, left:left + size]
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
-
-# ---------------------------------------------------------------------------------------
-# The method
-# ---------------------------------------------------------------------------------------
 
 class DeepCluster(Method):
     name = "deepcluster"

@@ -21,8 +21,8 @@ from monossl.models.trunks import AlexNet, CifarTrunk, Sobel, Trunk, _init_weigh
 ARCHS = ("cifar", "alexnet-big", "alexnet-small")
 CHECKPOINT_FORMAT = "monossl.trunk/1"
 
-__all__ = ["ARCHS", "Trunk", "CifarTrunk", "AlexNet", "Sobel", "build_trunk", "save_trunk", "load_trunk",
-           "trunk_config_from"]
+__all__ = ["ARCHS", "Trunk", "CifarTrunk", "AlexNet", "Sobel", "build_trunk", "random_trunk", "save_trunk",
+           "load_trunk", "trunk_config_from"]
 
 
 def build_trunk(arch: str = "cifar", **config) -> Trunk:
@@ -39,6 +39,16 @@ def build_trunk(arch: str = "cifar", **config) -> Trunk:
         raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
     _init_weights(trunk)
     return trunk
+
+
+def random_trunk(arch: str = "cifar", seed: int = 0, **config) -> Trunk:
+    """The trunk of `torch.manual_seed(seed); build_trunk(arch, **config)`, without touching the global RNG:
+    the random baseline of every table and figure."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_trunk(arch, **config)
 
 
 def trunk_config_from(widths: str | None, conv1_kernel: int | None) -> dict:

@@ -1,6 +1,7 @@
-"""`monossl filters`: the conv1 filters of one or more networks, side by side.
+"""conv1 filters as drawn (PAPER.md section 6): BatchNorm folded in, Sobel trunks composed into
+RGB, a measure of spatial structure, and the figure of several networks side by side.
 
-What is drawn (PAPER.md section 6):
+What is drawn:
 
 * each conv1 filter with its **BatchNorm scale folded in**: conv1 has no bias and is followed by
   BatchNorm, so in eval mode `BN(conv(x, W)) = conv(x, W * s) + (beta - running_mean * s)` with
@@ -16,27 +17,22 @@ What is drawn (PAPER.md section 6):
 Filters act on the trunk's normalised input ((x - mean) / std, std about 0.225 for every
 channel); the per-channel std (0.229, 0.224, 0.225) is not folded in: it would change the
 colour balance by under 2 %.
-
-Networks are named by run directories (or trunk.pt files), by `random` / `random:SEED`
-(a freshly initialised trunk of `--arch`), or by `--random` (adds a random trunk from `--seed`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.utils import make_grid
 
 from monossl.errors import UserError
-
-FIGURE_FORMATS = ("png", "pdf", "svg")
+from monossl.viz.figures import new_figure, save_figure
+from monossl.viz.networks import Network
 
 
 # ---------------------------------------------------------------------------- filters
@@ -131,167 +127,28 @@ def normalise_filters(filters: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 1e-12, out, torch.full_like(out, 0.5))
 
 
-def grid_shape(n: int, ncols: int | None = None) -> tuple[int, int]:
-    """(rows, cols) of the grid for n filters: cols = ceil(sqrt(n)) unless given."""
-    if n <= 0:
-        raise ValueError("no filters to tile")
-    ncols = int(ncols or math.ceil(math.sqrt(n)))
-    ncols = max(1, min(ncols, n))
-    return math.ceil(n / ncols), ncols
-
-
 def filter_grid(filters: torch.Tensor, scale: int = 4, pad: int = 1, ncols: int | None = None,
                 pad_value: float = 1.0, grey: bool = False) -> np.ndarray:
     """Tile filters (C, 3, k, k) into an (H, W, 3) float image in [0, 1].
 
     Each filter is min-max normalised on its own, enlarged `scale` times (nearest neighbour)
-    and placed in a grid of `grid_shape(C, ncols)` cells separated by `pad` pixels of
-    `pad_value`. grey=True draws each filter's channel sum in grey (for Sobel trunks).
-    H = rows * k * scale + (rows + 1) * pad, W likewise with cols.
+    and tiled by `make_grid` in rows of `ncols` (default ceil(sqrt(C))) cells separated by `pad`
+    pixels of `pad_value`. grey=True draws each filter's channel sum in grey (for Sobel trunks).
+    H = rows * k * scale + (rows + 1) * pad, W likewise with cols (a single filter: no padding).
     """
-    if filters.dim() != 4:
-        raise ValueError(f"filters must be (C, channels, k, k), got {tuple(filters.shape)}")
+    if filters.dim() != 4 or filters.shape[0] == 0:
+        raise ValueError(f"filters must be a non-empty (C, channels, k, k) tensor, got {tuple(filters.shape)}")
     f = filters.detach().float().cpu()
     if grey:
         f = f.sum(1, keepdim=True)
     f = normalise_filters(f)
-    if f.shape[1] == 1:
-        f = f.expand(-1, 3, -1, -1)
     if scale > 1:
         f = F.interpolate(f, scale_factor=scale, mode="nearest")
-    c, _, kh, kw = f.shape
-    rows, cols = grid_shape(c, ncols)
-    out = torch.full((3, rows * kh + (rows + 1) * pad, cols * kw + (cols + 1) * pad), float(pad_value))
-    for i in range(c):
-        r, q = divmod(i, cols)
-        y, x = pad + r * (kh + pad), pad + q * (kw + pad)
-        out[:, y:y + kh, x:x + kw] = f[i]
-    return out.permute(1, 2, 0).numpy()
-
-
-# ---------------------------------------------------------------------------- networks
-
-
-@dataclass
-class Network:
-    """A trunk with what identifies it: label for figures, meta, run directory (if any)."""
-
-    label: str
-    trunk: torch.nn.Module
-    meta: dict = field(default_factory=dict)
-    run_dir: Path | None = None
-    config: dict = field(default_factory=dict)
-
-
-def _image_name(spec) -> str:
-    if isinstance(spec, (list, tuple)):
-        names = [_image_name(s) for s in spec]
-        return names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}"
-    spec = str(spec)
-    if spec.startswith("builtin:"):
-        return spec.split(":", 1)[1]
-    return Path(spec).stem or spec
-
-
-def run_label(meta: dict, config: dict | None = None) -> str:
-    """'method, image, preset' (or 'method, data' for dataset runs; 'random (seed K)')."""
-    config = config or {}
-    method = meta.get("method") or config.get("method") or "?"
-    if method == "random":
-        seed = meta.get("seed", config.get("seed"))
-        return "random" if seed is None else f"random (seed {seed})"
-    image = meta.get("image") or config.get("image")
-    if image:
-        preset = meta.get("preset") or config.get("preset") or "all"
-        return f"{method}, {_image_name(image)}, {preset}"
-    data = meta.get("data") or config.get("data")
-    return f"{method}, {data}" if data else str(method)
-
-
-def random_network(arch: str = "cifar", seed: int = 0, **config) -> Network:
-    from monossl.models import build_trunk
-
-    with torch.random.fork_rng(devices=[]):  # the same trunk as `torch.manual_seed(seed); build_trunk(arch)`
-        torch.manual_seed(seed)
-        trunk = build_trunk(arch, **config)
-    meta = {"method": "random", "seed": seed, "arch": arch}
-    return Network(run_label(meta), trunk.eval(), meta)
-
-
-def load_network(spec, arch: str = "cifar") -> Network:
-    """A run directory / trunk.pt, or `random` / `random:SEED` (a fresh `arch` trunk)."""
-    from monossl.models import load_trunk
-
-    text = str(spec)
-    path = Path(text)
-    if not path.exists() and (text == "random" or text.startswith("random:")):
-        try:
-            seed = int(text.split(":", 1)[1]) if ":" in text else 0
-        except ValueError:
-            raise UserError(f"{text!r}: want random or random:SEED with an integer seed") from None
-        return random_network(arch, seed)
-    if not path.exists():
-        raise UserError(f"no such run: {text} (give a run directory, a trunk.pt, or random[:SEED])")
-    trunk, meta = load_trunk(path)
-    run_dir = path if path.is_dir() else path.parent
-    config = {}
-    if (run_dir / "config.json").is_file():
-        try:
-            config = json.loads((run_dir / "config.json").read_text())
-        except json.JSONDecodeError:
-            config = {}
-    return Network(run_label(meta, config), trunk.eval(), dict(meta), run_dir, config)
-
-
-def networks_from_args(args) -> list[Network]:
-    """`--random` (first) then the positional runs."""
-    nets = []
-    if getattr(args, "random", False):
-        nets.append(random_network(args.arch, args.seed))
-    for spec in getattr(args, "runs", None) or []:
-        nets.append(load_network(spec, args.arch))
-    return nets
+    ncols = int(ncols or math.ceil(math.sqrt(f.shape[0])))
+    return make_grid(f, nrow=ncols, padding=pad, pad_value=pad_value).permute(1, 2, 0).numpy()
 
 
 # ---------------------------------------------------------------------------- figure
-
-
-def figure_format(out) -> str:
-    suffix = Path(out).suffix.lower().lstrip(".")
-    if suffix not in FIGURE_FORMATS:
-        raise UserError(f"--out {out}: write a .png, .pdf or .svg file")
-    return suffix
-
-
-def new_figure(figsize):
-    """A matplotlib Figure without pyplot (no global state, no GUI backend: Agg when saved)."""
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=figsize)
-
-
-def readable(path) -> None:
-    """Give a file the usual permissions (mkstemp makes them 0600): 0666 minus the umask."""
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def save_figure(fig, out, dpi: int = 100) -> Path:
-    """Save a matplotlib figure atomically (format from the file name)."""
-    from monossl.runs import atomic_path
-
-    out = Path(out)
-    fmt = figure_format(out)
-    try:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", facecolor="white")
-            readable(tmp)
-    except OSError as exc:
-        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
-    return out
 
 
 def filters_figure(networks: list[Network], scale: int = 4, ncols: int | None = None, title: str | None = None):
@@ -317,33 +174,3 @@ def write_filters(networks: list[Network], out, scale: int = 4, ncols: int | Non
     if not networks:
         raise UserError("no network to draw: give RUN directories or --random")
     return save_figure(filters_figure(networks, scale, ncols, title), out)
-
-
-# ---------------------------------------------------------------------------- CLI
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    from monossl.cli import positive
-
-    parser.add_argument("runs", nargs="*", metavar="RUN",
-                        help="run directories or trunk.pt files (or random / random:SEED)")
-    parser.add_argument("--out", default="filters.png", help="figure to write: .png, .pdf or .svg (default filters.png)")
-    parser.add_argument("--random", action="store_true", help="add a randomly initialised trunk (first panel)")
-    parser.add_argument("--arch", default="cifar", help="architecture of random trunks (default cifar)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --random trunk (default 0)")
-    parser.add_argument("--scale", type=positive(), default=4, help="enlargement of each filter pixel (default 4)")
-    parser.add_argument("--cols", type=positive(), default=None, help="filters per grid row (default ceil(sqrt(C)))")
-    parser.add_argument("--title", default=None, help="figure title")
-
-
-def run(args) -> int:
-    figure_format(args.out)
-    networks = networks_from_args(args)
-    if not networks:
-        raise UserError("give at least one RUN directory (or --random)")
-    write_filters(networks, args.out, args.scale, args.cols, args.title)
-    for n in networks:
-        f = conv1_filters(n.trunk)
-        print(f"{n.label}: {f.shape[0]} filters {f.shape[2]}x{f.shape[3]}, spatial coherence {spatial_coherence(f):.3f}")
-    print(f"wrote {args.out}")
-    return 0

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.utils import make_grid
 
 from monossl.errors import UserError
 from monossl.runs import read_json
+from monossl.viz.figures import image_name, new_figure, save_figure
 
 # grey levels and hatches of the rows, in order (white first: prints cleanly)
 FACES = ("white", "0.80", "0.55", "0.30", "0.92", "0.68", "0.42", "0.15")
@@ -45,8 +47,6 @@ def layer_bars_figure(table: dict, paper: dict | None = None, title: str | None 
     """Grouped bars: one group per tap (conv1, conv2, ...), one bar per row of `table`
     ({row: {tap: value}}, drawn in its order). paper: {row: {tap: value}} for the rows whose
     paper number is known, drawn as a black diamond on that bar (legend: "paper")."""
-    from monossl.viz.filters import new_figure
-
     if not table:
         raise UserError("no results to plot")
     rows = list(table)
@@ -89,27 +89,10 @@ def layer_bars_figure(table: dict, paper: dict | None = None, title: str | None 
 
 def write_layer_bars(table: dict, out, paper: dict | None = None, title: str | None = None,
                      row_labels: dict | None = None) -> Path:
-    from monossl.viz.filters import save_figure
-
     return save_figure(layer_bars_figure(table, paper, title, row_labels), out)
 
 
 # ---------------------------------------------------------------------------- patches
-
-
-def tile_images(images: torch.Tensor, ncols: int | None = None, pad: int = 1, pad_value: float = 1.0) -> np.ndarray:
-    """(N, 3, H, W) in [0, 1] -> an (H', W', 3) grid, cols = ceil(sqrt(N)) unless given."""
-    if images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError("images must be a non-empty (N, 3, H, W) tensor")
-    n, _, h, w = images.shape
-    ncols = max(1, min(int(ncols or math.ceil(math.sqrt(n))), n))
-    nrows = math.ceil(n / ncols)
-    out = torch.full((3, nrows * h + (nrows + 1) * pad, ncols * w + (ncols + 1) * pad), float(pad_value))
-    for i in range(n):
-        r, c = divmod(i, ncols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        out[:, y:y + h, x:x + w] = images[i].detach().float().cpu().clamp(0, 1)
-    return out.permute(1, 2, 0).numpy()
 
 
 def read_run_config(run_dir) -> dict:
@@ -122,7 +105,8 @@ def read_run_config(run_dir) -> dict:
 def patches_from_config(config: dict, n: int = 64) -> torch.Tensor:
     """The first n training patches of a run (its config.json): the same patches it trained on
     (the stream is a pure function of images, patch config and seed)."""
-    from monossl.data.patches import PatchConfig, PatchStream
+    from monossl.data.patch_config import PatchConfig
+    from monossl.data.patches import PatchStream
 
     images = config.get("image")
     if not images or "patch_config" not in config:
@@ -133,9 +117,10 @@ def patches_from_config(config: dict, n: int = 64) -> torch.Tensor:
 
 
 def contact_sheet_figure(patches: torch.Tensor, title: str | None = None, ncols: int | None = None):
-    from monossl.viz.filters import new_figure
-
-    grid = tile_images(patches, ncols)
+    """The patches (N, 3, H, W) in [0, 1] tiled in rows of `ncols` (default ceil(sqrt(N))), 1-px white gaps."""
+    ncols = int(ncols or math.ceil(math.sqrt(patches.shape[0])))
+    grid = make_grid(patches.detach().float().cpu().clamp(0, 1), nrow=ncols, padding=1, pad_value=1.0)
+    grid = grid.permute(1, 2, 0).numpy()
     h, w = grid.shape[:2]
     fig = new_figure((4.5, 4.5 * h / w + 0.4))
     ax = fig.subplots()
@@ -147,17 +132,13 @@ def contact_sheet_figure(patches: torch.Tensor, title: str | None = None, ncols:
 
 
 def run_patch_title(config: dict, n: int) -> str:
-    from monossl.viz.filters import _image_name
-
     cfg = config.get("patch_config", {})
-    return (f"first {n} training patches: {_image_name(config.get('image'))}, preset {config.get('preset', '?')}, "
+    return (f"first {n} training patches: {image_name(config.get('image'))}, preset {config.get('preset', '?')}, "
             f"{cfg.get('size', '?')} px, seed {config.get('seed', 0)}")
 
 
 def write_contact_sheet(run_dir, out, n: int = 64, ncols: int | None = None) -> Path:
     """Contact sheet of a run's first n training patches (from its config.json)."""
-    from monossl.viz.filters import save_figure
-
     config = read_run_config(run_dir)
     patches = patches_from_config(config, n)
     return save_figure(contact_sheet_figure(patches, run_patch_title(config, n), ncols), out, dpi=120)
@@ -171,8 +152,6 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 def learning_curves_figure(records: list[dict], title: str | None = None):
     """Validation top-1 of every tap against training steps, from the {"event": "probe"} lines of
     metrics.jsonl (step 0 = the untrained trunk). One line per tap, each with its own marker."""
-    from monossl.viz.filters import new_figure
-
     if not records:
         raise UserError("no probe evaluations to plot (train with --probe-every N)")
     taps = _taps_of({i: r["top1"] for i, r in enumerate(records)})
@@ -192,6 +171,4 @@ def learning_curves_figure(records: list[dict], title: str | None = None):
 
 
 def write_learning_curves(records: list[dict], out, title: str | None = None) -> Path:
-    from monossl.viz.filters import save_figure
-
     return save_figure(learning_curves_figure(records, title), out)

@@ -1,4 +1,4 @@
-"""`monossl report RUN_OR_TABLE ... --out DIR`: one page with the results and the figures.
+"""The report (`monossl report`): one page with the results tables and the figures.
 
 Writes DIR/report.md (figures as PNG files beside it) and DIR/report.html (self-contained:
 the same figures embedded as base64 data URIs, no external file or network needed).
@@ -25,7 +25,6 @@ BiGAN rows by their augmentation preset (`none` -> `No aug.`, ..., `all` -> `All
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -34,28 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monossl.errors import UserError
-from monossl.runs import read_json
-
-# PAPER.md section 5: CIFAR-10, BiGAN on one image with different augmentations, linear probes, top-1 (%).
-PAPER_CIFAR10_BIGAN: dict[str, dict[str, float]] = {
-    "Fully supervised": {"conv1": 66.5, "conv2": 70.1, "conv3": 72.4, "conv4": 75.9},
-    "Random features": {"conv1": 57.8, "conv2": 55.5, "conv3": 54.2, "conv4": 47.3},
-    "No aug.": {"conv1": 57.9, "conv2": 56.2, "conv3": 54.2, "conv4": 47.8},
-    "Jitter": {"conv1": 58.9, "conv2": 58.0, "conv3": 57.0, "conv4": 49.8},
-    "Rotation": {"conv1": 61.4, "conv2": 58.8, "conv3": 56.1, "conv4": 47.5},
-    "Scale": {"conv1": 67.9, "conv2": 69.3, "conv3": 67.9, "conv4": 59.1},
-    "Rot. & jitter": {"conv1": 64.9, "conv2": 63.6, "conv3": 61.0, "conv4": 53.4},
-    "Rot. & scale": {"conv1": 67.6, "conv2": 69.9, "conv3": 68.0, "conv4": 60.7},
-    "Jitter & scale": {"conv1": 68.1, "conv2": 71.3, "conv3": 69.5, "conv4": 62.4},
-    "All": {"conv1": 68.1, "conv2": 72.3, "conv3": 70.8, "conv4": 63.5},
-}
-
-# our augmentation presets (data/patches.py) -> the paper's row names
-PRESET_TO_PAPER = {
-    "none": "No aug.", "jitter": "Jitter", "rotation": "Rotation", "scale": "Scale",
-    "rotation+jitter": "Rot. & jitter", "rotation+scale": "Rot. & scale", "jitter+scale": "Jitter & scale",
-    "all": "All",
-}
+from monossl.paper import CIFAR10_BIGAN, PRESET_TO_PAPER
+from monossl.runs import curve_records, ensure_writable_dir, markdown_table, read_json, read_jsonl, write_text
+from monossl.viz.filters import write_filters
+from monossl.viz.networks import load_network, run_label
+from monossl.viz.plots import ROW_LABELS, write_contact_sheet, write_layer_bars, write_learning_curves
 
 
 def fmt(value) -> str:
@@ -76,7 +58,7 @@ def paper_row_for(row: str, meta: dict | None = None, dataset: str | None = None
     meta = meta or {}
     if dataset and not str(dataset).startswith("cifar10"):
         return None
-    if row in PAPER_CIFAR10_BIGAN:
+    if row in CIFAR10_BIGAN:
         return row
     method = meta.get("method") or row
     if method == "random" or row == "random":
@@ -142,8 +124,6 @@ def table_from_results(data: dict, source: str) -> Table:
     config = data.get("config", {}) if isinstance(data.get("config"), dict) else {}
     dataset = config.get("data")
     rows_info = data.get("rows", {}) if isinstance(data.get("rows"), dict) else {}
-    from monossl.viz.plots import ROW_LABELS
-
     t = Table(title=data.get("title") or f"results of {source}", source=source)
     for row, cells in data["table"].items():
         if not isinstance(cells, dict):
@@ -161,7 +141,7 @@ def table_from_results(data: dict, source: str) -> Table:
         else:
             prow = paper_row_for(row, meta, dataset)
             if prow:
-                cells_p = {tap: PAPER_CIFAR10_BIGAN[prow][tap] for tap in t.ours[row] if tap in PAPER_CIFAR10_BIGAN[prow]}
+                cells_p = {tap: CIFAR10_BIGAN[prow][tap] for tap in t.ours[row] if tap in CIFAR10_BIGAN[prow]}
                 if cells_p:
                     t.paper[row], t.paper_rows[row] = cells_p, prow
         t.labels[row] = ROW_LABELS.get(row, row)
@@ -179,8 +159,6 @@ def table_from_results(data: dict, source: str) -> Table:
 
 def probe_row(data: dict, source: str) -> tuple[str, dict, str | None]:
     """(label, {tap: top1}, paper row) of one probe results.json."""
-    from monossl.viz.filters import run_label
-
     taps = data.get("taps")
     if not isinstance(taps, dict) or not taps:
         raise UserError(f"{source}: no `taps` in it (not a probe's results.json)")
@@ -200,7 +178,7 @@ def probe_row(data: dict, source: str) -> tuple[str, dict, str | None]:
 class Inputs:
     tables: list = field(default_factory=list)  # Table
     probes: list = field(default_factory=list)  # (source, data)
-    runs: list = field(default_factory=list)  # spec for viz.filters.load_network (path or random:SEED)
+    runs: list = field(default_factory=list)  # spec for viz.networks.load_network (path or random:SEED)
     patch_runs: list = field(default_factory=list)  # run directories with config.json
 
 
@@ -278,7 +256,7 @@ def gather(specs) -> Inputs:
                 key, k = f"{label} ({k})", k + 1
             t.ours[key] = cells
             if prow:
-                p = {tap: PAPER_CIFAR10_BIGAN[prow][tap] for tap in cells if tap in PAPER_CIFAR10_BIGAN[prow]}
+                p = {tap: CIFAR10_BIGAN[prow][tap] for tap in cells if tap in CIFAR10_BIGAN[prow]}
                 if p:
                     t.paper[key], t.paper_rows[key] = p, prow
             datasets.add(str(data.get("dataset")))
@@ -292,12 +270,6 @@ def gather(specs) -> Inputs:
 # ---------------------------------------------------------------------------- output
 
 
-def markdown_table(header, rows) -> str:
-    from monossl.runs import markdown_table as mt
-
-    return mt(header, rows)  # cells are strings already: printed as they are
-
-
 def html_table(header, rows) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
@@ -306,7 +278,7 @@ def html_table(header, rows) -> str:
 
 def paper_reference_table() -> tuple[list[str], list[list[str]]]:
     taps = ["conv1", "conv2", "conv3", "conv4"]
-    return ["training data"] + taps, [[r] + [fmt(v[t]) for t in taps] for r, v in PAPER_CIFAR10_BIGAN.items()]
+    return ["training data"] + taps, [[r] + [fmt(v[t]) for t in taps] for r, v in CIFAR10_BIGAN.items()]
 
 
 def _data_uri(path: Path) -> str:
@@ -315,11 +287,6 @@ def _data_uri(path: Path) -> str:
 
 def build_report(specs, out, title: str = "monossl report", patches: int = 64, scale: int = 4) -> dict:
     """Write out/report.md, out/report.html and the PNGs; returns {"tables": [...], "figures": [...]}."""
-    from monossl.runs import ensure_writable_dir, write_text
-    from monossl.viz.filters import load_network, readable, write_filters
-    from monossl.runs import curve_records, read_jsonl
-    from monossl.viz.plots import write_contact_sheet, write_layer_bars, write_learning_curves
-
     if not specs:
         raise UserError("give at least one run directory or results file")
     got = gather(specs)
@@ -393,34 +360,9 @@ def build_report(specs, out, title: str = "monossl report", patches: int = 64, s
             f"<style>{css}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     write_text(out / "report.md", "\n".join(md).rstrip() + "\n")
     write_text(out / "report.html", page)
-    for name in ("report.md", "report.html"):
-        readable(out / name)
     return {"tables": got.tables, "figures": figures, "runs": got.runs, "out": str(out)}
 
 
 def _inline(text: str) -> str:
     """Escape text for HTML and render `code` spans."""
     return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
-
-
-# ---------------------------------------------------------------------------- CLI
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    from monossl.cli import positive
-
-    parser.add_argument("inputs", nargs="+", metavar="RUN_OR_TABLE",
-                        help="results.json files, run directories, compare/probe output directories")
-    parser.add_argument("--out", required=True, help="output directory (report.md, report.html, PNGs)")
-    parser.add_argument("--title", default="monossl report", help="page title")
-    parser.add_argument("--patches", type=int, default=64, help="patches in the contact sheet (default 64; 0: none)")
-    parser.add_argument("--scale", type=positive(), default=4, help="enlargement of conv1 filter pixels (default 4)")
-
-
-def run(args) -> int:
-    if args.patches < 0:
-        raise UserError(f"--patches must be >= 0, got {args.patches}")
-    result = build_report(args.inputs, args.out, args.title, args.patches, args.scale)
-    print(f"wrote {Path(args.out) / 'report.md'} and report.html ({len(result['tables'])} table(s), "
-          f"figures: {', '.join(result['figures']) or 'none'})")
-    return 0

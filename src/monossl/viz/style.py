@@ -1,4 +1,4 @@
-"""`monossl stylize`: neural style transfer (Gatys et al.) with any trunk.
+"""Neural style transfer (Gatys et al.) with any trunk (`monossl stylize`).
 
 The stylised image x (pixels in [0, 1], initialised from the content image) minimises
 
@@ -19,7 +19,6 @@ trick: smoother gradients, fewer checkerboard artefacts; `--pool max` keeps them
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from monossl.errors import UserError
+from monossl.runs import atomic_path
+from monossl.viz.figures import new_figure
 
 DEFAULT_STYLE_TAPS = {"cifar": ("conv1", "conv2", "conv3", "conv4")}
 DEFAULT_CONTENT_TAP = {"cifar": "conv3"}
@@ -194,22 +195,27 @@ def stylize(trunk, content, style, size: int = 256, steps: int = 100, style_weig
     }
 
 
-def save_image(img: torch.Tensor, out) -> Path:
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def image_format(out) -> str:
+    """PIL's format of an image file from its suffix (.png, .jpg, .jpeg); anything else is refused."""
+    fmt = IMAGE_FORMATS.get(Path(out).suffix.lower())
+    if fmt is None:
+        raise UserError(f"--out {out}: write a .png or .jpg file")
+    return fmt
+
+
+def write_image(img: torch.Tensor, out) -> Path:
     """Write a (3, H, W) [0, 1] tensor as an 8-bit PNG/JPEG, atomically."""
     from PIL import Image
 
-    from monossl.runs import atomic_path
-    from monossl.viz.filters import readable
-
     out = Path(out)
-    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}.get(out.suffix.lower())
-    if fmt is None:
-        raise UserError(f"--out {out}: write a .png or .jpg file")
+    fmt = image_format(out)
     arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8")
     try:
         with atomic_path(out) as tmp:
             Image.fromarray(arr).save(tmp, format=fmt)
-            readable(tmp)
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out
@@ -217,8 +223,6 @@ def save_image(img: torch.Tensor, out) -> Path:
 
 def compare_figure(content, style, results: list[tuple[str, dict]], title: str | None = None):
     """Content, style, then one stylised image per network, each labelled."""
-    from monossl.viz.filters import new_figure
-
     n = 2 + len(results)
     fig = new_figure((2.4 * n, 2.9))
     axes = fig.subplots(1, n, squeeze=False)[0]
@@ -231,73 +235,3 @@ def compare_figure(content, style, results: list[tuple[str, dict]], title: str |
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
-
-
-# ---------------------------------------------------------------------------- CLI
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    from monossl.cli import positive
-
-    parser.add_argument("--content", default="builtin:astronaut", help="content image (path or builtin:NAME; "
-                        "default builtin:astronaut)")
-    parser.add_argument("--style", default="builtin:coffee", help="style image (default builtin:coffee)")
-    parser.add_argument("--run", default=None, help="the network: a run directory or trunk.pt (or random[:SEED])")
-    parser.add_argument("--compare", nargs="+", default=None, metavar="RUN",
-                        help="several networks (run directories, random[:SEED]): one labelled figure")
-    parser.add_argument("--random", action="store_true", help="use (or add) a randomly initialised trunk")
-    parser.add_argument("--arch", default="cifar", help="architecture of random trunks (default cifar)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --random trunk and of --init noise")
-    parser.add_argument("--out", default="stylized.png", help="output: the image (one network) or the figure "
-                        "(--compare); default stylized.png")
-    parser.add_argument("--size", type=positive(), default=256, help="longer side in pixels (default 256)")
-    parser.add_argument("--steps", type=positive(), default=100, help="L-BFGS iterations (default 100)")
-    parser.add_argument("--max-seconds", type=positive(float), default=None,
-                        help="per network, stop after the round of 20 iterations that passes this time")
-    parser.add_argument("--style-weight", type=float, default=100.0, help="style weight (default 100)")
-    parser.add_argument("--content-weight", type=float, default=1.0, help="content weight (default 1)")
-    parser.add_argument("--style-taps", default=None, help="comma-separated taps for style (default conv1..conv4)")
-    parser.add_argument("--content-tap", default=None, help="tap for content (default conv3)")
-    parser.add_argument("--pool", default="avg", choices=("avg", "max"), help="pooling inside the trunk (default avg)")
-    parser.add_argument("--init", default="content", choices=("content", "noise"), help="start image (default content)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    parser.add_argument("--threads", type=positive(), default=None,
-                        help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)")
-    parser.add_argument("--title", default=None, help="figure title (--compare)")
-
-
-def run(args) -> int:
-    from monossl.device import resolve_device
-    from monossl.viz.filters import figure_format, load_network, random_network, save_figure
-
-    specs = ([args.run] if args.run else []) + list(args.compare or [])
-    if args.compare is None and (bool(args.run) + bool(args.random)) != 1:
-        raise UserError("give one network (--run RUN or --random), or several with --compare RUN [RUN ...]")
-    if args.compare is not None:
-        figure_format(args.out)
-    else:
-        suffix = Path(args.out).suffix.lower()
-        if suffix not in (".png", ".jpg", ".jpeg"):
-            raise UserError(f"--out {args.out}: write a .png or .jpg file")
-    device = resolve_device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    networks = ([random_network(args.arch, args.seed)] if args.random else [])
-    networks += [load_network(s, args.arch) for s in specs]
-    style_taps = [t.strip() for t in args.style_taps.split(",") if t.strip()] if args.style_taps else None
-    results = []
-    content = style = None
-    for net in networks:
-        print(f"[{net.label}]")
-        r = stylize(net.trunk, args.content, args.style, size=args.size, steps=args.steps,
-                    style_weight=args.style_weight, content_weight=args.content_weight, style_taps=style_taps,
-                    content_tap=args.content_tap, pool=args.pool, init=args.init, seed=args.seed, device=device,
-                    max_seconds=args.max_seconds)
-        results.append((net.label, r))
-        content, style = r["content"], r["style"]
-    if args.compare is None:
-        save_image(results[0][1]["image"], args.out)
-    else:
-        save_figure(compare_figure(content, style, results, args.title), args.out)
-    print(f"wrote {args.out}")
-    return 0

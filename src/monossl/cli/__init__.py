@@ -1,8 +1,9 @@
 """`monossl <command>`: the command-line face of the library.
 
-Each command lives in the module that does its job; that module exposes
-`configure(parser)` (adds its options) and `run(args)` (does the work). This file
-only wires them together and turns `UserError` into a one-line message with exit code 2.
+Every command is one small module of this package (`monossl.cli.<command>`) with
+`configure(parser)` (adds its options) and `run(args)` (parses what argparse cannot, calls
+the library's typed entry point, prints). All argparse code lives in this package. This file
+wires the commands together and turns `UserError` into a one-line message with exit code 2.
 """
 
 from __future__ import annotations
@@ -16,20 +17,19 @@ import sys
 from monossl import __version__
 from monossl.errors import UserError
 
-# command name -> (module, one-line help). Modules are imported lazily so that
-# `monossl images` does not pay for importing every method.
+# command name -> one-line help; the command's module is monossl.cli.<name>, imported lazily so
+# that `monossl images` does not pay for importing every method.
 COMMANDS = {
-    "images": ("monossl.data.sources", "list the built-in images"),
-    "generate": ("monossl.data.generate", "write patches of one image to disk (PNG/JPEG/npy)"),
-    "pretrain": ("monossl.pretrain", "pretrain a trunk with a self-supervised or supervised method"),
-    "probe": ("monossl.eval.probes", "train linear probes on every conv tap of a frozen trunk"),
-    "finetune": ("monossl.eval.finetune", "fine-tune a trunk with some layers frozen (PAPER.md section 4), then probe"),
-    "compare": ("monossl.experiments.compare", "the main job: random vs one-image RotNet vs supervised"),
-    "reproduce": ("monossl.experiments.reproduce",
-                  "the paper's tables in one command (cifar10-augmentations, imagenet-finetune)"),
-    "filters": ("monossl.viz.filters", "draw the conv1 filters of runs side by side (BatchNorm folded in)"),
-    "stylize": ("monossl.viz.style", "Gatys style transfer with a trunk, or several side by side (--compare)"),
-    "report": ("monossl.viz.report", "one Markdown + self-contained HTML page of results tables and figures"),
+    "images": "list the built-in images",
+    "generate": "write patches of one image to disk (PNG/JPEG/npy)",
+    "pretrain": "pretrain a trunk with a self-supervised or supervised method",
+    "probe": "train linear probes on every conv tap of a frozen trunk",
+    "finetune": "fine-tune a trunk with some layers frozen (PAPER.md section 4), then probe",
+    "compare": "the main job: random vs one image vs full data vs supervised, probed layer by layer",
+    "reproduce": "the paper's tables in one command (cifar10-augmentations, imagenet-finetune)",
+    "filters": "draw the conv1 filters of runs side by side (BatchNorm folded in)",
+    "stylize": "Gatys style transfer with a trunk, or several side by side (--compare)",
+    "report": "one Markdown + self-contained HTML page of results tables and figures",
 }
 
 
@@ -59,8 +59,8 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
     parser = _Parser(prog="monossl", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"monossl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, (module_name, help_text) in commands.items():
-        module = importlib.import_module(module_name)
+    for name, help_text in commands.items():
+        module = importlib.import_module(f"monossl.cli.{name}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.configure(p)
         p.set_defaults(_run=module.run)
@@ -100,5 +100,3 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
 
 
-if __name__ == "__main__":
-    sys.exit(main())

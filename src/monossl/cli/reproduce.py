@@ -1,0 +1,67 @@
+"""`monossl reproduce`: the paper's tables in one command (monossl.experiments.augmentations and
+monossl.experiments.finetune_table)."""
+
+from __future__ import annotations
+
+import argparse
+
+from monossl.cli import positive
+from monossl.experiments import augmentations, finetune_table
+from monossl.experiments.table import ReproduceConfig
+
+EXPERIMENTS = {augmentations.EXPERIMENT: augmentations.augmentation_table,
+               finetune_table.EXPERIMENT: finetune_table.finetune_table}
+BUDGET_NAMES = tuple(dict.fromkeys([*augmentations.BUDGETS, *finetune_table.BUDGETS]))
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", choices=tuple(EXPERIMENTS),
+                   help="which table (PAPER.md section 5): cifar10-augmentations, or imagenet-finetune (Table 4)")
+    p.add_argument("--method", default=None, choices=augmentations.SSL_METHODS,
+                   help="cifar10-augmentations: self-supervised method of the eight augmentation rows "
+                        "(default bigan, the paper's)")
+    p.add_argument("--budget", default="smoke", choices=BUDGET_NAMES,
+                   help="smoke (minutes, a check), quick (about 1 h on 2 CPU cores; cifar10-augmentations only), "
+                        "paper (GPU); default smoke")
+    p.add_argument("--image", action="append", default=None,
+                   help="source image of the self-supervised rows (default: the built-in default image)")
+    p.add_argument("--data", default=None,
+                   help="labelled dataset for probes and the supervised row (default cifar10); "
+                        "imagenet-finetune needs folder:PATH (train/<class>/, val/<class>/)")
+    p.add_argument("--arch", default=None, help="imagenet-finetune: alexnet-big (default) or alexnet-small")
+    p.add_argument("--out", default=None, help="output directory (default runs/reproduce-METHOD-BUDGET, "
+                                               "runs/reproduce-imagenet-finetune-BUDGET)")
+    p.add_argument("--rows", default=None,
+                   help=f"comma-separated subset of the rows (cifar10-augmentations: {', '.join(augmentations.ROWS)}; "
+                        f"imagenet-finetune: {', '.join(finetune_table.ROWS)}); default all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    # overrides of the budget (tests, quick experiments); recorded in results.json
+    p.add_argument("--steps", type=positive(), default=None, help="override the budget: training steps of every trained row")
+    p.add_argument("--batch-size", type=positive(), default=None, help="override the budget: batch size of every trained row")
+    p.add_argument("--probe-epochs", type=positive(), default=None, help="override the budget: probe epochs")
+    p.add_argument("--subset", type=positive(), default=None, help="override the budget: probe training images")
+    p.add_argument("--test-subset", type=positive(), default=None, help="override the budget: probe test images")
+    p.add_argument("--widths", default=None, help="CIFAR trunk channels, e.g. 64,128,256,512 (default: the trunk's)")
+    p.add_argument("--whiten-conv1", action=argparse.BooleanOptionalAction, default=None,
+                   help="trained rows: conv1 in whitened coordinates (default: pretrain's, on for the CIFAR trunk)")
+    p.add_argument("--finetune-steps", type=positive(), default=None,
+                   help="imagenet-finetune: override the budget's fine-tuning steps")
+    p.add_argument("--dc-patches", type=positive(), default=None, help=argparse.SUPPRESS)
+
+
+def run(args) -> int:
+    table = EXPERIMENTS[args.experiment](ReproduceConfig(
+        method=args.method, budget=args.budget, images=args.image, data=args.data,
+        arch=args.arch, out=args.out, rows=args.rows, seed=args.seed, device=args.device, progress=not args.quiet,
+        steps=args.steps, batch_size=args.batch_size, probe_epochs=args.probe_epochs, subset=args.subset,
+        test_subset=args.test_subset, widths=args.widths, whiten_conv1=args.whiten_conv1,
+        finetune_steps=args.finetune_steps, dc_patches=args.dc_patches))
+    print()
+    print(table.markdown, end="")
+    print(f"wrote {table.out / table.files[0]}, {', '.join(table.files[1:])}")
+    if table.stopped:
+        print(f"{len(table.stopped)} row(s) stopped: {', '.join(table.stopped)} (see table.md)")
+        return 1
+    return 0

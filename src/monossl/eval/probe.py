@@ -1,0 +1,274 @@
+"""The probe run: linear probes on every conv tap of a frozen trunk, trained and scored (PAPER.md §4).
+
+The trunk is frozen and in eval mode. All taps are read in one forward pass; each tap's
+post-ReLU map is pooled to a few thousand values, flattened, passed through
+`BatchNorm1d(d, affine=False)` and one `Linear(d, classes)` (`LinearProbes`). All the probes
+train together (the summed cross-entropy; the heads share no parameters, so each trains as if
+alone) with SGD, momentum 0.9 and the protocol's step schedule.
+
+Two paths, the same training loop (features.py): cached features (no train augmentation and one
+test crop, e.g. `cifar`) or streamed through the trunk every batch (augmentation or ten crops).
+Both draw the same minibatches (a seeded permutation per epoch, `epoch_batches`) and round
+features to fp16, so for a no-augmentation protocol they give the same probes up to float noise.
+
+Library use (what `monossl compare` calls):
+
+    result = probe(trunk, train, test, get_protocol("cifar"), device="auto", seed=0)
+    result["taps"]["conv2"]["top1"]      # final-epoch top-1 (%)
+
+`result` is a `ProbeResult`: what results.json holds; `results_markdown(result)` is results.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from monossl.device import resolve_device
+from monossl.distributed import all_sum, average_gradients, is_main, world
+from monossl.errors import UserError
+from monossl.eval.features import (
+    FeatureRunner,
+    Moments,
+    cache_stats,
+    matmul_precision,
+    pooled_shapes,
+    probe_matmul_dtype,
+    progress_bar,
+    standardize_,
+)
+from monossl.eval.linear_probes import LinearProbes
+from monossl.eval.protocols import ProbeProtocol, check_trunk, get_protocol
+from monossl.eval.results import EpochRecord, ProbeResult, TapResult, results_markdown, write_results
+from monossl.runs import environment
+from monossl.seeds import derive_seed
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The minibatches (index tensors) of one epoch: a seeded permutation; a last batch of 1 is dropped
+    (BatchNorm cannot train on it)."""
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch))
+    batches = list(torch.randperm(n, generator=g).split(batch_size))
+    if len(batches[-1]) < 2:
+        batches.pop()
+    return batches
+
+
+def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", seed: int = 0,
+          out_dir=None, progress: bool = True, verbose: bool = True, meta: dict | None = None,
+          dataset: str | None = None, cache: bool = True, workers: int | None = None,
+          return_probes: bool = False) -> ProbeResult | tuple[ProbeResult, LinearProbes]:
+    """Train linear probes on every tap of a frozen `trunk`; returns the results dict.
+
+    train / test: datasets of `monossl.data.datasets` (TensorImages or FolderImages, or any
+    dataset with `.labels`, `.classes` and `with_transform`). protocol: a ProbeProtocol or a
+    preset name. device: "auto"/"cpu"/"cuda" or a torch.device. out_dir: if given, results.json
+    and results.md are written there (atomically). cache=False forces the streaming path
+    (for checks). verbose prints the pooled sizes and the table; progress shows tqdm bars on a
+    terminal. workers: DataLoader processes for transformed data (default: cores - 1, at most 8).
+    The caller's trunk is not modified (a frozen copy is probed). Deterministic given the seed
+    (on CPU). With return_probes=True returns (result, LinearProbes on the device).
+    """
+    t_start = time.perf_counter()
+    verbose = verbose and is_main()  # under torchrun rank 0 speaks and writes
+    progress = progress and is_main()
+    protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol
+    device = resolve_device(device) if isinstance(device, str) else device
+    num_classes = _check_inputs(trunk, train, test, protocol)
+    if workers is None:
+        workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+
+    frozen = copy.deepcopy(trunk).to(device).eval().requires_grad_(False)
+    frozen = frozen.to(memory_format=torch.channels_last)
+    shapes = pooled_shapes(frozen, protocol)
+    dims = {k: v["pooled_size"] for k, v in shapes.items()}
+    use_cache = cache and protocol.cacheable
+    fixed = protocol.bn_stats == "dataset"
+    # bf16 matmuls only on standardised cached features (no BatchNorm in the step)
+    matmul_dtype = probe_matmul_dtype(device) if use_cache and fixed else torch.float32
+    if verbose:
+        _announce(protocol, train, test, dataset, num_classes, device, seed, use_cache, shapes)
+
+    runner = FeatureRunner(frozen, train, test, protocol, device, seed, progress, workers)
+    timings = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # transforms in the main process draw from the global RNG
+        probes = LinearProbes(dims, num_classes, generator=torch.Generator().manual_seed(seed)).to(device)
+
+        t0 = time.perf_counter()
+        cached = _prepare_features(runner, probes, dims, use_cache, fixed, matmul_dtype)
+        timings["extract_s"] = round(time.perf_counter() - t0, 2)
+        quiet_bars = not (progress and sys.stderr.isatty())  # then log a line per epoch instead
+        if verbose and quiet_bars and (use_cache or fixed):
+            print(f"  features{'' if use_cache else ' statistics'}: {timings['extract_s']:.0f} s", flush=True)
+
+        history, timings["train_s"], timings["eval_s"] = _train(
+            runner, probes, cached, standardized=use_cache and fixed, matmul_dtype=matmul_dtype,
+            log_epochs=verbose and quiet_bars)
+    timings["total_s"] = round(time.perf_counter() - t_start, 2)
+    probes.eval()
+
+    result: ProbeResult = {
+        "protocol": protocol.to_dict(),
+        "seed": seed,
+        "dataset": dataset or getattr(train, "source", None),
+        "n_train": len(train),
+        "n_test": len(test),
+        "num_classes": num_classes,
+        "trunk": {"arch": trunk.arch, "config": dict(getattr(trunk, "config", {})), "meta": dict(meta or {})},
+        "taps": _taps(history, shapes),
+        "cached_features": use_cache,
+        "matmul_dtype": str(matmul_dtype).replace("torch.", ""),
+        "device": str(device),
+        "timings": timings,
+        "history": history,
+        "environment": environment(),
+    }
+    if verbose:
+        print(results_markdown(result), end="")
+        t = timings
+        print(f"  time: {t['total_s']:.0f} s (features{' and statistics' if fixed and not use_cache else ''} "
+              f"{t['extract_s']:.0f} s, probe training {t['train_s']:.0f} s incl. evaluation {t['eval_s']:.0f} s)")
+    if out_dir is not None and is_main():
+        write_results(out_dir, result)
+        if verbose:
+            print(f"  wrote {Path(out_dir) / 'results.json'} and results.md")
+    return (result, probes) if return_probes else result
+
+
+def _check_inputs(trunk, train, test, protocol: ProbeProtocol) -> int:
+    """One-line errors for a trunk, protocol or data the probes cannot use; returns the class count."""
+    check_trunk(trunk, protocol)
+    if protocol.bn_stats not in ("batch", "dataset"):
+        raise ValueError(f"bn_stats must be 'batch' or 'dataset', not {protocol.bn_stats!r}")
+    classes = list(train.classes)
+    if list(test.classes) != classes:
+        raise UserError(f"train and test have different classes ({len(classes)} vs {len(test.classes)})")
+    if len(train) < 2 or len(test) < 1:
+        raise UserError(f"too few images to probe: {len(train)} train, {len(test)} test")
+    return len(classes)
+
+
+def _announce(protocol, train, test, dataset, num_classes, device, seed, use_cache, shapes) -> None:
+    """The protocol, the data and each tap's pooling, before anything runs."""
+    print(f"probe {protocol.summary()}")
+    print(f"  data: {dataset or getattr(train, 'source', '?')}: {len(train)} train / {len(test)} test, "
+          f"{num_classes} classes; device {device}; seed {seed}; "
+          f"{'cached' if use_cache else 'streamed'} features; BatchNorm statistics: {protocol.bn_stats}")
+    for k, s in shapes.items():
+        print(f"  {k}: {'x'.join(map(str, s['shape']))} -> {protocol.pools[k].describe()} -> "
+              f"{'x'.join(map(str, s['pooled_shape']))} = {s['pooled_size']} values")
+    if use_cache:
+        mb = (len(train) + len(test)) * sum(s["pooled_size"] for s in shapes.values()) * 2 / 2**20
+        print(f"  feature cache (fp16): {mb:.0f} MiB")
+
+
+def _prepare_features(runner: FeatureRunner, probes: LinearProbes, dims, use_cache, fixed, matmul_dtype):
+    """Cached path: extract the features (standardised with the training set's statistics when
+    they are fixed) and return (train cache, train labels, test cache, test labels). Streamed
+    path: one pass over the training data for the fixed statistics, if any; returns None."""
+    protocol, device = runner.protocol, runner.device
+    if use_cache:
+        train_cache = runner.extract(runner.train, dims, "features (train)")
+        test_cache = runner.extract(runner.test, dims, "features (test)")
+        train_labels, test_labels = runner.train.labels.clone(), runner.test.labels.clone()
+        if fixed:
+            stats = cache_stats(train_cache)
+            probes.set_stats({k: (m.to(device), v.to(device)) for k, (m, v) in stats.items()})
+            eps = probes.heads[next(iter(dims))][0].eps
+            # stored as the matmuls will read them (bf16 or fp16): no per-step conversion
+            store = torch.float16 if matmul_dtype == torch.float32 else matmul_dtype
+            standardize_(train_cache, stats, eps, store)
+            standardize_(test_cache, stats, eps, store)
+        return train_cache, train_labels, test_cache, test_labels
+    if fixed:  # one pass over the training data (with its transform) for the statistics
+        moments = Moments()
+        batches = epoch_batches(len(runner.train), protocol.batch_size, runner.seed, 0)
+        for feats, _y in runner.streamed_batches(batches, 0):
+            moments.add({k: v.cpu() for k, v in feats.items()})
+        moments.all_sum()
+        probes.set_stats({k: (m.to(device), v.to(device)) for k, (m, v) in moments.result().items()})
+    return None
+
+
+def _train(runner: FeatureRunner, probes: LinearProbes, cached, standardized: bool, matmul_dtype,
+           log_epochs: bool) -> tuple[list[EpochRecord], float, float]:
+    """The probes' SGD epochs, evaluated on test every `eval_every` epochs and at the last;
+    returns (history, training seconds, evaluation seconds). `standardized`: the cache already
+    holds what the fixed BatchNorm outputs."""
+    protocol, device, seed = runner.protocol, runner.device, runner.seed
+    n_train = len(runner.train)
+    opt = torch.optim.SGD(probes.parameters(), lr=protocol.lr, momentum=protocol.momentum,
+                          weight_decay=protocol.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(protocol.milestones), gamma=protocol.gamma)
+    t0 = time.perf_counter()
+    eval_s = 0.0
+    history = []
+    steps_per_epoch = len(epoch_batches(n_train, protocol.batch_size, seed, 1))
+    with progress_bar(protocol.epochs * steps_per_epoch, f"probe {protocol.name}", runner.progress,
+                      unit="step") as bar:
+        for epoch in range(1, protocol.epochs + 1):
+            probes.train()
+            batches = epoch_batches(n_train, protocol.batch_size, seed, epoch)
+            if cached is not None:
+                train_cache, train_labels, _, _ = cached
+                it = runner.cached_batches(train_cache, train_labels, batches, matmul_dtype)
+            else:
+                it = runner.streamed_batches(batches, epoch)
+            loss_sum = {k: 0.0 for k in probes.heads}
+            seen = 0
+            lr = opt.param_groups[0]["lr"]
+            for feats, y in it:
+                opt.zero_grad(set_to_none=True)
+                with matmul_precision(device, matmul_dtype):
+                    logits = probes(feats, standardized=standardized)
+                losses = {k: F.cross_entropy(lg.float(), y) for k, lg in logits.items()}
+                sum(losses.values()).backward()  # the heads are independent: each gets its own gradient
+                for k, loss in losses.items():
+                    loss_sum[k] += loss.item() * len(y)
+                if cached is None:  # streamed under torchrun: the ranks saw different rows
+                    average_gradients(probes.parameters())
+                opt.step()
+                seen += len(y)
+                bar.update(1)
+            sched.step()
+            if cached is None and world()[1] > 1:
+                sums = all_sum(torch.tensor([seen, *loss_sum.values()], dtype=torch.float64)).tolist()
+                seen, loss_sum = sums[0], dict(zip(loss_sum, sums[1:]))
+            record = {"epoch": epoch, "lr": lr, "loss": {k: round(v / max(seen, 1), 4) for k, v in loss_sum.items()}}
+            if epoch % protocol.eval_every == 0 or epoch == protocol.epochs:
+                te = time.perf_counter()
+                probes.eval()
+                if cached is not None:
+                    _, _, test_cache, test_labels = cached
+                    acc = runner.cached_eval(probes, test_cache, test_labels, standardized, matmul_dtype)
+                else:
+                    acc = runner.streamed_eval(probes)
+                eval_s += time.perf_counter() - te
+                record["top1"] = {k: round(a[0], 2) for k, a in acc.items()}
+                record["top5"] = {k: round(a[1], 2) for k, a in acc.items()}
+                bar.set_postfix_str(f"epoch {epoch} top-1 " + "/".join(f"{a[0]:.1f}" for a in acc.values()))
+                if log_epochs:
+                    print(f"  epoch {epoch}/{protocol.epochs} lr {lr:g}: top-1 "
+                          + " ".join(f"{k} {a[0]:.1f}" for k, a in acc.items())
+                          + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+            history.append(record)
+    return history, round(time.perf_counter() - t0, 2), round(eval_s, 2)
+
+
+def _taps(history: list[EpochRecord], shapes: dict[str, dict]) -> dict[str, TapResult]:
+    """Each tap's shapes, final-epoch accuracy and best top-1 over the evaluated epochs."""
+    final = history[-1]
+    evaluated = [h for h in history if "top1" in h]
+    taps = {}
+    for k in shapes:
+        best = max(evaluated, key=lambda h: h["top1"][k])  # the first epoch reaching the maximum
+        taps[k] = {**shapes[k], "top1": final["top1"][k], "top5": final["top5"][k],
+                   "best_top1": best["top1"][k], "best_epoch": best["epoch"]}
+    return taps
