@@ -43,7 +43,7 @@ def test_probe_every_logs_curves_and_a_resumed_run_continues_them(tmp_path, cifa
     assert records[0]["top1"] != records[-1]["top1"]  # the trunk changed between step 0 and the end
     assert is_drawn_figure(whole / "learning_curves.png")
     config = json.loads((whole / "config.json").read_text())
-    assert config["curves"]["every"] == 3 and config["curves"]["n_val"] == 100
+    assert config["evaluations"]["probe"]["every"] == 3 and config["evaluations"]["probe"]["n_val"] == 100
 
     part = tmp_path / "part"
     assert _pretrain(part, cifar_subset_dir, "--probe-every", "3", "--stop-after", "4") == 0

@@ -37,13 +37,15 @@ METHODS = {
     "deepcluster": ("monossl.methods.deepcluster", "DeepCluster"),
     "bigan": ("monossl.methods.bigan", "BiGAN"),
     "simclr": ("monossl.methods.simclr", "SimCLR"),
+    "distill": ("monossl.methods.distill", "Distill"),  # needs a teacher: `monossl distill`
 }
 
 # Default budgets (steps at the default batch size) per method on the CIFAR trunk, sized so
 # that the main job fits in about 15 minutes on 2 CPU cores; see README for what they reach.
 # DeepCluster: 16 epochs over 32,768 patches (docs/deepcluster.md has the runs behind it).
-DEFAULT_STEPS = {"rotnet": 800, "supervised": 500, "deepcluster": 4096, "bigan": 1500, "simclr": 1000}
-DEFAULT_BATCH = {"rotnet": 64, "supervised": 128, "deepcluster": 128, "bigan": 64, "simclr": 128}
+DEFAULT_STEPS = {"rotnet": 800, "supervised": 500, "deepcluster": 4096, "bigan": 1500, "simclr": 1000,
+                 "distill": 4000}
+DEFAULT_BATCH = {"rotnet": 64, "supervised": 128, "deepcluster": 128, "bigan": 64, "simclr": 128, "distill": 128}
 # DeepCluster needs a fixed set (its pseudo-labels are per index): the stream's first patches
 DEFAULT_NUM_PATCHES = {"deepcluster": 32768}
 # DeepCluster clusters colour first unless its input is greyscale gradients (Caron et al.
@@ -108,7 +110,7 @@ class PretrainConfig:
     sync_bn: bool = False
     resume: bool = False
     stop_after: int | None = None  # stop (checkpointed) after this many steps: tests and debugging
-    evaluate_every: int | None = None  # with `pretrain(..., evaluate=)`: steps between evaluations
+    method_options: dict = field(default_factory=dict)  # more fields of the method's Config (distill: teacher, ...)
     progress: bool | None = None  # None: a bar on a terminal
 
 
@@ -159,11 +161,11 @@ def build_source(config: PretrainConfig, trunk, device=None):
     return StreamSource(stream, length=length, seed=config.seed), info
 
 
-def pretrain(config: PretrainConfig, evaluate=None) -> Run:
+def pretrain(config: PretrainConfig, evaluators=()) -> Run:
     """Train (or, with `config.resume`, continue) one run; see the module docstring.
 
-    evaluate: optional callable `(trunk) -> dict` with a `describe() -> dict` (eval.curves.CurveProbe),
-    called every `config.evaluate_every` steps and logged in metrics.jsonl (train.train)."""
+    evaluators: called during training and logged in metrics.jsonl (train.train; e.g.
+    eval.curves.CurveProbe); each one's `describe()` is recorded in config.json under "evaluations"."""
     cls = method_class(config.method)
     device = setup(resolve_device(config.device))  # joins torchrun's process group, if any
     out = Path(config.out)
@@ -204,9 +206,13 @@ def pretrain(config: PretrainConfig, evaluate=None) -> Run:
 
     known = {f.name for f in fields(cls.Config)}
     lr = config.lr if config.lr is not None else default_lr(config.method, trunk.arch)
+    unknown = sorted(set(config.method_options) - known)
+    if unknown:
+        raise UserError(f"--method {config.method} has no option(s) {', '.join(unknown)}")
     method_kwargs = {"lr": lr, "num_classes": data_info.get("num_classes"), "clusters": config.clusters,
                      "crop_scale": config.crop_scale}
-    method_config = cls.Config(**{k: v for k, v in method_kwargs.items() if v is not None and k in known})
+    method_kwargs = {k: v for k, v in method_kwargs.items() if v is not None and k in known}
+    method_config = cls.Config(**{**method_kwargs, **config.method_options})
     method = cls(trunk, total_steps, method_config)
 
     record = {
@@ -215,8 +221,8 @@ def pretrain(config: PretrainConfig, evaluate=None) -> Run:
         "total_steps": total_steps, "device": str(device), "world_size": world()[1], "sync_bn": bool(config.sync_bn),
         "whiten_conv1": whiten_conv1, "source": source.describe(), **data_info,
     }
-    if evaluate is not None:
-        record["curves"] = {"every": config.evaluate_every, **evaluate.describe()}
+    if evaluators:
+        record["evaluations"] = {e.event: {"every": e.every, **e.describe()} for e in evaluators}
     # only now, with every option checked: bad input leaves no empty run directory behind
     if is_main():
         runs.lock_run_dir(out)  # torchrun's other processes share rank 0's run directory
@@ -226,15 +232,14 @@ def pretrain(config: PretrainConfig, evaluate=None) -> Run:
         # the device and the number of processes may change (a step is the same global batch in any
         # world size); keys an older version did not write are not compared
         runs.check_settings(out / "config.json", record, "--resume: the options differ from the run in "
-                            f"{out} ({{changed}})", ignore=("device", "world_size", "curves"),
+                            f"{out} ({{changed}})", ignore=("device", "world_size", "evaluations"),
                             what="run configuration")
     elif is_main():
         runs.write_json(out / "config.json", {**record, "environment": runs.environment()})
 
     loop = LoopConfig(total_steps=total_steps, batch_size=batch_size, seed=config.seed,
-                      checkpoint_every=max(1, min(100, total_steps // 10)), stop_after=config.stop_after,
-                      evaluate_every=config.evaluate_every)
-    result = train(method, source, loop, out, device, progress=config.progress, evaluate=evaluate)
+                      checkpoint_every=max(1, min(100, total_steps // 10)), stop_after=config.stop_after)
+    result = train(method, source, loop, out, device, progress=config.progress, evaluators=evaluators)
     trunk_path = None
     if result["finished"]:
         trunk_path = out / "trunk.pt"
@@ -245,5 +250,10 @@ def pretrain(config: PretrainConfig, evaluate=None) -> Run:
             meta = {k: record[k] for k in ("method", "seed", "total_steps")}
             meta.update({k: data_info[k] for k in ("image", "preset", "data") if k in data_info})
             save_trunk(trunk_path, method.trunk, meta)
+            head = method.classifier_head()
+            if head is not None:  # a classifier (e.g. a teacher to distil): its head beside the trunk
+                from monossl.models.classifier import save_classifier
+
+                save_classifier(out / "classifier.pt", head, meta)
     return Run(out=out, config=record, steps_done=result["step"], finished=result["finished"],
                trunk_path=trunk_path, metrics=result["metrics"])

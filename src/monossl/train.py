@@ -37,7 +37,6 @@ class LoopConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     stop_after: int | None = None  # stop (checkpointed) once this many steps are done; for tests/debugging
-    evaluate_every: int | None = None  # call `evaluate(trunk)` at steps 0, N, 2N, ... and at the end
 
 
 def steps_per_epoch(source, batch_size: int) -> int | None:
@@ -49,12 +48,14 @@ def steps_per_epoch(source, batch_size: int) -> int | None:
 
 
 def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progress: bool | None = None,
-          evaluate=None) -> dict:
+          evaluators=()) -> dict:
     """Train `method` on `source` for `loop.total_steps` steps, resuming from run_dir/last.pt if present.
 
-    evaluate: optional `(trunk) -> dict` (e.g. eval.curves.CurveProbe), called with the trunk after
-    0, N, 2N, ... steps (N = loop.evaluate_every) and after the last step; each result is logged as
-    an {"event": "probe"} line of metrics.jsonl. It must not touch the trunk or the global RNG.
+    evaluators: objects with `every` (N), `event` (a name), `__call__(method) -> dict` and
+    `summary(record) -> str` (eval.curves.CurveProbe, eval.student.StudentEval), each called after
+    0, N, 2N, ... steps and after the last step; each result is logged as an {"event": event} line
+    of metrics.jsonl (and its summary beside the progress bar). They must not change the method or
+    the global RNG.
 
     Returns {"step": steps done, "finished": bool, "metrics": last logged record}.
     """
@@ -96,15 +97,12 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
     images_seen, t_log = 0, time.perf_counter()
     last_record = {}
 
-    def log_evaluation(step_done):
-        record = {"step": step_done, "event": "probe", **evaluate(method.trunk)}
+    def log_evaluation(evaluator, step_done):
+        record = {"step": step_done, "event": evaluator.event, **evaluator(method)}
         if is_main():
             runs.append_jsonl(run_dir / "metrics.jsonl", record)
         if show:
-            bar.write(f"step {step_done}: probe top-1 " + " ".join(f"{k} {v:.1f}" for k, v in record["top1"].items())
-                      + f" ({record['seconds']:.0f} s)")
-
-    every = loop.evaluate_every if evaluate is not None else None
+            bar.write(f"step {step_done}: {evaluator.event} " + evaluator.summary(record))
 
     def save(step_done):
         if is_main():
@@ -112,8 +110,9 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
 
     method.train()
     for step in range(start_step, end_step):
-        if every and step % every == 0:  # after `step` steps; redone on resume (its log line was dropped)
-            log_evaluation(step)
+        for evaluator in evaluators:  # after `step` steps; redone on resume (its log line was dropped)
+            if step % evaluator.every == 0:
+                log_evaluation(evaluator, step)
         epoch = step // spe if spe else 0
         if spe is not None and step % spe == 0:
             # an epoch starts: the method may choose its order (DeepCluster's sampler), else a shuffle
@@ -167,7 +166,8 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
             method.after_step(done, run_dir)
         if done % loop.checkpoint_every == 0 or done == end_step:
             save(done)
-    if every and end_step >= loop.total_steps:
-        log_evaluation(loop.total_steps)
+    if end_step >= loop.total_steps:
+        for evaluator in evaluators:
+            log_evaluation(evaluator, loop.total_steps)
     bar.close()
     return {"step": max(end_step, start_step), "finished": end_step >= loop.total_steps, "metrics": last_record}

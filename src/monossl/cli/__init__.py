@@ -25,6 +25,7 @@ COMMANDS = {
     "pretrain": "pretrain a trunk with a self-supervised or supervised method",
     "probe": "train linear probes on every conv tap of a frozen trunk",
     "finetune": "fine-tune a trunk with some layers frozen (PAPER.md section 4), then probe",
+    "distill": "distil a teacher classifier into a fresh student through patches of one image",
     "compare": "the main job: random vs one image vs full data vs supervised, probed layer by layer",
     "reproduce": "the paper's tables in one command (cifar10-augmentations, imagenet-finetune)",
     "filters": "draw the conv1 filters of runs side by side (BatchNorm folded in)",

@@ -92,7 +92,7 @@ def config_from(args) -> PretrainConfig:
         steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         crop_scale=parse_range("--crop-scale", args.crop_scale), clusters=args.clusters,
         whiten_conv1=args.whiten_conv1, seed=args.seed, device=args.device, sync_bn=args.sync_bn,
-        resume=args.resume, stop_after=args.stop_after, evaluate_every=args.probe_every,
+        resume=args.resume, stop_after=args.stop_after,
         progress=False if args.quiet else None)
 
 
@@ -107,9 +107,9 @@ def run(args) -> int:
         from monossl.eval.curves import CurveProbe
 
         n_train, n_val = parse_sizes("--probe-split", args.probe_split)
-        curves = CurveProbe(args.probe_data, args.arch, n_train, n_val, seed=args.seed,
+        curves = CurveProbe(args.probe_data, args.arch, args.probe_every, n_train, n_val, seed=args.seed,
                             device=setup(resolve_device(args.device)))
-    result = pretrain(config, evaluate=curves)
+    result = pretrain(config, evaluators=[curves] if curves else [])
     if not is_main():
         return 0
     if curves is not None:

@@ -6,17 +6,19 @@ from __future__ import annotations
 import argparse
 
 from monossl.cli import positive
-from monossl.experiments import augmentations, finetune_table
+from monossl.experiments import augmentations, distillation, finetune_table
 from monossl.experiments.table import ReproduceConfig
 
 EXPERIMENTS = {augmentations.EXPERIMENT: augmentations.augmentation_table,
-               finetune_table.EXPERIMENT: finetune_table.finetune_table}
-BUDGET_NAMES = tuple(dict.fromkeys([*augmentations.BUDGETS, *finetune_table.BUDGETS]))
+               finetune_table.EXPERIMENT: finetune_table.finetune_table,
+               distillation.EXPERIMENT: distillation.distillation_table}
+BUDGET_NAMES = tuple(dict.fromkeys([*augmentations.BUDGETS, *finetune_table.BUDGETS, *distillation.BUDGETS]))
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", choices=tuple(EXPERIMENTS),
-                   help="which table (PAPER.md section 5): cifar10-augmentations, or imagenet-finetune (Table 4)")
+                   help="which table: cifar10-augmentations or imagenet-finetune (Table 4) of PAPER.md section 5, or "
+                        "distillation (a teacher distilled through one image and other sources)")
     p.add_argument("--method", default=None, choices=augmentations.SSL_METHODS,
                    help="cifar10-augmentations: self-supervised method of the eight augmentation rows "
                         "(default bigan, the paper's)")

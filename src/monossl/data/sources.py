@@ -1,6 +1,7 @@
 """Source images: load any image Pillow reads as an RGB float tensor, plus built-in photographs.
 
-`load_image(spec)` takes a file path or `builtin:NAME` and returns a float32 tensor of
+`load_image(spec)` takes a file path, `builtin:NAME` or `procedural:KIND` (data/procedural.py:
+dead leaves, noise) and returns a float32 tensor of
 shape (3, H, W) with values in [0, 1]:
 
 * RGB, greyscale (L, 1), palette (P) and 16-bit images (I;16*, I: divided by 65535) are
@@ -34,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from monossl.data import procedural
+from monossl.data.procedural import PROCEDURAL_PREFIX
 from monossl.errors import UserError, first_line
 
 BUILTIN_PREFIX = "builtin:"
@@ -189,12 +192,15 @@ def pil_to_tensor(img) -> torch.Tensor:
 
 
 def load_image(spec) -> torch.Tensor:
-    """Load `spec` (a file path or `builtin:NAME`) as a float32 (3, H, W) tensor in [0, 1].
+    """Load `spec` (a file path, `builtin:NAME` or `procedural:KIND[:key=value...]`, see
+    data/procedural.py) as a float32 (3, H, W) tensor in [0, 1].
 
     Alpha is composited over white; EXIF orientation is applied; 16-bit images are scaled
     by 1/65535. Raises `UserError` (one line) for a missing file, a directory, a file that
     is not an image, a truncated image or an unknown built-in name.
     """
+    if str(spec).startswith(PROCEDURAL_PREFIX):
+        return procedural.render(str(spec))
     path = resolve_path(str(spec))
     img = _open_fully(path)
     try:
@@ -226,7 +232,11 @@ def split_specs(values) -> list[str]:
 
 
 def describe_source(spec) -> dict:
-    """What identifies a source image in a result file: spec, resolved path, size and sha256."""
+    """What identifies a source image in a result file: spec, resolved path, size and sha256
+    (of the file; of the rendered float32 pixels for a procedural image)."""
+    if str(spec).startswith(PROCEDURAL_PREFIX):
+        pixels = procedural.render(str(spec)).numpy().tobytes()
+        return {"spec": str(spec), "path": None, "sha256": hashlib.sha256(pixels).hexdigest()}
     path = resolve_path(str(spec))
     _open_fully(path)  # same errors as load_image
     digest = hashlib.sha256(path.read_bytes()).hexdigest()

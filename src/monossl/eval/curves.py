@@ -1,6 +1,6 @@
 """Per-layer learning curves during pretraining (`monossl pretrain --probe-every N`).
 
-Every N steps the training loop hands the trunk to a `CurveProbe`, which trains quick linear
+Every N steps the training loop hands the method to a `CurveProbe`, which trains quick linear
 probes of every tap (the trunk's usual protocol, e.g. `cifar`, with cached features) on a small
 class-balanced split of the probe dataset's *training* images (5,000 train / 1,000 validation by
 default: the test set is never touched) and returns top-1 per tap. The loop logs the result as
@@ -23,24 +23,31 @@ from monossl.eval.protocols import DEFAULT_PROTOCOL, get_protocol
 
 
 class CurveProbe:
-    """Callable `(trunk) -> {"top1": {tap: %}, "seconds": s}` on a fixed validation split."""
+    """An evaluator of the training loop (train.train): `(method) -> {"top1": {tap: %}, "seconds": s}`
+    for the method's trunk, on a fixed validation split, every `every` steps."""
 
-    def __init__(self, data: str, arch: str, n_train: int = 5000, n_val: int = 1000, seed: int = 0,
+    event = "probe"
+
+    def __init__(self, data: str, arch: str, every: int, n_train: int = 5000, n_val: int = 1000, seed: int = 0,
                  epochs: int | None = None, device="cpu"):
         from monossl.data.datasets import load_dataset, validation_split
 
         self.protocol = get_protocol(DEFAULT_PROTOCOL.get(arch, "cifar")).with_overrides(epochs=epochs)
         self.train, self.val = validation_split(load_dataset(data, "train"), n_train, n_val, seed=seed)
-        self.data, self.seed, self.device = data, seed, device
+        self.data, self.every, self.seed, self.device = data, every, seed, device
 
     def describe(self) -> dict:
         return {"data": self.data, "split": "train images only", "n_train": len(self.train),
                 "n_val": len(self.val), "seed": self.seed, "protocol": self.protocol.name,
                 "epochs": self.protocol.epochs}
 
-    def __call__(self, trunk) -> dict:
+    @staticmethod
+    def summary(record: dict) -> str:
+        return "top-1 " + " ".join(f"{k} {v:.1f}" for k, v in record["top1"].items()) + f" ({record['seconds']:.0f} s)"
+
+    def __call__(self, method) -> dict:
         t0 = time.perf_counter()
-        result = probe(trunk, self.train, self.val, self.protocol, device=self.device, seed=self.seed,
+        result = probe(method.trunk, self.train, self.val, self.protocol, device=self.device, seed=self.seed,
                        progress=False, verbose=False, workers=0)
         return {"top1": {k: v["top1"] for k, v in result["taps"].items()},
                 "seconds": round(time.perf_counter() - t0, 2)}

@@ -146,7 +146,7 @@ def augmentation_table(config: ReproduceConfig) -> Table:
                          progress=config.progress, verbose=config.progress, meta=meta, dataset=s["data"])
         return probe_row
 
-    done = run_rows([Row(r, _label(r, s["method"]), out / r / f"probe-{protocol.name}", make(r)) for r in s["rows"]])
+    done = run_rows([Row(r, _label(r, s["method"]), out / r / f"probe-{protocol.name}" / "results.json", make(r)) for r in s["rows"]])
     table_config = {**s, "protocol": protocol.to_dict(), "seconds_per_row": done.seconds,
                     "seconds_this_invocation": done.seconds_this_invocation}
     md = write_table(out, s["rows"], done.results, done.stopped, table_config)

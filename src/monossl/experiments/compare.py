@@ -120,7 +120,7 @@ def compare(config: CompareConfig) -> Table:
                          progress=config.progress, meta=meta, dataset=config.data)
         return probe_row
 
-    done = run_rows([Row(r, ROWS[r], out / r / f"probe-{protocol.name}", make(r)) for r in rows])
+    done = run_rows([Row(r, ROWS[r], out / r / f"probe-{protocol.name}" / "results.json", make(r)) for r in rows])
     if done.stopped:  # the comparison needs every row
         raise TrainingStopped("; ".join(f"{r}: {m}" for r, m in done.stopped.items()))
     table_config = {

@@ -134,7 +134,7 @@ def finetune_table(config: ReproduceConfig) -> Table:
         return finetune_row
 
     rows = [Row(r, f"pretrain, fine-tune with {', '.join(FROZEN)} frozen, probe",
-                out / r / FINETUNE_DIR / f"probe-{PROTOCOL}", make(r)) for r in s["rows"]]
+                out / r / FINETUNE_DIR / f"probe-{PROTOCOL}" / "results.json", make(r)) for r in s["rows"]]
     done = run_rows(rows)
     first = done.results[next(iter(done.results))]
     table_config = {**s, "protocol": first["protocol"], "seconds_per_row": done.seconds,

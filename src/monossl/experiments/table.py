@@ -85,13 +85,15 @@ class Table:
 
 @dataclass
 class Row:
-    """One row: `make()` trains what is missing and returns the probe result (eval.probe's dict);
-    it is written to `probe_dir` (results.json, results.md)."""
+    """One row: `make()` trains what is missing and returns its result, written to `result_file`
+    by `write` (default: a probe result, eval.probe's dict: results.json and results.md beside it).
+    A row whose result file exists is done."""
 
     name: str
     label: str
-    probe_dir: Path
+    result_file: Path
     make: Callable[[], dict]
+    write: Callable[[Path, dict], None] | None = None
 
 
 @dataclass
@@ -102,7 +104,7 @@ class RowResults:
     seconds_this_invocation: float = 0.0
 
 
-ROW_SECONDS_NOTE = "this row's training (this invocation only) + probe, wall clock"
+ROW_SECONDS_NOTE = "this row's training (this invocation only) + evaluation, wall clock"
 
 
 def parse_rows(text: str | None, known, default=None) -> list[str]:
@@ -132,7 +134,7 @@ def run_rows(rows: list[Row]) -> RowResults:
     started = time.perf_counter()
     for i, row in enumerate(rows, 1):
         where = f"[{i}/{len(rows)} {row.name}]"
-        results_json = row.probe_dir / "results.json"
+        results_json = row.result_file
         if results_json.exists():
             done.results[row.name] = runs.read_json(results_json, "probe result")
             done.seconds[row.name] = done.results[row.name].get("row_seconds")
@@ -149,7 +151,10 @@ def run_rows(rows: list[Row]) -> RowResults:
         # the row's wall clock, kept beside its probe so that a rerun that skips the row still reports it
         result["row_seconds"] = round(time.perf_counter() - t0, 1)
         result["row_seconds_note"] = ROW_SECONDS_NOTE
-        write_results(row.probe_dir, result)
+        if row.write is None:
+            write_results(results_json.parent, result)
+        else:
+            row.write(results_json, result)
         done.results[row.name], done.seconds[row.name] = result, result["row_seconds"]
     done.seconds_this_invocation = round(time.perf_counter() - started, 1)
     if not done.results:

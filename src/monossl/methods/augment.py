@@ -110,3 +110,39 @@ def colour_jitter(images: torch.Tensor, strength: float = 0.4, hue: float = 0.1,
     mean_grey = (out * g.to(images.device, images.dtype).view(1, 3, 1, 1)).sum(1).mean((1, 2)).view(b, 1, 1, 1)
     c = contrast.to(images.device, images.dtype).view(b, 1, 1, 1)
     return (c * out + (1 - c) * mean_grey).clamp_(0, 1)
+
+
+def cutmix(images: torch.Tensor, targets: torch.Tensor | None = None, alpha: float = 1.0, prob: float = 1.0,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """CutMix (Yun et al., 2019) for a (B, C, H, W) batch: each image gets a box cut from its partner
+    (the batch in reverse order), box area ~ 1 - Beta(alpha, alpha), centre uniform, clipped to the
+    image; with probability 1 - prob an image is left whole.
+
+    Returns (mixed images, mixed targets or None, lam): lam (B,) is the fraction of each mixed image
+    that is still its own, counted in pixels after clipping, and the targets (B, K) are mixed in the
+    same proportion, lam * own + (1 - lam) * partner's. Batched by hand: torchvision's CutMix draws
+    from the global RNG and one box per batch."""
+    b, _, h, w = images.shape
+    n = global_count(b)
+    beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
+    # torch's Beta sampler takes no generator: it draws from the global RNG (seeded at every step)
+    lam_drawn = local_rows(beta.sample((n,)))
+    u = local_rows(torch.rand(n, 3, generator=generator))
+    cut = torch.sqrt(1 - lam_drawn)  # the box's side as a fraction of the image's
+    cy, cx = u[:, 0] * h, u[:, 1] * w
+    y0 = (cy - cut * h / 2).round().clamp(0, h).long()
+    y1 = (cy + cut * h / 2).round().clamp(0, h).long()
+    x0 = (cx - cut * w / 2).round().clamp(0, w).long()
+    x1 = (cx + cut * w / 2).round().clamp(0, w).long()
+    off = u[:, 2] >= prob
+    y1 = torch.where(off, y0, y1)
+    ys, xs = torch.arange(h)[None, :], torch.arange(w)[None, :]
+    box = (((ys >= y0[:, None]) & (ys < y1[:, None]))[:, :, None]
+           & ((xs >= x0[:, None]) & (xs < x1[:, None]))[:, None, :])  # (B, H, W)
+    lam = 1 - box.flatten(1).float().mean(1)
+    box = box[:, None].to(images.device)
+    mixed = torch.where(box, images.flip(0), images)
+    if targets is None:
+        return mixed, None, lam
+    weight = lam.to(targets.device, targets.dtype)[:, None]
+    return mixed, weight * targets + (1 - weight) * targets.flip(0), lam

@@ -9,7 +9,8 @@ Learning rates are a pure function of the step index, so resuming from a checkpo
 needs no scheduler state.
 
 The loop calls every hook of `Method` (begin_epoch, end_epoch, after_step, extra_state,
-load_extra_state); here they do nothing, and a method overrides the ones it needs.
+load_extra_state; pretraining also classifier_head); here they do nothing, and a method
+overrides the ones it needs.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class Method(nn.Module):
 
     def after_step(self, steps_done: int, run_dir) -> None:
         """After every step, on rank 0 (BiGAN's sample grids on an unlimited stream, which has no epochs)."""
+
+    def classifier_head(self) -> nn.Module | None:
+        """The head that maps the trunk's features to the dataset's class logits, if the method trains
+        one (the supervised baseline, a distilled student): saved beside trunk.pt as classifier.pt."""
+        return None
 
     def extra_state(self) -> dict | None:
         """Method state outside parameters and buffers (DeepCluster's pseudo-labels) to keep in checkpoints."""

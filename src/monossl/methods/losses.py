@@ -15,3 +15,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     sim.fill_diagonal_(float("-inf"))  # an embedding is not its own positive or negative
     target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
     return F.cross_entropy(sim, target)
+
+
+def distillation_kl(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al., 2015): KL(targets || softmax(student / T)) times T^2
+    (so gradients keep their size as T changes), mean over the batch. `target_probs` are the
+    teacher's softened outputs, softmax(teacher / T), possibly mixed (CutMix)."""
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    return F.kl_div(log_student, target_probs.float(), reduction="batchmean") * temperature**2

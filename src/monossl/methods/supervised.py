@@ -30,6 +30,9 @@ class Supervised(LinearHeadMethod):
         config = config or SupervisedConfig()
         super().__init__(trunk, total_steps, config, config.num_classes)
 
+    def classifier_head(self):
+        return self.head
+
     def step(self, batch, step):
         images, labels = batch["images"], batch["labels"]
         if images.shape[-1] == self.trunk.input_size:
