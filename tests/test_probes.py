@@ -18,7 +18,7 @@ from monossl.eval.linear_probes import LinearProbes, average_crop_logits
 from monossl.eval.probe import probe
 from monossl.eval.protocols import PROTOCOLS, Pool, ProbeProtocol, get_protocol
 from monossl.eval.protocols import test_transform as make_test_transform  # (not a test)
-from monossl.eval.results import EpochRecord, ProbeResult, TapResult
+from monossl.eval.results import EpochRecord, ProbeResult, TapResult, results_markdown
 from monossl.models import build_trunk, save_trunk
 
 
@@ -221,3 +221,35 @@ def test_cli_probe_run_dir_and_arch_mismatch(cifar_subset_dir, tmp_path, capsys)
 def test_cli_usage_errors(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_knn_is_exact_on_a_separable_toy_set_and_weighted_votes_decide():
+    from monossl.eval.knn import knn_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(4) * 10  # four well separated directions
+    train_labels = torch.arange(40) % 4
+    train = centres[train_labels] + 0.1 * torch.randn(40, 4, generator=g)
+    test_labels = torch.arange(12) % 4
+    test = centres[test_labels] + 0.1 * torch.randn(12, 4, generator=g)
+    assert knn_accuracy(train, train_labels, test, test_labels, ks=(1, 5, 20)) == {"k1": 100.0, "k5": 100.0,
+                                                                                  "k20": 100.0}
+    # one very close neighbour of class 1 outvotes two farther ones of class 0: the votes are weighted
+    bank = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.8, -0.6]])
+    query = torch.tensor([[1.0, 0.01]])
+    assert knn_accuracy(bank, torch.tensor([1, 0, 0]), query, torch.tensor([1]), ks=(3,), num_classes=2) == {"k3": 100.0}
+    assert knn_accuracy(bank, torch.tensor([1, 0, 0]), query, torch.tensor([1]), ks=(3,), num_classes=2,
+                        temperature=100.0) == {"k3": 0.0}  # near-uniform weights: the majority wins
+
+
+def test_probe_reports_knn_per_tap_from_the_cached_features(cifar_subset_dir):
+    train, test = load_pair(f"cifar10:{cifar_subset_dir}")
+    trunk = build_trunk("cifar", widths=[8, 8, 16, 16])
+    proto = get_protocol("cifar").with_overrides(epochs=1)
+    with_knn = probe(trunk, train, test, proto, device="cpu", knn=(5, 20), progress=False, verbose=False)
+    plain = probe(trunk, train, test, proto, device="cpu", progress=False, verbose=False)
+    assert set(with_knn["knn"]) == set(with_knn["taps"]) and all(set(v) == {"k5", "k20"}
+                                                                   for v in with_knn["knn"].values())
+    assert all(0 <= a <= 100 for v in with_knn["knn"].values() for a in v.values())
+    assert with_knn["taps"] == plain["taps"]  # k-NN does not change the linear probes
+    assert "k-NN" in results_markdown(with_knn) and "knn" not in plain

@@ -38,21 +38,25 @@ METHODS = {
     "bigan": ("monossl.methods.bigan", "BiGAN"),
     "simclr": ("monossl.methods.simclr", "SimCLR"),
     "distill": ("monossl.methods.distill", "Distill"),  # needs a teacher: `monossl distill`
+    "moco": ("monossl.methods.moco", "MoCo"),
+    "dino": ("monossl.methods.dino", "DINO"),
 }
 
 # Default budgets (steps at the default batch size) per method on the CIFAR trunk, sized so
 # that the main job fits in about 15 minutes on 2 CPU cores; see README for what they reach.
 # DeepCluster: 16 epochs over 32,768 patches (docs/deepcluster.md has the runs behind it).
 DEFAULT_STEPS = {"rotnet": 800, "supervised": 500, "deepcluster": 4096, "bigan": 1500, "simclr": 1000,
-                 "distill": 4000}
-DEFAULT_BATCH = {"rotnet": 64, "supervised": 128, "deepcluster": 128, "bigan": 64, "simclr": 128, "distill": 128}
+                 "distill": 4000, "moco": 1000, "dino": 1000}
+DEFAULT_BATCH = {"rotnet": 64, "supervised": 128, "deepcluster": 128, "bigan": 64, "simclr": 128, "distill": 128,
+                 "moco": 128, "dino": 64}
 # DeepCluster needs a fixed set (its pseudo-labels are per index): the stream's first patches
 DEFAULT_NUM_PATCHES = {"deepcluster": 32768}
 # DeepCluster clusters colour first unless its input is greyscale gradients (Caron et al.
 # use the Sobel front-end too); on one image it is what lets it beat random features.
 DEFAULT_SOBEL = {"deepcluster": True}
-# SimCLR cuts its two views (random-resized crops to 32 px) out of 48-px patches of the stream.
-DEFAULT_PATCH_SIZE = {"simclr": 48}
+# SimCLR cuts its two views (random-resized crops to 32 px) out of 48-px patches of the stream;
+# MoCo and DINO (views and multi-crop) do the same (not screened for them).
+DEFAULT_PATCH_SIZE = {"simclr": 48, "moco": 48, "dino": 48}
 # conv1 trained in the whitened space of the training data's own patches (models/whitening.py):
 # on the CIFAR trunk it lifts every trained row at conv1 (docs/one_image.md); AlexNet keeps the
 # paper's plain parametrisation (not measured there).

@@ -184,9 +184,10 @@ def read_jsonl(path) -> list[dict]:
     return records
 
 
-def curve_records(records: list[dict]) -> list[dict]:
-    """The learning-curve lines (`--probe-every`) of a metrics.jsonl as read by read_jsonl, in step order."""
-    return sorted((r for r in records if r.get("event") == "probe"), key=lambda r: r["step"])
+def curve_records(records: list[dict], event: str = "probe") -> list[dict]:
+    """The evaluation lines of one kind (`--probe-every`: "probe"; a distilled student: "student") of a
+    metrics.jsonl as read by read_jsonl, in step order."""
+    return sorted((r for r in records if r.get("event") == event), key=lambda r: r["step"])
 
 
 def changed_settings(previous: dict, current: dict, ignore=()) -> list[str]:

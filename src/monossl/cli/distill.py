@@ -57,6 +57,19 @@ def run(args) -> int:
     if result is None:
         print("stopped early; rerun with --resume to continue")
         return 0
+    from monossl import runs
+    from monossl.distributed import is_main
+
+    if not is_main():
+        return 0
+    from monossl.viz.plots import write_learning_curves
+
+    evals = runs.curve_records(runs.read_jsonl(f"{args.out}/metrics.jsonl"), "student")
+    lines = [{"step": r["step"], "top1": {"student top-1": r["top1"], "agreement with the teacher": r["agreement"]}}
+             for r in evals]
+    source = ", ".join(args.image) if args.image else args.data
+    write_learning_curves(lines, f"{args.out}/student_curve.png", ylabel=f"{args.eval_data} test (%)",
+                          title=f"student distilled through {source}")
     s, t = result["student"], result["teacher"]
     print(f"student {s['top1']:.2f} top-1 / {s['top5']:.2f} top-5 on {result['eval_data']} test ({s['n']} images), "
           f"agreement with the teacher {s['agreement']:.2f}; teacher {t['top1']:.2f} top-1: "

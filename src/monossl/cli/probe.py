@@ -37,8 +37,23 @@ def configure(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--workers", type=int, default=None, help="data-loading processes for the augmentation path")
     parser.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10 if not found")
+    parser.add_argument("--knn", default=None, metavar="K,K",
+                        help="also weighted k-NN (cosine, T 0.07) on every tap's cached features, e.g. 20,200 (DINO's)")
     parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/probe-<protocol>)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parse_ks(text: str | None) -> tuple[int, ...]:
+    """'20,200' -> (20, 200); None -> ()."""
+    if not text:
+        return ()
+    try:
+        ks = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise UserError(f"--knn wants neighbour counts like 20,200, got {text!r}") from None
+    if min(ks) < 1:
+        raise UserError(f"--knn counts must be positive, got {text!r}")
+    return ks
 
 
 def run(args) -> int:
@@ -85,5 +100,5 @@ def run(args) -> int:
     if is_main():
         ensure_writable_dir(out)  # only now: bad input leaves no empty directory behind
     probe(trunk, train, test, protocol, device=device, seed=args.seed, out_dir=out, progress=not args.quiet,
-          meta=meta, dataset=args.data, workers=args.workers)
+          meta=meta, dataset=args.data, workers=args.workers, knn=parse_ks(args.knn))
     return 0

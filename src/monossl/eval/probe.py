@@ -43,6 +43,7 @@ from monossl.eval.features import (
     progress_bar,
     standardize_,
 )
+from monossl.eval.knn import knn_accuracy
 from monossl.eval.linear_probes import LinearProbes
 from monossl.eval.protocols import ProbeProtocol, check_trunk, get_protocol
 from monossl.eval.results import EpochRecord, ProbeResult, TapResult, results_markdown, write_results
@@ -63,7 +64,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.
 def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", seed: int = 0,
           out_dir=None, progress: bool = True, verbose: bool = True, meta: dict | None = None,
           dataset: str | None = None, cache: bool = True, workers: int | None = None,
-          return_probes: bool = False) -> ProbeResult | tuple[ProbeResult, LinearProbes]:
+          return_probes: bool = False, knn: tuple[int, ...] = ()) -> ProbeResult | tuple[ProbeResult, LinearProbes]:
     """Train linear probes on every tap of a frozen `trunk`; returns the results dict.
 
     train / test: datasets of `monossl.data.datasets` (TensorImages or FolderImages, or any
@@ -73,7 +74,8 @@ def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", s
     (for checks). verbose prints the pooled sizes and the table; progress shows tqdm bars on a
     terminal. workers: DataLoader processes for transformed data (default: cores - 1, at most 8).
     The caller's trunk is not modified (a frozen copy is probed). Deterministic given the seed
-    (on CPU). With return_probes=True returns (result, LinearProbes on the device).
+    (on CPU). With return_probes=True returns (result, LinearProbes on the device). knn: also
+    weighted k-NN with these k on the cached features of every tap (eval/knn.py; cached path only).
     """
     t_start = time.perf_counter()
     verbose = verbose and is_main()  # under torchrun rank 0 speaks and writes
@@ -81,6 +83,8 @@ def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", s
     protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol
     device = resolve_device(device) if isinstance(device, str) else device
     num_classes = _check_inputs(trunk, train, test, protocol)
+    if knn and not (cache and protocol.cacheable):
+        raise UserError(f"k-NN needs cached features: protocol {protocol.name} augments or crops at test time")
     if workers is None:
         workers = min(8, max(0, (os.cpu_count() or 1) - 1))
 
@@ -102,7 +106,8 @@ def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", s
         probes = LinearProbes(dims, num_classes, generator=torch.Generator().manual_seed(seed)).to(device)
 
         t0 = time.perf_counter()
-        cached = _prepare_features(runner, probes, dims, use_cache, fixed, matmul_dtype)
+        cached = _prepare_features(runner, probes, dims, use_cache, fixed, matmul_dtype, knn, num_classes)
+        knn_result = cached[4] if cached and knn else None
         timings["extract_s"] = round(time.perf_counter() - t0, 2)
         quiet_bars = not (progress and sys.stderr.isatty())  # then log a line per epoch instead
         if verbose and quiet_bars and (use_cache or fixed):
@@ -130,6 +135,8 @@ def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", s
         "history": history,
         "environment": environment(),
     }
+    if knn_result is not None:
+        result["knn"], result["knn_s"] = knn_result
     if verbose:
         print(results_markdown(result), end="")
         t = timings
@@ -169,15 +176,24 @@ def _announce(protocol, train, test, dataset, num_classes, device, seed, use_cac
         print(f"  feature cache (fp16): {mb:.0f} MiB")
 
 
-def _prepare_features(runner: FeatureRunner, probes: LinearProbes, dims, use_cache, fixed, matmul_dtype):
+def _prepare_features(runner: FeatureRunner, probes: LinearProbes, dims, use_cache, fixed, matmul_dtype,
+                      knn=(), num_classes=None):
     """Cached path: extract the features (standardised with the training set's statistics when
-    they are fixed) and return (train cache, train labels, test cache, test labels). Streamed
-    path: one pass over the training data for the fixed statistics, if any; returns None."""
+    they are fixed) and return (train cache, train labels, test cache, test labels, k-NN result:
+    ({tap: {"k20": %, ...}}, seconds) on the raw features when `knn` is given, else None).
+    Streamed path: one pass over the training data for the fixed statistics, if any; returns None."""
     protocol, device = runner.protocol, runner.device
     if use_cache:
         train_cache = runner.extract(runner.train, dims, "features (train)")
         test_cache = runner.extract(runner.test, dims, "features (test)")
         train_labels, test_labels = runner.train.labels.clone(), runner.test.labels.clone()
+        knn_result = None
+        if knn:  # on the raw pooled features, before the probes' standardisation
+            t0 = time.perf_counter()
+            scores = {tap: knn_accuracy(train_cache[tap], train_labels, test_cache[tap], test_labels, ks=knn,
+                                        num_classes=num_classes, dtype=probe_matmul_dtype(device))
+                      for tap in dims}
+            knn_result = (scores, round(time.perf_counter() - t0, 2))
         if fixed:
             stats = cache_stats(train_cache)
             probes.set_stats({k: (m.to(device), v.to(device)) for k, (m, v) in stats.items()})
@@ -186,7 +202,7 @@ def _prepare_features(runner: FeatureRunner, probes: LinearProbes, dims, use_cac
             store = torch.float16 if matmul_dtype == torch.float32 else matmul_dtype
             standardize_(train_cache, stats, eps, store)
             standardize_(test_cache, stats, eps, store)
-        return train_cache, train_labels, test_cache, test_labels
+        return train_cache, train_labels, test_cache, test_labels, knn_result
     if fixed:  # one pass over the training data (with its transform) for the statistics
         moments = Moments()
         batches = epoch_batches(len(runner.train), protocol.batch_size, runner.seed, 0)
@@ -217,7 +233,7 @@ def _train(runner: FeatureRunner, probes: LinearProbes, cached, standardized: bo
             probes.train()
             batches = epoch_batches(n_train, protocol.batch_size, seed, epoch)
             if cached is not None:
-                train_cache, train_labels, _, _ = cached
+                train_cache, train_labels = cached[:2]
                 it = runner.cached_batches(train_cache, train_labels, batches, matmul_dtype)
             else:
                 it = runner.streamed_batches(batches, epoch)
@@ -246,7 +262,7 @@ def _train(runner: FeatureRunner, probes: LinearProbes, cached, standardized: bo
                 te = time.perf_counter()
                 probes.eval()
                 if cached is not None:
-                    _, _, test_cache, test_labels = cached
+                    test_cache, test_labels = cached[2:4]
                     acc = runner.cached_eval(probes, test_cache, test_labels, standardized, matmul_dtype)
                 else:
                     acc = runner.streamed_eval(probes)

@@ -62,6 +62,9 @@ class ProbeResult(TypedDict):
     timings: Timings
     history: list[EpochRecord]
     environment: dict  # runs.environment()
+    # with probe(..., knn=(20, 200)): {tap: {"k20": top-1 %, "k200": ...}} (eval/knn.py), its seconds
+    knn: NotRequired[dict[str, dict[str, float]]]
+    knn_s: NotRequired[float]
     # added by the table runners to a row's results.json
     row_seconds: NotRequired[float]
     row_seconds_note: NotRequired[str]
@@ -84,7 +87,12 @@ def results_markdown(result: ProbeResult) -> str:
         f"Top-1/top-5 at the final epoch; best top-1 over epochs is extra (optimistic).",
         "",
     ]
-    return "\n".join(lines) + markdown_table(header, rows)
+    text = "\n".join(lines) + markdown_table(header, rows)
+    if result.get("knn"):
+        ks = list(next(iter(result["knn"].values())))
+        text += ("\nWeighted k-NN on the same pooled features (cosine, T = 0.07), top-1 (%):\n\n"
+                 + markdown_table(["tap", *ks], [[tap, *map(float, v.values())] for tap, v in result["knn"].items()]))
+    return text
 
 
 def write_results(out_dir, result: ProbeResult) -> None:

@@ -161,7 +161,8 @@ def summarise(rows: list[str], results: dict) -> dict:
 
 
 def write_table(out: Path, rows: list[str], results: dict, stopped: dict, config: dict) -> str:
-    from monossl.viz.plots import write_layer_bars
+    from monossl.viz.figures import save_figure
+    from monossl.viz.plots import ranked_bars_figure
 
     table = summarise(rows, results)
     header = ["source", "top-1", "seeds", "top-5", "agreement with teacher", "of the teacher"]
@@ -205,6 +206,9 @@ def write_table(out: Path, rows: list[str], results: dict, stopped: dict, config
         "table": table, "stopped": stopped, "paper": {"one_image": paper.AIP_CIFAR10_ONE_IMAGE,
                                                       "teacher": paper.AIP_CIFAR10_TEACHER},
         "rows": results, "environment": runs.environment()})
-    write_layer_bars({r: {"top-1": v["top1"]} for r, v in table.items()}, out / "table.png",
-                     title=f"students by source, {config['data']} test top-1, budget {config['budget']}")
+    students = {r: (v["top1"], v["std"]) for r, v in table.items() if r != "teacher"}
+    teacher = ("teacher", table["teacher"]["top1"]) if "teacher" in table else None
+    save_figure(ranked_bars_figure(students, f"student top-1 on {config['data']} test (%)", reference=teacher,
+                                   title=f"distilled through each source, budget {config['budget']}"),
+                out / "table.png")
     return md

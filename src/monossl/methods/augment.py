@@ -146,3 +146,9 @@ def cutmix(images: torch.Tensor, targets: torch.Tensor | None = None, alpha: flo
         return mixed, None, lam
     weight = lam.to(targets.device, targets.dtype)[:, None]
     return mixed, weight * targets + (1 - weight) * targets.flip(0), lam
+
+
+def contrastive_view(images: torch.Tensor, size: int, scale=(0.2, 1.0), jitter_strength: float = 0.4) -> torch.Tensor:
+    """SimCLR's view of a batch: random-resized crop to `size` + flip, then colour distortion and greyscale;
+    SimCLR, MoCo and DINO's crops all make their views this way."""
+    return colour_jitter(random_resized_crop(images, size, scale=scale), strength=jitter_strength)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from monossl.methods.augment import colour_jitter, random_resized_crop
+from monossl.methods.augment import contrastive_view
 from monossl.methods.base import Method, cosine_lr, set_lr
 from monossl.methods.losses import nt_xent
 
@@ -49,9 +49,7 @@ class SimCLR(Method):
         return {"sgd": self._opt}
 
     def view(self, images):
-        size = self.trunk.input_size
-        crops = random_resized_crop(images, size, scale=self.config.crop_scale)
-        return colour_jitter(crops, strength=self.config.jitter_strength)
+        return contrastive_view(images, self.trunk.input_size, self.config.crop_scale, self.config.jitter_strength)
 
     def step(self, batch, step):
         images = batch["images"]

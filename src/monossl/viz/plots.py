@@ -95,6 +95,31 @@ def write_layer_bars(table: dict, out, paper: dict | None = None, title: str | N
 # ---------------------------------------------------------------------------- patches
 
 
+def ranked_bars_figure(values: dict[str, tuple[float, float | None]], xlabel: str, title: str | None = None,
+                       reference: tuple[str, float] | None = None):
+    """One horizontal bar per row, in the given order (top to bottom), with its value written at its
+    end and, where given, a sample-std error bar; `reference` (label, value) is a dashed line."""
+    names = list(values)
+    fig = new_figure((6.0, 0.32 * len(names) + 1.2))
+    ax = fig.subplots()
+    ys = np.arange(len(names))[::-1]
+    means = [values[n][0] for n in names]
+    errors = [values[n][1] or 0.0 for n in names]
+    ax.barh(ys, means, xerr=errors, color="0.7", edgecolor="black", linewidth=0.6, capsize=3)
+    for y, m in zip(ys, means):
+        ax.text(m + 1, y, f"{m:.1f}", va="center", fontsize=8)
+    if reference is not None:
+        ax.axvline(reference[1], color="black", linestyle="--", linewidth=0.8)
+        ax.text(reference[1], len(names) - 0.4, f" {reference[0]}", fontsize=8, va="bottom")
+    ax.set_yticks(ys, names, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_xlim(0, 100)
+    ax.grid(axis="x", color="0.85", linewidth=0.6)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
 def read_run_config(run_dir) -> dict:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
@@ -149,9 +174,10 @@ def write_contact_sheet(run_dir, out, n: int = 64, ncols: int | None = None) -> 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
-def learning_curves_figure(records: list[dict], title: str | None = None):
+def learning_curves_figure(records: list[dict], title: str | None = None, ylabel: str = "validation top-1 (%)"):
     """Validation top-1 of every tap against training steps, from the {"event": "probe"} lines of
-    metrics.jsonl (step 0 = the untrained trunk). One line per tap, each with its own marker."""
+    metrics.jsonl (step 0 = the untrained trunk): records {"step", "top1": {line: value}}. One line
+    per tap (or per key of "top1"), each with its own marker."""
     if not records:
         raise UserError("no probe evaluations to plot (train with --probe-every N)")
     taps = _taps_of({i: r["top1"] for i, r in enumerate(records)})
@@ -162,7 +188,7 @@ def learning_curves_figure(records: list[dict], title: str | None = None):
         ax.plot(steps, [r["top1"].get(tap, np.nan) for r in records], marker=MARKERS[i % len(MARKERS)],
                 color=str(0.6 * i / max(1, len(taps) - 1)), markersize=4, linewidth=1.2, label=tap)
     ax.set_xlabel("training step")
-    ax.set_ylabel("validation top-1 (%)")
+    ax.set_ylabel(ylabel)
     ax.grid(color="0.85", linewidth=0.6)
     ax.legend(fontsize=8, frameon=False)
     if title:
@@ -170,5 +196,6 @@ def learning_curves_figure(records: list[dict], title: str | None = None):
     return fig
 
 
-def write_learning_curves(records: list[dict], out, title: str | None = None) -> Path:
-    return save_figure(learning_curves_figure(records, title), out)
+def write_learning_curves(records: list[dict], out, title: str | None = None,
+                          ylabel: str = "validation top-1 (%)") -> Path:
+    return save_figure(learning_curves_figure(records, title, ylabel), out)
