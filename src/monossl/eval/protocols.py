@@ -183,8 +183,23 @@ PROTOCOLS: dict[str, ProbeProtocol] = {
         description="Gidaris et al. (RotNet): adaptive max pooling to 12/7/5/6/6 spatial, same schedule as asano-max",
         **_ALEX_SCHEDULE,
     ),
+    "resnet-cifar": ProbeProtocol(
+        name="resnet-cifar", archs=("resnet18-cifar",),
+        pools={tap: Pool("adaptive-avg", values=4096) for tap in ("conv1", "layer1", "layer2", "layer3", "layer4")},
+        epochs=25, lr=0.01, milestones=(15, 20), weight_decay=5e-4, batch_size=256, bn_stats="dataset",
+        description="the `cifar` protocol on ResNet-18's taps (stem, layer1..layer4): adaptive average pooling "
+                    "to >= 4096 values (64x8x8, 64x8x8, 128x6x6, 256x4x4, 512x3x3)",
+    ),
+    "resnet-avg": ProbeProtocol(
+        name="resnet-avg", archs=("resnet18",),
+        pools={tap: Pool("adaptive-avg", values=9216) for tap in ("conv1", "layer1", "layer2", "layer3", "layer4")},
+        description="ResNet-18 at 224 px: adaptive average pooling of every tap to >= 9216 values, the AlexNet "
+                    "probes' schedule and ten test crops",
+        **_ALEX_SCHEDULE,
+    ),
 }
-DEFAULT_PROTOCOL = {"cifar": "cifar", "alexnet-big": "asano-max", "alexnet-small": "asano-max"}
+DEFAULT_PROTOCOL = {"cifar": "cifar", "alexnet-big": "asano-max", "alexnet-small": "asano-max",
+                    "resnet18-cifar": "resnet-cifar", "resnet18": "resnet-avg"}
 
 
 def get_protocol(name: str) -> ProbeProtocol:

@@ -18,7 +18,7 @@ from pathlib import Path
 from monossl.errors import UserError, first_line
 from monossl.models.trunks import AlexNet, CifarTrunk, Sobel, Trunk, _init_weights
 
-ARCHS = ("cifar", "alexnet-big", "alexnet-small")
+ARCHS = ("cifar", "alexnet-big", "alexnet-small", "resnet18-cifar", "resnet18")
 CHECKPOINT_FORMAT = "monossl.trunk/1"
 
 __all__ = ["ARCHS", "Trunk", "CifarTrunk", "AlexNet", "Sobel", "build_trunk", "random_trunk", "save_trunk",
@@ -35,6 +35,13 @@ def build_trunk(arch: str = "cifar", **config) -> Trunk:
         if config.pop("size", size) != size:
             raise UserError(f"arch {arch} does not match its config's size")
         trunk = AlexNet(size=size, **config)
+    elif arch in ("resnet18-cifar", "resnet18"):
+        from monossl.models.resnet import ResNet18
+
+        stem = "cifar" if arch == "resnet18-cifar" else "imagenet"
+        if config.pop("stem", stem) != stem:
+            raise UserError(f"arch {arch} does not match its config's stem")
+        trunk = ResNet18(stem=stem, **config)
     else:
         raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
     _init_weights(trunk)
