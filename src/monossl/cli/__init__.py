@@ -79,6 +79,11 @@ def main(argv=None) -> int:
     try:
         args = build_parser(commands).parse_args(argv)
         result = args._run(args)
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            # every rank has finished (rank 0 writes last) before any tears the group down: a rank
+            # leaving while its peer still holds the connection made gloo abort under load
+            dist.barrier()
         return int(result or 0)
     except UserError as exc:
         # raised in a DataLoader worker, it comes back with the worker's traceback as its message
