@@ -24,9 +24,9 @@ from pathlib import Path
 from monossl import paper, runs
 from monossl.errors import UserError
 from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, cell_rows, cells, cells_csv,
-                                       check_table_settings, parse_rows, run_rows)
+                                       check_table_settings, parse_rows, pretrained, run_rows)
 from monossl.models import load_trunk, random_trunk, save_trunk, trunk_config_from
-from monossl.pretrain import DEFAULT_BATCH, WHITEN_CONV1_ARCHS, PretrainConfig, pretrain
+from monossl.pretrain import DEFAULT_BATCH, WHITEN_CONV1_ARCHS, PretrainConfig
 
 EXPERIMENT = "cifar10-augmentations"
 SSL_METHODS = ("bigan", "rotnet", "deepcluster", "simclr")
@@ -94,10 +94,9 @@ def settings(config: ReproduceConfig) -> dict:
 
 
 def pretrain_config(row: str, s: dict, row_dir: Path, config: ReproduceConfig) -> PretrainConfig:
-    """The pretraining of a trained row (resumed when its directory holds a checkpoint)."""
+    """The pretraining of a trained row."""
     common = dict(out=row_dir, seed=s["seed"], device=config.device, widths=s["widths"],
-                  whiten_conv1=s["whiten_conv1"], progress=None if config.progress else False,
-                  resume=(row_dir / "last.pt").exists())
+                  whiten_conv1=s["whiten_conv1"], progress=None if config.progress else False)
     if row == "supervised":
         return PretrainConfig(method="supervised", data=s["data"], steps=s["steps"]["supervised"],
                               batch_size=s["batch_size"]["supervised"], **common)
@@ -139,14 +138,13 @@ def augmentation_table(config: ReproduceConfig) -> Table:
                     {"method": "random", "seed": s["seed"]}
                 save_trunk(runs.ensure_writable_dir(row_dir) / "trunk.pt", trunk, meta)
             else:
-                if not (row_dir / "trunk.pt").exists():
-                    pretrain(pretrain_config(row, s, row_dir, config))
-                trunk, meta = load_trunk(row_dir)
+                trunk, meta = load_trunk(pretrained(pretrain_config(row, s, row_dir, config)))
             return probe(trunk, train_set, test_set, protocol, device=config.device, seed=s["seed"],
                          progress=config.progress, verbose=config.progress, meta=meta, dataset=s["data"])
         return probe_row
 
-    done = run_rows([Row(r, _label(r, s["method"]), out / r / f"probe-{protocol.name}" / "results.json", make(r)) for r in s["rows"]])
+    done = run_rows([Row(r, _label(r, s["method"]), out / r / f"probe-{protocol.name}" / "results.json", make(r))
+                     for r in s["rows"]])
     table_config = {**s, "protocol": protocol.to_dict(), "seconds_per_row": done.seconds,
                     "seconds_this_invocation": done.seconds_this_invocation}
     md = write_table(out, s["rows"], done.results, done.stopped, table_config)

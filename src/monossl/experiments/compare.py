@@ -26,9 +26,9 @@ from pathlib import Path
 
 from monossl import runs
 from monossl.errors import TrainingStopped, UserError
-from monossl.experiments.table import Row, Table, check_table_settings, parse_rows, run_rows
+from monossl.experiments.table import Row, Table, check_table_settings, parse_rows, pretrained, run_rows
 from monossl.models import load_trunk, random_trunk, trunk_config_from
-from monossl.pretrain import DEFAULT_BATCH, DEFAULT_STEPS, PretrainConfig, method_class, pretrain
+from monossl.pretrain import DEFAULT_BATCH, DEFAULT_STEPS, PretrainConfig, method_class
 
 ROWS = {
     "random": "random trunk",
@@ -104,10 +104,7 @@ def compare(config: CompareConfig) -> Table:
 
     def trained(row: str):
         """The row's pretrained trunk, pretraining (or resuming) it first when needed."""
-        row_dir = out / row
-        if not (row_dir / "trunk.pt").exists():
-            pretrain(PretrainConfig(out=row_dir, resume=(row_dir / "last.pt").exists(), **{**common, **per_row[row]}))
-        return load_trunk(row_dir)
+        return load_trunk(pretrained(PretrainConfig(out=out / row, **{**common, **per_row[row]})))
 
     def make(row: str):
         def probe_row():

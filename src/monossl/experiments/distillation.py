@@ -27,8 +27,9 @@ from pathlib import Path
 
 from monossl import paper, runs
 from monossl.errors import UserError
-from monossl.experiments.table import Budget, ReproduceConfig, Row, Table, check_table_settings, parse_rows, run_rows
-from monossl.pretrain import PretrainConfig, pretrain
+from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, check_table_settings, parse_rows,
+                                       pretrained, run_rows)
+from monossl.pretrain import PretrainConfig
 
 EXPERIMENT = "distillation"
 PRESET_ROWS = ("none", "jitter", "rotation", "scale", "rotation+jitter", "rotation+scale", "jitter+scale", "all")
@@ -99,11 +100,10 @@ def distillation_table(config: ReproduceConfig) -> Table:
     def make_teacher():
         from monossl.data.datasets import load_dataset
 
-        if not (teacher_dir / "classifier.pt").exists():
-            pretrain(PretrainConfig(method="supervised", data=s["data"], out=teacher_dir, widths=s["widths"],
-                                    steps=s["steps"]["supervised"], batch_size=s["batch_size"]["supervised"],
-                                    seed=s["seed"], device=config.device, whiten_conv1=s["whiten_conv1"],
-                                    progress=progress, resume=(teacher_dir / "last.pt").exists()))
+        pretrained(PretrainConfig(method="supervised", data=s["data"], out=teacher_dir, widths=s["widths"],
+                                  steps=s["steps"]["supervised"], batch_size=s["batch_size"]["supervised"],
+                                  seed=s["seed"], device=config.device, whiten_conv1=s["whiten_conv1"],
+                                  progress=progress))
         teacher = load_classifier(teacher_dir)[0]
         return {"teacher": classifier_accuracy(teacher, load_dataset(s["data"], "test"))}
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from monossl import paper, runs
 from monossl.errors import UserError
 from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, cell_rows, cells, cells_csv,
-                                       check_table_settings, parse_rows, run_rows)
-from monossl.pretrain import PretrainConfig, pretrain
+                                       check_table_settings, parse_rows, pretrained, run_rows)
+from monossl.pretrain import PretrainConfig
 
 EXPERIMENT = "imagenet-finetune"
 ROWS = ("supervised", "bigan", "rotnet", "deepcluster")
@@ -89,10 +89,9 @@ def settings(config: ReproduceConfig) -> dict:
 
 
 def pretrain_config(row: str, s: dict, row_dir: Path, config: ReproduceConfig) -> PretrainConfig:
-    """The pretraining of a row (resumed when its directory holds a checkpoint)."""
+    """The pretraining of a row."""
     common = dict(method=row, arch=s["arch"], out=row_dir, seed=s["seed"], device=config.device,
-                  batch_size=s["batch_size"][row], progress=None if config.progress else False,
-                  resume=(row_dir / "last.pt").exists())
+                  batch_size=s["batch_size"][row], progress=None if config.progress else False)
     if row == "supervised":
         return PretrainConfig(data=s["data"], steps=s["steps"][row],
                               epochs=None if s["steps"][row] else s["supervised_epochs"], **common)
@@ -127,9 +126,7 @@ def finetune_table(config: ReproduceConfig) -> Table:
 
     def make(row: str):
         def finetune_row():
-            row_dir = out / row
-            if not (row_dir / "trunk.pt").exists():
-                pretrain(pretrain_config(row, s, row_dir, config))
+            row_dir = pretrained(pretrain_config(row, s, out / row, config))
             return finetune(finetune_config(s, row_dir, row_dir / FINETUNE_DIR, config))
         return finetune_row
 

@@ -11,6 +11,7 @@ everything one table gets; `cells`, `cell_rows` and `cells_csv` put our numbers 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from pathlib import Path
 from monossl import runs
 from monossl.errors import TrainingStopped, UserError
 from monossl.eval.results import write_results
+from monossl.pretrain import PretrainConfig, pretrain
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,15 @@ def check_table_settings(out: Path, settings: dict, filename: str, ignore=("rows
                                "rerun with the same options to resume it, or choose another --out",
                                ignore=ignore, what="table settings"):
         runs.write_json(path, settings)
+
+
+def pretrained(config: PretrainConfig) -> Path:
+    """A row's pretraining: its run directory, trained first unless it holds a finished trunk.pt;
+    a run interrupted earlier (last.pt without trunk.pt) is resumed, not refused."""
+    out = Path(config.out)
+    if not (out / "trunk.pt").exists():
+        pretrain(dataclasses.replace(config, resume=(out / "last.pt").exists()))
+    return out
 
 
 def run_rows(rows: list[Row]) -> RowResults:
