@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from monossl.cli import main
-from monossl.data.cifar10 import CIFAR10_CLASSES
+from monossl.data.cifar import CIFAR10_CLASSES
 from monossl.data.datasets import load_dataset, load_pair, parse_spec, subset
 from monossl.data.image_sets import FolderImages, TensorImages
 from monossl.errors import UserError

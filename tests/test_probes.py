@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -243,13 +244,32 @@ def test_knn_is_exact_on_a_separable_toy_set_and_weighted_votes_decide():
 
 
 def test_probe_reports_knn_per_tap_from_the_cached_features(cifar_subset_dir):
+    import torch.nn.functional as F
+
+    from monossl.eval.features import probe_matmul_dtype
+    from monossl.eval.knn import knn_accuracy
+
     train, test = load_pair(f"cifar10:{cifar_subset_dir}")
     trunk = build_trunk("cifar", widths=[8, 8, 16, 16])
     proto = get_protocol("cifar").with_overrides(epochs=1)
     with_knn = probe(trunk, train, test, proto, device="cpu", knn=(5, 20), progress=False, verbose=False)
     plain = probe(trunk, train, test, proto, device="cpu", progress=False, verbose=False)
-    assert set(with_knn["knn"]) == set(with_knn["taps"]) and all(set(v) == {"k5", "k20"}
-                                                                   for v in with_knn["knn"].values())
-    assert all(0 <= a <= 100 for v in with_knn["knn"].values() for a in v.values())
     assert with_knn["taps"] == plain["taps"]  # k-NN does not change the linear probes
     assert "k-NN" in results_markdown(with_knn) and "knn" not in plain
+
+    # the same numbers from features computed here, unstandardised, and from a 2x2-coarser grid
+    coarse = probe(trunk, train, test, proto, device="cpu", knn=(5, 20), knn_values=60, progress=False,
+                   verbose=False)
+    with torch.no_grad():
+        feats = [pooled_features(trunk.eval(), d.images.float() / 255, proto.pools) for d in (train, test)]
+    dtype = probe_matmul_dtype(torch.device("cpu"))  # what the probe's k-NN multiplies in
+    for tap, info in pooled_shapes(trunk, proto).items():
+        shape = tuple(info["pooled_shape"])
+        a, b = (f[tap].half() for f in feats)
+        assert with_knn["knn_dims"][tap] == a.shape[1] == math.prod(shape)
+        assert with_knn["knn"][tap] == knn_accuracy(a, train.labels, b, test.labels, ks=(5, 20), dtype=dtype)
+        side = math.ceil(math.sqrt(60 / shape[0]))  # the smallest side giving >= 60 values
+        a2, b2 = (F.adaptive_avg_pool2d(x.float().view(-1, *shape), side).flatten(1).half() for x in (a, b))
+        assert coarse["knn_dims"][tap] == shape[0] * side * side < a.shape[1]
+        assert coarse["knn"][tap] == knn_accuracy(a2, train.labels, b2, test.labels, ks=(5, 20), dtype=dtype)
+    assert coarse["knn"] != with_knn["knn"]

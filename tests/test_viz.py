@@ -333,3 +333,12 @@ def test_spatial_coherence_random_near_zero_smooth_high():
     assert spatial_coherence(smooth) > 0.8
     checker = (-1.0) ** (xx.argsort(1).argsort(1) + yy.argsort(0).argsort(0)).float()
     assert spatial_coherence(checker.expand(4, 3, 7, 7)) < -0.9  # high frequency: negative
+
+
+def test_paper_rows_are_matched_on_cifar10_only():
+    from monossl.viz.report import paper_row_for
+
+    assert paper_row_for("random", dataset="cifar10") == paper_row_for("random", dataset="cifar10:/data") \
+        == "Random features"
+    assert paper_row_for("random", dataset="cifar100") is None  # shares the prefix, not the paper's numbers
+    assert paper_row_for("random", dataset="stl10:/data") is None

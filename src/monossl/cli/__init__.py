@@ -31,6 +31,7 @@ COMMANDS = {
     "filters": "draw the conv1 filters of runs side by side (BatchNorm folded in)",
     "stylize": "Gatys style transfer with a trunk, or several side by side (--compare)",
     "report": "one Markdown + self-contained HTML page of results tables and figures",
+    "export": "write a ResNet-18 run's weights for torchvision or timm, with a model card",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from monossl.cli import positive
+from monossl.data.datasets import SPEC_HELP
 from monossl.errors import UserError
 from monossl.models import ARCHS
 from monossl.pretrain import METHODS, PretrainConfig, pretrain
@@ -28,7 +29,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-patches", type=positive(), default=None,
                    help="use the stream's first N patches as a fixed training set (epochs); default: unlimited "
                         "(DeepCluster: 32768)")
-    p.add_argument("--data", default=None, help="dataset: cifar10, cifar10:PATH or folder:PATH")
+    p.add_argument("--data", default=None, help=f"labelled dataset: {SPEC_HELP}")
     p.add_argument("--steps", type=positive(), default=None, help="training steps (default depends on the method)")
     p.add_argument("--epochs", type=positive(), default=None, help="training epochs over a finite set (instead of --steps)")
     p.add_argument("--batch-size", type=positive(), default=None, help="images per step (RotNet: x4 samples)")

@@ -36,9 +36,13 @@ def configure(parser) -> None:
                         help="evaluate on a class-balanced subset of N test images")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--workers", type=int, default=None, help="data-loading processes for the augmentation path")
-    parser.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10 if not found")
+    parser.add_argument("--download", action="store_true",
+                        help="let torchvision download --data (cifar10, cifar100 or stl10) if not found")
     parser.add_argument("--knn", default=None, metavar="K,K",
                         help="also weighted k-NN (cosine, T 0.07) on every tap's cached features, e.g. 20,200 (DINO's)")
+    parser.add_argument("--knn-values", type=positive(), default=None, metavar="N",
+                        help="k-NN on each tap's features average-pooled further to >= N values (faster; "
+                             "default: the linear probes' own features)")
     parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/probe-<protocol>)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -64,6 +68,8 @@ def run(args) -> int:
     from monossl.models import ARCHS, load_trunk, random_trunk, trunk_config_from
     from monossl.runs import ensure_writable_dir
 
+    if args.knn_values and not args.knn:
+        raise UserError("--knn-values needs --knn")
     if args.random and args.run_dir:
         raise UserError("give a RUN_DIR or --random, not both")
     if not args.random and not args.run_dir:
@@ -100,5 +106,6 @@ def run(args) -> int:
     if is_main():
         ensure_writable_dir(out)  # only now: bad input leaves no empty directory behind
     probe(trunk, train, test, protocol, device=device, seed=args.seed, out_dir=out, progress=not args.quiet,
-          meta=meta, dataset=args.data, workers=args.workers, knn=parse_ks(args.knn))
+          meta=meta, dataset=args.data, workers=args.workers, knn=parse_ks(args.knn),
+          knn_values=args.knn_values)
     return 0

@@ -119,7 +119,7 @@ class FolderSource:
 
 
 def dataset_source(dataset, labelled: bool, size: int, seed: int = 0):
-    """The source for a dataset of `monossl.data.datasets`: in-memory sets (CIFAR-10) as they are,
+    """The source for a dataset of `monossl.data.datasets`: in-memory sets (CIFAR-10/100, STL-10) as they are,
     ImageFolder trees read from disk at `size` x `size`."""
     if hasattr(dataset, "images"):
         return TensorSource(dataset.images, dataset.labels if labelled else None, seed=seed)

@@ -1,4 +1,4 @@
-"""Labelled datasets for probing and supervised baselines: CIFAR-10 and ImageFolder trees.
+"""Labelled datasets for probing and supervised baselines: CIFAR-10, CIFAR-100, STL-10 and ImageFolder trees.
 
 Dataset specs (what `--data` takes on the command line):
 
@@ -12,28 +12,40 @@ Dataset specs (what `--data` takes on the command line):
                        * `cifar-10-batches-py`: the python pickles torchvision downloads
                          (data_batch_1..5, test_batch, batches.meta); PATH may be that folder
                          or the folder holding it.
+    cifar100         CIFAR-100 (the 100 fine labels), searched as cifar10 is (`cifar100/` subfolders).
+    cifar100:PATH    CIFAR-100 at PATH: the npz pair `cifar100_train.npz` + `cifar100_test.npz`
+                     (as cifar10's, `y` in 0..99), or `cifar-100-python`, torchvision's pickles
+                     (train, test, meta), that folder or the folder holding it.
+    stl10            STL-10's labelled splits (5,000 train / 8,000 test images of 96x96, 10 classes),
+                     searched as cifar10 is (`stl10/` subfolders).
+    stl10:PATH       STL-10 at PATH: `stl10_binary`, torchvision's folder (train_X.bin, train_y.bin,
+                     test_X.bin, test_y.bin, class_names.txt), that folder or the folder holding it.
     folder:PATH      an ImageFolder tree: PATH/train/<class>/<image> and PATH/val/<class>/<image>;
                      train and val must hold the same classes.
 
-Downloading: when nothing is found for plain `cifar10` and `download=True` is passed (or
-MONOSSL_DOWNLOAD=1 is set), torchvision's `CIFAR10(download=True)` fetches the pickles into
-`<first $MONOSSL_DATA dir or ~/.cache/monossl>/cifar10/cifar-10-batches-py`, where the search finds
-them next time.
+Downloading: when nothing is found for plain `cifar10`, `cifar100` or `stl10` and `download=True` is
+passed (or MONOSSL_DOWNLOAD=1 is set), torchvision's `CIFAR10` / `CIFAR100` / `STL10` with
+`download=True` fetch the files into `<first $MONOSSL_DATA dir or ~/.cache/monossl>/<name>/`
+(e.g. `.../cifar10/cifar-10-batches-py`), where the search finds them next time. The search, the
+download and the safe reading are in data/dataset_files.py; the formats in data/cifar.py and
+data/stl10.py.
 
 API:
 
     load_pair(spec, download=False) -> (train, test)
     load_dataset(spec, split, download=False)        split: "train" | "test" ("val" is an alias)
     subset(dataset, n, seed=0)                       class-balanced subset of n items
-    parse_spec(spec) -> (kind, path)                 kind: "cifar10" | "folder"
+    parse_spec(spec) -> (kind, path)                 kind: "cifar10" | "cifar100" | "stl10" | "folder"
 
-CIFAR-10 comes back as `TensorImages`: the whole split in memory, `.images` uint8 (N, 3, H, W),
-`.labels` int64 (N,), `.classes` (names), `.source` (where it was read). As a torch Dataset its item
-is `(float image (3, H, W) in [0, 1], label)`, or `(transform(uint8 image), label)` when a transform
-is set. Folders come back as `FolderImages`, a torchvision `ImageFolder` with `.labels`, `.classes`
-and `.source` as well; its default transform gives the float tensor of the whole image, and the
-probe protocols set their own (`with_transform`). Both have `with_transform(t)` (a shallow copy with
-another transform) and `restricted(indices)` (a copy holding only those items).
+The named datasets come back as `TensorImages`: the whole split in memory, `.images` uint8
+(N, 3, H, W) (H = W = 32 for the CIFARs, 96 for STL-10), `.labels` int64 (N,), `.classes` (names),
+`.source` (`<name>:<where it was read>`). As a torch Dataset its item is `(float image (3, H, W) in
+[0, 1], label)`, or `(transform(uint8 image), label)` when a transform is set; `resized(side)` gives
+a copy at another size (STL-10 for a 32-px trunk). Folders come back as `FolderImages`, a
+torchvision `ImageFolder` with `.labels`, `.classes` and `.source` as well; its default transform
+gives the float tensor of the whole image, and the probe protocols set their own
+(`with_transform`). Both have `with_transform(t)` (a shallow copy with another transform) and
+`restricted(indices)` (a copy holding only those items).
 
 Every problem with what is found raises `UserError` with one line naming where and what.
 """
@@ -41,30 +53,39 @@ Every problem with what is found raises `UserError` with one line naming where a
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from monossl.data.cifar10 import describe_dir, find_cifar10, load_cifar_split
+from monossl.data.cifar import CIFAR10, CIFAR100, load_cifar_split
+from monossl.data.dataset_files import describe_dir, find
 from monossl.data.image_sets import FolderImages
+from monossl.data.stl10 import STL10_LAYOUT, load_stl10_split
 from monossl.errors import UserError
 
 SPLITS = ("train", "test")
-SPEC_HELP = "cifar10 (found via $MONOSSL_DATA or ~/.cache/monossl), cifar10:PATH or folder:PATH"
+NAMED = {  # name -> (how it lies on disk, load(kind, where, split) for what dataset_files.find returns)
+    "cifar10": (CIFAR10.layout, partial(load_cifar_split, CIFAR10)),
+    "cifar100": (CIFAR100.layout, partial(load_cifar_split, CIFAR100)),
+    "stl10": (STL10_LAYOUT, load_stl10_split),
+}
+SPEC_HELP = ("cifar10, cifar100 or stl10 (found via $MONOSSL_DATA or ~/.cache/monossl), "
+             "cifar10:PATH, cifar100:PATH, stl10:PATH or folder:PATH")
 
 
 # ----------------------------------------------------------------------------- specs
 
 
 def parse_spec(spec: str) -> tuple[str, Path | None]:
-    """'cifar10' -> ('cifar10', None); 'cifar10:PATH' / 'folder:PATH' -> (kind, Path)."""
+    """'cifar10' -> ('cifar10', None); 'cifar100:PATH' / 'folder:PATH' -> (kind, Path); likewise stl10."""
     if not spec:
         raise UserError(f"empty dataset; use {SPEC_HELP}")
     kind, sep, rest = spec.partition(":")
-    if kind == "cifar10" and not sep:
-        return "cifar10", None
-    if kind in ("cifar10", "folder") and sep:
+    if kind in NAMED and not sep:
+        return kind, None
+    if (kind in NAMED or kind == "folder") and sep:
         if not rest:
             raise UserError(f"dataset {spec!r} names no path; use {kind}:PATH")
         return kind, Path(rest).expanduser()
@@ -88,8 +109,9 @@ def load_dataset(spec: str, split: str, download: bool = False):
     if kind == "folder":
         root = check_folder(path)
         return FolderImages(root / ("train" if split == "train" else "val"), source=f"folder:{root}")
-    fmt, where = find_cifar10(path, download=download)
-    return load_cifar_split(fmt, where, split)
+    layout, load = NAMED[kind]
+    found, where = find(layout, path, download)
+    return load(found, where, split)
 
 
 def load_pair(spec: str, download: bool = False):
@@ -99,8 +121,9 @@ def load_pair(spec: str, download: bool = False):
         root = check_folder(path)
         src = f"folder:{root}"
         return FolderImages(root / "train", source=src), FolderImages(root / "val", source=src)
-    fmt, where = find_cifar10(path, download=download)
-    return load_cifar_split(fmt, where, "train"), load_cifar_split(fmt, where, "test")
+    layout, load = NAMED[kind]
+    found, where = find(layout, path, download)
+    return load(found, where, "train"), load(found, where, "test")
 
 
 # ----------------------------------------------------------------------------- ImageFolder trees

@@ -5,7 +5,8 @@
 label)`, or `(transform(uint8 image), label)` when a transform is set. `FolderImages`: a torchvision
 `ImageFolder` with `.labels`, `.classes` and `.source` as well; its default transform gives the float
 tensor of the whole image. Both have `with_transform(t)` (a shallow copy with another transform)
-and `restricted(indices)` (a copy holding only those items).
+and `restricted(indices)` (a copy holding only those items); `TensorImages.resized(side)` is a copy
+at another image size (antialiased, uint8), e.g. to probe a 32-px trunk on STL-10's 96-px images.
 """
 
 from __future__ import annotations
@@ -55,6 +56,22 @@ class TensorImages(Dataset):
     def restricted(self, indices) -> TensorImages:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return TensorImages(self.images[idx], self.labels[idx], self.classes, self.source, self.transform)
+
+    def resized(self, side: int) -> TensorImages:
+        """A copy with every image resized to side x side (uint8 kept; labels, classes, transform
+        the same; `.source` says so), e.g. STL-10's 96 px for a trunk that takes 32 px."""
+        if side <= 0:
+            raise UserError(f"{self.source or 'images'}: cannot resize to {side} px")
+        if tuple(self.images.shape[-2:]) == (side, side):
+            return self
+        # antialias: shrinking 96 -> 32 without it reads a few pixels per output pixel and aliases
+        # fine texture into noise; with it each output averages its whole footprint, as a photo
+        # taken at that size would. torchvision resizes uint8 natively on CPU (bilinear), so the
+        # images stay uint8 without a float copy of the split; chunks bound the temporaries.
+        images = torch.cat([TF.resize(chunk, [side, side], interpolation=TF.InterpolationMode.BILINEAR,
+                                      antialias=True) for chunk in self.images.split(1024)])
+        return TensorImages(images, self.labels, self.classes, f"{self.source} (resized to {side}x{side})",
+                            self.transform)
 
     def __repr__(self):
         return f"TensorImages({len(self)} images {tuple(self.images.shape[1:])}, {len(self.classes)} classes, {self.source})"

@@ -43,7 +43,7 @@ from monossl.eval.features import (
     progress_bar,
     standardize_,
 )
-from monossl.eval.knn import knn_accuracy
+from monossl.eval.knn import coarser, knn_accuracy
 from monossl.eval.linear_probes import LinearProbes
 from monossl.eval.protocols import ProbeProtocol, check_trunk, get_protocol
 from monossl.eval.results import EpochRecord, ProbeResult, TapResult, results_markdown, write_results
@@ -64,7 +64,8 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.
 def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", seed: int = 0,
           out_dir=None, progress: bool = True, verbose: bool = True, meta: dict | None = None,
           dataset: str | None = None, cache: bool = True, workers: int | None = None,
-          return_probes: bool = False, knn: tuple[int, ...] = ()) -> ProbeResult | tuple[ProbeResult, LinearProbes]:
+          return_probes: bool = False, knn: tuple[int, ...] = (),
+          knn_values: int | None = None) -> ProbeResult | tuple[ProbeResult, LinearProbes]:
     """Train linear probes on every tap of a frozen `trunk`; returns the results dict.
 
     train / test: datasets of `monossl.data.datasets` (TensorImages or FolderImages, or any
@@ -75,7 +76,8 @@ def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", s
     terminal. workers: DataLoader processes for transformed data (default: cores - 1, at most 8).
     The caller's trunk is not modified (a frozen copy is probed). Deterministic given the seed
     (on CPU). With return_probes=True returns (result, LinearProbes on the device). knn: also
-    weighted k-NN with these k on the cached features of every tap (eval/knn.py; cached path only).
+    weighted k-NN with these k on the cached features of every tap (eval/knn.py; cached path only),
+    average-pooled further to >= knn_values values per tap when given (`knn.coarser`).
     """
     t_start = time.perf_counter()
     verbose = verbose and is_main()  # under torchrun rank 0 speaks and writes
@@ -106,7 +108,8 @@ def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", s
         probes = LinearProbes(dims, num_classes, generator=torch.Generator().manual_seed(seed)).to(device)
 
         t0 = time.perf_counter()
-        cached = _prepare_features(runner, probes, dims, use_cache, fixed, matmul_dtype, knn, num_classes)
+        cached = _prepare_features(runner, probes, shapes, use_cache, fixed, matmul_dtype, knn, knn_values,
+                                   num_classes)
         knn_result = cached[4] if cached and knn else None
         timings["extract_s"] = round(time.perf_counter() - t0, 2)
         quiet_bars = not (progress and sys.stderr.isatty())  # then log a line per epoch instead
@@ -136,7 +139,7 @@ def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", s
         "environment": environment(),
     }
     if knn_result is not None:
-        result["knn"], result["knn_s"] = knn_result
+        result["knn"], result["knn_dims"], result["knn_s"] = knn_result
     if verbose:
         print(results_markdown(result), end="")
         t = timings
@@ -176,13 +179,15 @@ def _announce(protocol, train, test, dataset, num_classes, device, seed, use_cac
         print(f"  feature cache (fp16): {mb:.0f} MiB")
 
 
-def _prepare_features(runner: FeatureRunner, probes: LinearProbes, dims, use_cache, fixed, matmul_dtype,
-                      knn=(), num_classes=None):
+def _prepare_features(runner: FeatureRunner, probes: LinearProbes, shapes, use_cache, fixed, matmul_dtype,
+                      knn=(), knn_values=None, num_classes=None):
     """Cached path: extract the features (standardised with the training set's statistics when
     they are fixed) and return (train cache, train labels, test cache, test labels, k-NN result:
-    ({tap: {"k20": %, ...}}, seconds) on the raw features when `knn` is given, else None).
+    ({tap: {"k20": %, ...}}, {tap: feature size}, seconds) on the raw features when `knn` is given,
+    else None).
     Streamed path: one pass over the training data for the fixed statistics, if any; returns None."""
     protocol, device = runner.protocol, runner.device
+    dims = {k: v["pooled_size"] for k, v in shapes.items()}
     if use_cache:
         train_cache = runner.extract(runner.train, dims, "features (train)")
         test_cache = runner.extract(runner.test, dims, "features (test)")
@@ -190,10 +195,16 @@ def _prepare_features(runner: FeatureRunner, probes: LinearProbes, dims, use_cac
         knn_result = None
         if knn:  # on the raw pooled features, before the probes' standardisation
             t0 = time.perf_counter()
-            scores = {tap: knn_accuracy(train_cache[tap], train_labels, test_cache[tap], test_labels, ks=knn,
-                                        num_classes=num_classes, dtype=probe_matmul_dtype(device))
-                      for tap in dims}
-            knn_result = (scores, round(time.perf_counter() - t0, 2))
+            scores, sizes = {}, {}
+            for tap in dims:
+                train_f, test_f = train_cache[tap], test_cache[tap]
+                if knn_values:
+                    grid = shapes[tap]["pooled_shape"]
+                    train_f, test_f = coarser(train_f, grid, knn_values), coarser(test_f, grid, knn_values)
+                scores[tap] = knn_accuracy(train_f, train_labels, test_f, test_labels, ks=knn,
+                                           num_classes=num_classes, dtype=probe_matmul_dtype(device))
+                sizes[tap] = train_f.shape[1]
+            knn_result = (scores, sizes, round(time.perf_counter() - t0, 2))
         if fixed:
             stats = cache_stats(train_cache)
             probes.set_stats({k: (m.to(device), v.to(device)) for k, (m, v) in stats.items()})

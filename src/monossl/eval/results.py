@@ -64,6 +64,7 @@ class ProbeResult(TypedDict):
     environment: dict  # runs.environment()
     # with probe(..., knn=(20, 200)): {tap: {"k20": top-1 %, "k200": ...}} (eval/knn.py), its seconds
     knn: NotRequired[dict[str, dict[str, float]]]
+    knn_dims: NotRequired[dict[str, int]]  # the feature size k-NN saw per tap (smaller with knn_values)
     knn_s: NotRequired[float]
     # added by the table runners to a row's results.json
     row_seconds: NotRequired[float]
@@ -90,8 +91,10 @@ def results_markdown(result: ProbeResult) -> str:
     text = "\n".join(lines) + markdown_table(header, rows)
     if result.get("knn"):
         ks = list(next(iter(result["knn"].values())))
-        text += ("\nWeighted k-NN on the same pooled features (cosine, T = 0.07), top-1 (%):\n\n"
-                 + markdown_table(["tap", *ks], [[tap, *map(float, v.values())] for tap, v in result["knn"].items()]))
+        dims = result.get("knn_dims", {})
+        text += ("\nWeighted k-NN on the pooled features (cosine, T = 0.07), top-1 (%):\n\n"
+                 + markdown_table(["tap", "size", *ks], [[tap, dims.get(tap, ""), *map(float, v.values())]
+                                                        for tap, v in result["knn"].items()]))
     return text
 
 

@@ -56,7 +56,7 @@ def fmt(value) -> str:
 def paper_row_for(row: str, meta: dict | None = None, dataset: str | None = None) -> str | None:
     """The paper's CIFAR-10 row matching our row (name and/or trunk meta), or None."""
     meta = meta or {}
-    if dataset and not str(dataset).startswith("cifar10"):
+    if dataset and str(dataset).split(":")[0] != "cifar10":  # not cifar100
         return None
     if row in CIFAR10_BIGAN:
         return row
