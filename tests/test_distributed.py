@@ -114,6 +114,26 @@ def test_deepcluster_two_processes_share_rank0_clustering(tmp_path):
         assert a == pytest.approx(b, rel=1e-3, abs=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["moco", "dino"])
+def test_two_processes_equal_one_process_moco_dino(tmp_path, method):
+    """MoCo's queue takes the keys of every rank, DINO's centre the teacher outputs of every rank:
+    two processes with --sync-bn train as one (queue, key encoder, teacher and centre included)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["pretrain", "--method", method, "--image", "builtin:astronaut", "--widths", "8,16,16,32",
+            "--batch-size", "16", "--steps", "4", "--quiet"]
+    _monossl([*args, "--out", str(one)])
+    _monossl([*args, "--out", str(two), "--sync-bn"], nproc=2)
+    la, lb = _losses(one), _losses(two)
+    assert la and [s for s, _ in la] == [s for s, _ in lb]
+    for (_, a), (_, b) in zip(la, lb):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    ma, mb = (torch.load(d / "last.pt", weights_only=True)["training"]["model"] for d in (one, two))
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert torch.allclose(ma[k].float(), mb[k].float(), rtol=1e-3, atol=1e-4), k  # queue/centre too
+
+
 def test_batch_size_must_split_over_processes(monkeypatch):
     import monossl.train as train_module
     from monossl.errors import UserError

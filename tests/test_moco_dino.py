@@ -89,3 +89,16 @@ def test_a_resumed_run_is_bit_identical(tmp_path, method):
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["training"]["model"]
     b = torch.load(tmp_path / "parts" / "last.pt", weights_only=True)["training"]["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # queue, key encoder, centre too
+
+
+def test_dino_saves_its_teacher_as_the_trunk(tmp_path):
+    from monossl.models import load_trunk
+
+    assert main(["pretrain", "--method", "dino", "--image", "builtin:astronaut", "--widths", "8,8,16,16",
+                 "--steps", "3", "--batch-size", "8", "--no-whiten-conv1", "--quiet", "--out", str(tmp_path)]) == 0
+    model = torch.load(tmp_path / "last.pt", weights_only=True)["training"]["model"]
+    saved = load_trunk(tmp_path)[0].state_dict()
+    teacher = {k[len("teacher.trunk."):]: v for k, v in model.items() if k.startswith("teacher.trunk.")}
+    student = {k[len("student.trunk."):]: v for k, v in model.items() if k.startswith("student.trunk.")}
+    assert saved.keys() == teacher.keys() and all(torch.equal(saved[k], teacher[k]) for k in saved)
+    assert any(not torch.equal(saved[k], student[k]) for k in saved)  # the teacher lags the student

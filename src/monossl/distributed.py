@@ -69,6 +69,21 @@ def local_rows(t: torch.Tensor) -> torch.Tensor:
     return t[rank::size] if size > 1 else t
 
 
+def global_rows(local: torch.Tensor) -> torch.Tensor:
+    """The inverse of `local_rows` on every rank: the whole global batch, in its own order
+    (MoCo's queue and DINO's centre take every rank's samples)."""
+    size = world()[1]
+    if size == 1:
+        return local
+    # gloo has no 16-bit all_gather: send those as float32 (exact) there
+    wire = torch.float32 if dist.get_backend() == "gloo" and local.element_size() == 2 else local.dtype
+    sent = local.to(collective_device(), wire).contiguous()
+    parts = [torch.empty_like(sent) for _ in range(size)]
+    dist.all_gather(parts, sent)
+    out = torch.stack(parts, dim=1).flatten(0, 1)  # rows r, r + W, ... came from rank r
+    return out.to(local.device, local.dtype)
+
+
 def global_count(local: int) -> int:
     """How many rows to draw so that `local_rows` leaves `local` for this rank."""
     return local * world()[1]

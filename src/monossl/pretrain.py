@@ -250,10 +250,11 @@ def pretrain(config: PretrainConfig, evaluators=()) -> Run:
         if is_main():
             from monossl.models import whitening
 
-            whitening.fold(method.trunk)  # a plain trunk: conv1.weight = U Z
+            trunk = method.published_trunk()
+            whitening.fold(trunk)  # a plain trunk: conv1.weight = U Z
             meta = {k: record[k] for k in ("method", "seed", "total_steps")}
             meta.update({k: data_info[k] for k in ("image", "preset", "data") if k in data_info})
-            save_trunk(trunk_path, method.trunk, meta)
+            save_trunk(trunk_path, trunk, meta)
             head = method.classifier_head()
             if head is not None:  # a classifier (e.g. a teacher to distil): its head beside the trunk
                 from monossl.models.classifier import save_classifier

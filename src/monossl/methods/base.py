@@ -75,6 +75,11 @@ class Method(nn.Module):
     def after_step(self, steps_done: int, run_dir) -> None:
         """After every step, on rank 0 (BiGAN's sample grids on an unlimited stream, which has no epochs)."""
 
+    def published_trunk(self) -> nn.Module:
+        """The trunk a finished run saves as trunk.pt: the trained one (DINO: its teacher, which DINO
+        evaluates)."""
+        return self.trunk
+
     def classifier_head(self) -> nn.Module | None:
         """The head that maps the trunk's features to the dataset's class logits, if the method trains
         one (the supervised baseline, a distilled student): saved beside trunk.pt as classifier.pt."""

@@ -9,7 +9,7 @@ global ones; the loss (`losses.dino_loss`) matches the student's softmax to the 
 sharpened softmax across different crops. The centre (an EMA of the teacher's mean output, momentum
 `center_momentum`) and the teacher's momentum (`teacher_momentum` raised to 1 by a cosine) keep
 it from collapsing. The teacher and the centre are a submodule and a buffer: a resumed run is
-bit-identical. AdamW is DINO's optimiser; SGD with momentum and a cosine schedule here, as our
+bit-identical. The teacher's trunk is what the run saves (trunk.pt), as DINO evaluates it. AdamW is DINO's optimiser; SGD with momentum and a cosine schedule here, as our
 other methods on the CIFAR trunk (kept simple; not tuned).
 """
 
@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monossl.distributed import global_rows
 from monossl.methods.augment import contrastive_view
 from monossl.methods.base import Method, cosine_lr, set_lr
 from monossl.methods.losses import dino_loss
@@ -87,6 +88,9 @@ class DINO(Method):
     def optimizers(self):
         return {"sgd": self._opt}
 
+    def published_trunk(self):
+        return self.teacher.trunk  # DINO evaluates the teacher (the student's moving average)
+
     def crops(self, images, n: int, size: int, scale) -> list[torch.Tensor]:
         return [contrastive_view(images, size, scale, self.config.jitter_strength) for _ in range(n)]
 
@@ -120,6 +124,7 @@ class DINO(Method):
         self.optimizer_step(self._opt)
         with torch.no_grad():
             self.update_teacher(step)
-            batch_center = torch.cat(teacher).float().mean(0, keepdim=True)
+            # the centre follows the whole global batch's teacher outputs, on every rank
+            batch_center = torch.cat([global_rows(t) for t in teacher]).float().mean(0, keepdim=True)
             self.center.mul_(cfg.center_momentum).add_(batch_center, alpha=1 - cfg.center_momentum)
         return {"loss": loss.item(), "lr": lr, "teacher_momentum": self.teacher_momentum(step)}

@@ -8,8 +8,9 @@ encoder moves towards the query encoder (momentum `momentum`) and the batch's ke
 queue's oldest. The queue, its pointer and the key encoder are buffers and submodules, so they
 travel in last.pt and a resumed run is bit-identical. SGD with momentum, cosine schedule.
 
-Single-process batch norm: MoCo's shuffling BN across GPUs is not done (under torchrun each rank's
-keys join its own queue).
+Under torchrun every rank enqueues the keys of the whole global batch (`distributed.global_rows`),
+so the queues stay equal and two processes train as one. MoCo's shuffling BN across GPUs is not
+done (`--sync-bn` gives the key encoder global batch statistics instead).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monossl.distributed import global_rows
 from monossl.methods.augment import contrastive_view
 from monossl.methods.base import Method, cosine_lr, set_lr
 from monossl.methods.losses import moco_infonce
@@ -103,5 +105,5 @@ class MoCo(Method):
         self._opt.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer_step(self._opt)
-        self.enqueue(k)
+        self.enqueue(global_rows(k))
         return {"loss": loss.item(), "lr": lr}
