@@ -1,41 +1,49 @@
-"""`monossl reproduce`: the paper's tables in one command (monossl.experiments.augmentations and
-monossl.experiments.finetune_table)."""
+"""`monossl reproduce`: a table in one command: the paper's (monossl.experiments.augmentations,
+monossl.experiments.finetune_table) and ours (distillation, methods_table)."""
 
 from __future__ import annotations
 
 import argparse
 
 from monossl.cli import positive
-from monossl.experiments import augmentations, distillation, finetune_table
+from monossl.experiments import augmentations, distillation, finetune_table, methods_table
 from monossl.experiments.table import ReproduceConfig
 
 EXPERIMENTS = {augmentations.EXPERIMENT: augmentations.augmentation_table,
                finetune_table.EXPERIMENT: finetune_table.finetune_table,
-               distillation.EXPERIMENT: distillation.distillation_table}
-BUDGET_NAMES = tuple(dict.fromkeys([*augmentations.BUDGETS, *finetune_table.BUDGETS, *distillation.BUDGETS]))
+               distillation.EXPERIMENT: distillation.distillation_table,
+               methods_table.EXPERIMENT: methods_table.methods_table}
+BUDGET_NAMES = tuple(dict.fromkeys([*augmentations.BUDGETS, *finetune_table.BUDGETS, *distillation.BUDGETS,
+                                    *methods_table.BUDGETS]))
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", choices=tuple(EXPERIMENTS),
-                   help="which table: cifar10-augmentations or imagenet-finetune (Table 4) of PAPER.md section 5, or "
-                        "distillation (a teacher distilled through one image and other sources)")
+                   help="which table: cifar10-augmentations or imagenet-finetune (Table 4) of PAPER.md section 5, "
+                        "distillation (a teacher distilled through one image and other sources), or methods "
+                        "(RotNet, DeepCluster, BiGAN, SimCLR, MoCo and DINO on one image and on --data, linear "
+                        "and k-NN per tap)")
     p.add_argument("--method", default=None, choices=augmentations.SSL_METHODS,
                    help="cifar10-augmentations: self-supervised method of the eight augmentation rows "
                         "(default bigan, the paper's)")
     p.add_argument("--budget", default="smoke", choices=BUDGET_NAMES,
-                   help="smoke (minutes, a check), quick (about 1 h on 2 CPU cores; cifar10-augmentations only), "
-                        "paper (GPU); default smoke")
+                   help="smoke (minutes, a check), quick (about 1 h on 2 CPU cores; cifar10-augmentations and "
+                        "distillation), main (methods: the main job's per-row budget), paper (GPU); default smoke")
     p.add_argument("--image", action="append", default=None,
                    help="source image of the self-supervised rows (default: the built-in default image)")
     p.add_argument("--data", default=None,
                    help="labelled dataset for probes and the supervised row (default cifar10); "
                         "imagenet-finetune needs folder:PATH (train/<class>/, val/<class>/)")
-    p.add_argument("--arch", default=None, help="imagenet-finetune: alexnet-big (default) or alexnet-small")
+    p.add_argument("--eval-data", default=None, metavar="SPEC,SPEC",
+                   help="methods: more labelled datasets to probe every row on, e.g. cifar100,stl10")
+    p.add_argument("--arch", default=None, help="imagenet-finetune: alexnet-big (default) or alexnet-small; "
+                                                "methods: cifar (default) or resnet18-cifar")
     p.add_argument("--out", default=None, help="output directory (default runs/reproduce-METHOD-BUDGET, "
                                                "runs/reproduce-imagenet-finetune-BUDGET)")
     p.add_argument("--rows", default=None,
                    help=f"comma-separated subset of the rows (cifar10-augmentations: {', '.join(augmentations.ROWS)}; "
-                        f"imagenet-finetune: {', '.join(finetune_table.ROWS)}); default all")
+                        f"imagenet-finetune: {', '.join(finetune_table.ROWS)}; methods: "
+                        f"{', '.join(methods_table.ROWS)}); default all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -56,6 +64,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     table = EXPERIMENTS[args.experiment](ReproduceConfig(
         method=args.method, budget=args.budget, images=args.image, data=args.data,
+        eval_data=args.eval_data.split(",") if args.eval_data else None,
         arch=args.arch, out=args.out, rows=args.rows, seed=args.seed, device=args.device, progress=not args.quiet,
         steps=args.steps, batch_size=args.batch_size, probe_epochs=args.probe_epochs, subset=args.subset,
         test_subset=args.test_subset, widths=args.widths, whiten_conv1=args.whiten_conv1,

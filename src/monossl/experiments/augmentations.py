@@ -69,6 +69,8 @@ def settings(config: ReproduceConfig) -> dict:
     for option in ("arch", "finetune_steps"):
         if getattr(config, option) is not None:
             raise UserError(f"--{option.replace('_', '-')} applies to imagenet-finetune only")
+    if config.eval_data is not None:
+        raise UserError("--eval-data applies to methods only")
     budget = BUDGETS[config.budget]
     rows = parse_rows(config.rows, ROWS)
     trunk_config_from(config.widths, None)  # validates --widths

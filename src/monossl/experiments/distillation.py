@@ -57,7 +57,7 @@ SEEDS = {"smoke": (0, 1), "quick": (0, 1, 2), "paper": (0, 1, 2)}
 def settings(config: ReproduceConfig) -> dict:
     from monossl.data.sources import DEFAULT_IMAGE
 
-    for option in ("method", "arch", "finetune_steps", "dc_patches", "subset", "probe_epochs"):
+    for option in ("method", "arch", "finetune_steps", "dc_patches", "subset", "probe_epochs", "eval_data"):
         if getattr(config, option) is not None:
             raise UserError(f"--{option.replace('_', '-')} does not apply to {EXPERIMENT}")
     if config.budget not in BUDGETS:

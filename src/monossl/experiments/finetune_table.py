@@ -59,7 +59,7 @@ def settings(config: ReproduceConfig) -> dict:
 
     if config.budget not in BUDGETS:
         raise UserError(f"--budget {config.budget}: {EXPERIMENT} has budgets {', '.join(BUDGETS)}")
-    for option in ("method", "widths", "whiten_conv1"):
+    for option in ("method", "widths", "whiten_conv1", "eval_data"):
         if getattr(config, option) is not None:
             raise UserError(f"--{option.replace('_', '-')} does not apply to {EXPERIMENT} (its rows are "
                             f"{', '.join(ROWS)} on AlexNet)")

@@ -58,6 +58,7 @@ class ReproduceConfig:
     budget: str = "smoke"
     images: list[str] | None = None  # None: the built-in default image
     data: str | None = None
+    eval_data: list[str] | None = None  # methods: more labelled sets to probe on, besides `data`
     arch: str | None = None
     out: str | Path | None = None
     rows: str | None = None
