@@ -56,6 +56,17 @@ def test_moco_queue_is_a_ring_buffer():
     assert torch.equal(moco.queue[1:3], first[1:]) and int(moco.queue_ptr) == 1
 
 
+def test_dino_centre_is_a_moving_average_of_the_teacher_outputs_and_the_momentum_rises_to_one():
+    dino = DINO(build_trunk("cifar", widths=[8, 8, 16, 16]), 100, DINOConfig(out_dim=3, center_momentum=0.9))
+    first = [torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]]), torch.tensor([[0.0, 0.0, 6.0], [0.0, 4.0, 2.0]])]
+    dino.update_center(first)  # mean over both crops and all images: (1, 2, 3)
+    assert torch.allclose(dino.center, torch.tensor([[0.1, 0.2, 0.3]]))
+    dino.update_center([torch.tensor([[10.0, 0.0, 0.0]])])
+    assert torch.allclose(dino.center, torch.tensor([[0.9 * 0.1 + 1.0, 0.9 * 0.2, 0.9 * 0.3]]))
+    assert dino.teacher_momentum(0) == pytest.approx(0.996) and dino.teacher_momentum(100) == pytest.approx(1.0)
+    assert dino.teacher_momentum(50) == pytest.approx(0.998)
+
+
 @pytest.mark.parametrize("method", ["moco", "dino"])
 def test_one_step_moves_the_trunk_the_momentum_copy_and_the_queue_or_centre(method):
     torch.manual_seed(0)

@@ -144,3 +144,10 @@ def test_settings_budgets_and_bad_options():
         augmentations.settings(ReproduceConfig(widths="8,8"))
     with pytest.raises(UserError, match="--arch applies to imagenet-finetune only"):
         augmentations.settings(ReproduceConfig(arch="alexnet-big"))
+    # the newer methods have a length in every budget (their view augmentations go on top of each preset)
+    for budget in augmentations.BUDGETS:
+        for method in ("moco", "dino"):
+            s = augmentations.settings(ReproduceConfig(method=method, budget=budget))
+            assert s["steps"][method] and s["batch_size"][method] == augmentations.BUDGETS[budget].batch[method]
+    config = augmentations.pretrain_config("jitter", s, "x", ReproduceConfig())
+    assert config.method == "dino" and config.preset == "jitter" and config.steps == 30000

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from monossl import runs
+from monossl import __version__, runs
 from monossl.errors import UserError
 from monossl.eval.results import ProbeResult
 from monossl.models import load_trunk
@@ -99,7 +99,7 @@ def _facts(run: Path, fmt: str, arch: str, meta: dict, config: dict, probes: lis
         "labelled": (config.get("source") or {}).get("labelled"), "preset": fact("preset"),
         "patch_size": patch.get("size"), "steps": fact("total_steps", "steps"), "batch_size": fact("batch_size"),
         "seed": fact("seed"), "method_config": config.get("method_config"), "whiten_conv1": config.get("whiten_conv1"),
-        "probes": probes, "loading": loading_snippet(arch, fmt), "monossl": __import__("monossl").__version__,
+        "probes": probes, "loading": loading_snippet(arch, fmt), "monossl": __version__,
     }
 
 

@@ -4,7 +4,8 @@
 Ten rows (PAPER.md §5): fully supervised, random features, and one self-supervised run per
 augmentation preset of the patch stream (none, jitter, rotation, scale, rotation+jitter,
 rotation+scale, jitter+scale, all) on one image (the built-in default unless `images`), with
-`method` bigan (the paper's table), rotnet, deepcluster or simclr. Each row is its own run
+`method` bigan (the paper's table), rotnet, deepcluster, simclr, moco or dino (whose own view
+augmentations come on top of the stream's preset). Each row is its own run
 directory under `out` (OUT/<row>/, the probe in OUT/<row>/probe-cifar/); conv1..conv4 of every
 trunk are probed with the `cifar` protocol. Writes OUT/table.md, table.csv, results.json (ours,
 the paper's number and the difference in every cell, and the paper's findings checked on our
@@ -29,7 +30,7 @@ from monossl.models import load_trunk, random_trunk, save_trunk, trunk_config_fr
 from monossl.pretrain import DEFAULT_BATCH, WHITEN_CONV1_ARCHS, PretrainConfig
 
 EXPERIMENT = "cifar10-augmentations"
-SSL_METHODS = ("bigan", "rotnet", "deepcluster", "simclr")
+SSL_METHODS = ("bigan", "rotnet", "deepcluster", "simclr", "moco", "dino")
 #: the patch-stream presets, in the paper's row order
 PRESET_ROWS = ("none", "jitter", "rotation", "scale", "rotation+jitter", "rotation+scale", "jitter+scale", "all")
 ROWS = ("supervised", "random", *PRESET_ROWS)
@@ -41,21 +42,24 @@ WITHOUT_SCALE = tuple(r for r in PRESET_ROWS if r not in WITH_SCALE)
 BUDGETS = {
     "smoke": Budget(
         "smoke",
-        steps={"bigan": 6, "rotnet": 6, "simclr": 6, "supervised": 6},
-        batch={"bigan": 16, "rotnet": 16, "simclr": 16, "deepcluster": 32, "supervised": 32},
+        steps={"bigan": 6, "rotnet": 6, "simclr": 6, "moco": 6, "dino": 6, "supervised": 6},
+        batch={"bigan": 16, "rotnet": 16, "simclr": 16, "moco": 16, "dino": 16, "deepcluster": 32, "supervised": 32},
         dc_patches=256, dc_epochs=2, probe_subset=1000, probe_test_subset=500, probe_epochs=2,
         note="a check that every piece runs; the numbers mean nothing"),
     "quick": Budget(
         "quick",
-        # SimCLR: 600 x 64 images x 2 views, as many samples as RotNet's 600 x 32 x 4 rotations
-        steps={"bigan": 400, "rotnet": 600, "simclr": 600, "supervised": 500},
-        batch={"bigan": 32, "rotnet": 32, "simclr": 64, "deepcluster": 64, "supervised": 128},
+        # SimCLR and MoCo: 600 x 64 images x 2 views, as many samples as RotNet's 600 x 32 x 4 rotations;
+        # DINO: 600 x 32 images x 6 crops (2 of 32 px, 4 of 16 px)
+        steps={"bigan": 400, "rotnet": 600, "simclr": 600, "moco": 600, "dino": 600, "supervised": 500},
+        batch={"bigan": 32, "rotnet": 32, "simclr": 64, "moco": 64, "dino": 32, "deepcluster": 64,
+               "supervised": 128},
         dc_patches=8192, dc_epochs=8, probe_subset=10000, probe_test_subset=2000, probe_epochs=15,
         note="the whole table for one method in about an hour on 2 CPU cores (estimate in docs/bigan.md)"),
     "paper": Budget(
         "paper",
-        steps={"bigan": 60000, "rotnet": 30000, "simclr": 30000, "supervised": 15600},
-        batch={"bigan": 128, "rotnet": 192, "simclr": 256, "deepcluster": 256, "supervised": 128},
+        steps={"bigan": 60000, "rotnet": 30000, "simclr": 30000, "moco": 30000, "dino": 30000, "supervised": 15600},
+        batch={"bigan": 128, "rotnet": 192, "simclr": 256, "moco": 256, "dino": 128, "deepcluster": 256,
+               "supervised": 128},
         dc_patches=100_000, dc_epochs=30, probe_subset=None, probe_test_subset=None, probe_epochs=None,
         note="the paper's scale, for a GPU; pretraining sizes chosen here (the paper's CIFAR schedule is not "
              "known): BiGAN 60k x 128 patches (6 passes over a 1.28M-patch set), full CIFAR-10 probes, 25 epochs"),

@@ -68,6 +68,8 @@ def settings(config: ReproduceConfig) -> dict:
     trunk_config_from(config.widths, None)  # validates --widths
     b = BUDGETS[config.budget]
     data = config.data or "cifar10"
+    eval_data = [data, *[d for d in (config.eval_data or []) if d != data]]
+    _probe_dirs(eval_data)  # refuses two sets that would share a folder
     steps = {m: config.steps or b.steps.get(m) for m in METHODS}
     batch = {m: config.batch_size or b.batch.get(m) or DEFAULT_BATCH[m] for m in METHODS}
     # supervision sees as many samples as the main job's one-image row (SimCLR's 2 views)
@@ -75,7 +77,7 @@ def settings(config: ReproduceConfig) -> dict:
     return {
         "experiment": EXPERIMENT, "budget": b.name, "budget_note": b.note, "arch": arch, "widths": config.widths,
         "image": config.images or [f"builtin:{DEFAULT_IMAGE}"], "data": data,
-        "eval_data": [data, *[d for d in (config.eval_data or []) if d != data]],
+        "eval_data": eval_data,
         "seed": config.seed, "rows": parse_rows(config.rows, ROWS),
         "steps": {**steps, "supervised": sup_steps},
         "batch_size": {**batch, "supervised": config.batch_size or b.batch.get("supervised")
@@ -125,9 +127,19 @@ def _eval_sets(s: dict, input_size: int) -> dict:
     return sets
 
 
-def _probe_dir(row_dir: Path, dataset: str, first: bool) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset)
-    return row_dir / ("probe-cifar" if first else f"probe-cifar-{safe}")
+def _probe_dirs(eval_data: list[str], protocol: str = "cifar") -> dict[str, str]:
+    """Each evaluation set's probe folder in a row's run directory: probe-<protocol> for --data (as
+    every other command), probe-<protocol>-<name> for the others (the dataset's kind, a folder's name)."""
+    from monossl.data.datasets import parse_spec
+
+    dirs = {eval_data[0]: f"probe-{protocol}"}
+    for spec in eval_data[1:]:
+        kind, path = parse_spec(spec)
+        name = f"probe-{protocol}-{path.name if kind == 'folder' else kind}"
+        if name in dirs.values():
+            raise UserError(f"--eval-data: two sets would share {name}/; give each kind once")
+        dirs[spec] = name
+    return dirs
 
 
 def methods_table(config: ReproduceConfig) -> Table:
@@ -138,6 +150,7 @@ def methods_table(config: ReproduceConfig) -> Table:
     s = settings(config)
     protocol = get_protocol("cifar" if s["arch"] == "cifar" else "resnet-cifar").with_overrides(
         epochs=s["probe_epochs"])
+    probe_dirs = _probe_dirs(s["eval_data"], protocol.name)
     sets = _eval_sets(s, protocol.input_size)
     out = runs.lock_run_dir(config.out or f"runs/reproduce-methods-{config.budget}")
     check_table_settings(out, s, "reproduce.json")
@@ -163,12 +176,11 @@ def methods_table(config: ReproduceConfig) -> Table:
                          progress=config.progress, verbose=config.progress, meta=meta, dataset=dataset)
         return probe_row
 
-    first = s["eval_data"][0]
-    rows = [Row(f"{r}@{d}", f"{label(r, s['data'])} -> {d}", _probe_dir(out / r, d, d == first) / "results.json",
-                make(r, d)) for r in s["rows"] for d in s["eval_data"]]
+    rows = [Row(f"{r}@{d}", f"{label(r, s['data'])} -> {d}", out / r / probe_dirs[d] / "results.json", make(r, d))
+            for r in s["rows"] for d in s["eval_data"]]
     done = run_rows(rows)
     table_config = {**s, "protocol": protocol.to_dict(), "seconds_this_invocation": done.seconds_this_invocation}
-    md = write_table(out, s, done.results, done.stopped, table_config)
+    md = write_table(out, s, done.results, done.stopped, table_config, probe_dirs)
     return Table(out, md, done.stopped, ("table.md", "table.csv", "results.json", "table.png", "knn.png"))
 
 
@@ -189,7 +201,7 @@ def beats_random(results: dict, s: dict, dataset: str) -> list[dict]:
     return out
 
 
-def write_table(out: Path, s: dict, results: dict, stopped: dict, config: dict) -> str:
+def write_table(out: Path, s: dict, results: dict, stopped: dict, config: dict, probe_dirs: dict) -> str:
     from monossl.viz.plots import write_layer_bars
 
     proto = config["protocol"]
@@ -223,7 +235,7 @@ def write_table(out: Path, s: dict, results: dict, stopped: dict, config: dict) 
                 csv_rows.append([r, dataset, t, linear[r][t], results[f"{r}@{dataset}"]["taps"][t]["top5"],
                                  *(knn[r].get(t, {}).get(f"k{k}", "") for k in KNN), minutes[r]])
         json_rows[dataset] = {"linear": linear, "knn": knn, "minutes": minutes, "beats_random": checks}
-        suffix = "" if dataset == s["eval_data"][0] else "-" + "".join(c if c.isalnum() else "_" for c in dataset)
+        suffix = probe_dirs[dataset].removeprefix(probe_dirs[s["eval_data"][0]])
         labels = {r: label(r, s["data"]) for r in names}
         write_layer_bars(linear, out / f"table{suffix}.png", row_labels=labels,
                          title=f"linear probes on {dataset}, budget {s['budget']}")

@@ -107,6 +107,12 @@ class DINO(Method):
         for t, s in zip(self.teacher.buffers(), self.student.buffers()):
             t.copy_(s)
 
+    @torch.no_grad()
+    def update_center(self, teacher: list[torch.Tensor]) -> None:
+        """An EMA of the teacher's mean output over every crop of the whole global batch (every rank)."""
+        batch_center = torch.cat([global_rows(t) for t in teacher]).float().mean(0, keepdim=True)
+        self.center.mul_(self.config.center_momentum).add_(batch_center, alpha=1 - self.config.center_momentum)
+
     def step(self, batch, step):
         cfg = self.config
         images = batch["images"]
@@ -122,9 +128,6 @@ class DINO(Method):
         self._opt.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer_step(self._opt)
-        with torch.no_grad():
-            self.update_teacher(step)
-            # the centre follows the whole global batch's teacher outputs, on every rank
-            batch_center = torch.cat([global_rows(t) for t in teacher]).float().mean(0, keepdim=True)
-            self.center.mul_(cfg.center_momentum).add_(batch_center, alpha=1 - cfg.center_momentum)
+        self.update_teacher(step)
+        self.update_center(teacher)
         return {"loss": loss.item(), "lr": lr, "teacher_momentum": self.teacher_momentum(step)}
