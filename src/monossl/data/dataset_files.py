@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from monossl.data.image_sets import TensorImages
-from monossl.errors import UserError
+from monossl.errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,6 @@ class Layout:
     def expected(self) -> str:
         npz = f"{self.npz['train']} + {self.npz['test']}, or " if self.npz else ""
         return f"{npz}a {self.folder}/ folder ({self.contents})"
-
-
-def first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def search_roots() -> list[Path]:

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monossl.data.dataset_files import Layout, check_arrays, class_names, first_line, require_file
+from monossl.data.dataset_files import Layout, check_arrays, class_names, require_file
 from monossl.data.image_sets import TensorImages
-from monossl.errors import UserError
+from monossl.errors import UserError, first_line
 
 STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 SIDE = 96

@@ -15,7 +15,8 @@ probes (protocol `cifar`) and weighted k-NN (k = 20, 200; eval/knn.py) on every 
 main job's per-row budget) and probes on the whole dataset; `smoke` checks that every piece runs.
 Writes table.md (linear, k-NN and the minutes each row took, per evaluation set, then whether each
 one-image row beats the random trunk at every tap), table.csv, results.json, table.png (linear) and
-knn.png (k = 20). Reruns, stopped rows: experiments/table.py.
+knn.png (k = 20): per tap, each method on one image beside it on the dataset, random and
+supervised as lines. Reruns, stopped rows: experiments/table.py.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ BUDGETS = {
     "main": Budget(
         "main", dc_patches=None, dc_epochs=None,
         note="every method at its own default length (the main job's per-row budget), full probes; "
-             "about 70 min on 2 CPU cores for the CIFAR trunk"),
+             "about 1 h on 2 CPU cores for the CIFAR trunk"),
 }
 
 
@@ -202,7 +203,8 @@ def beats_random(results: dict, s: dict, dataset: str) -> list[dict]:
 
 
 def write_table(out: Path, s: dict, results: dict, stopped: dict, config: dict, probe_dirs: dict) -> str:
-    from monossl.viz.plots import write_layer_bars
+    from monossl.viz.figures import save_figure
+    from monossl.viz.plots import methods_figure
 
     proto = config["protocol"]
     lines = [f"Every method on one image (`monossl reproduce methods`), budget `{s['budget']}` ({s['budget_note']}); "
@@ -236,11 +238,12 @@ def write_table(out: Path, s: dict, results: dict, stopped: dict, config: dict, 
                                  *(knn[r].get(t, {}).get(f"k{k}", "") for k in KNN), minutes[r]])
         json_rows[dataset] = {"linear": linear, "knn": knn, "minutes": minutes, "beats_random": checks}
         suffix = probe_dirs[dataset].removeprefix(probe_dirs[s["eval_data"][0]])
-        labels = {r: label(r, s["data"]) for r in names}
-        write_layer_bars(linear, out / f"table{suffix}.png", row_labels=labels,
-                         title=f"linear probes on {dataset}, budget {s['budget']}")
-        write_layer_bars({r: {t: v["k20"] for t, v in knn[r].items()} for r in names if knn[r]},
-                         out / f"knn{suffix}.png", row_labels=labels, title=f"k-NN (k = 20) on {dataset}")
+        data_label = f"{s['data']} train"
+        save_figure(methods_figure(linear, METHODS, f"linear probes on {dataset}, budget {s['budget']}",
+                                   data_label=data_label), out / f"table{suffix}.png")
+        save_figure(methods_figure({r: {t: v["k20"] for t, v in knn[r].items()} for r in names if knn[r]}, METHODS,
+                                   f"k-NN (k = 20) on {dataset}, budget {s['budget']}", ylabel="k-NN top-1 (%)",
+                                   data_label=data_label), out / f"knn{suffix}.png")
     for row, message in stopped.items():
         lines.append(f"Row `{row}` stopped: {message}")
     md = "\n".join(lines).rstrip("\n") + "\n"

@@ -121,9 +121,9 @@ def parse_rows(text: str | None, known, default=None) -> list[str]:
     return [r for r in known if r in asked]
 
 
-def check_table_settings(out: Path, settings: dict, filename: str, ignore=("rows",)) -> None:
+def check_table_settings(out: Path, settings: dict, filename: str, ignore=("rows", "budget_note")) -> None:
     """Refuse to mix settings in one table directory (the rows may differ: a table can be run a few rows
-    at a time); the first run records them."""
+    at a time; a budget's note is prose, not a setting); the first run records them."""
     path = out / filename
     if not runs.check_settings(path, settings, f"{out} holds a table made with other settings ({{changed}}); "
                                "rerun with the same options to resume it, or choose another --out",

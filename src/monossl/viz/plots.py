@@ -92,6 +92,39 @@ def write_layer_bars(table: dict, out, paper: dict | None = None, title: str | N
     return save_figure(layer_bars_figure(table, paper, title, row_labels), out)
 
 
+def methods_figure(values: dict, methods, title: str | None = None, ylabel: str = "linear-probe top-1 (%)",
+                   data_label: str = "dataset"):
+    """One panel per tap; in each, every method's one-image row (filled circle) beside the same method
+    on the dataset (`<method>-data`, open square), with the random trunk (dashed) and supervision
+    (dotted) as lines. values: {row: {tap: top-1}}. Markers, not bars, so the axis can zoom in."""
+    if not values:
+        raise UserError("no results to plot")
+    taps = _taps_of(values)
+    methods = [m for m in methods if m in values or f"{m}-data" in values]
+    fig = new_figure((2.6 * len(taps) + 0.6, 3.4))
+    axes = fig.subplots(1, len(taps), sharey=True, squeeze=False)[0]
+    x = np.arange(len(methods))
+    for ax, tap in zip(axes, taps):
+        for row, style, label in (("random", "--", "random trunk"), ("supervised", ":", "supervised")):
+            if tap in values.get(row, {}):
+                ax.axhline(values[row][tap], color="black", linestyle=style, linewidth=1, label=label)
+        for suffix, marker, face, label in (("", "o", "black", "one image"), ("-data", "s", "white", data_label)):
+            ys = [values.get(f"{m}{suffix}", {}).get(tap, np.nan) for m in methods]
+            ax.plot(x + (0.12 if suffix else -0.12), ys, linestyle="none", marker=marker, markersize=6,
+                    markerfacecolor=face, markeredgecolor="black", label=label)
+        ax.set_xticks(x, methods, rotation=45, ha="right", fontsize=8)
+        ax.set_title(tap, fontsize=10)
+        ax.grid(axis="y", color="0.85", linewidth=0.6)
+        ax.set_axisbelow(True)
+    axes[0].set_ylabel(ylabel)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=8, ncol=4, loc="lower center", frameon=False)
+    fig.subplots_adjust(bottom=0.33, top=0.84, wspace=0.08)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
 # ---------------------------------------------------------------------------- patches
 
 
