@@ -218,6 +218,8 @@ def test_cli_probe_run_dir_and_arch_mismatch(cifar_subset_dir, tmp_path, capsys)
     (["probe", "--random"], "--random needs --out"),
     (["probe", "x", "--random", "--out", "o"], "not both"),
     (["probe", "--random", "--out", "o", "--protocol", "nope"], "invalid choice"),
+    (["probe", "--random", "--out", "o", "--knn-values", "1024"], "--knn-values needs --knn"),
+    (["probe", "--random", "--out", "o", "--knn", "20,x"], "--knn wants neighbour counts"),
 ])
 def test_cli_usage_errors(capsys, argv, message):
     assert main(argv) == 2

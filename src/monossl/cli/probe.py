@@ -68,7 +68,8 @@ def run(args) -> int:
     from monossl.models import ARCHS, load_trunk, random_trunk, trunk_config_from
     from monossl.runs import ensure_writable_dir
 
-    if args.knn_values and not args.knn:
+    ks = parse_ks(args.knn)  # before any data is read
+    if args.knn_values and not ks:
         raise UserError("--knn-values needs --knn")
     if args.random and args.run_dir:
         raise UserError("give a RUN_DIR or --random, not both")
@@ -106,6 +107,6 @@ def run(args) -> int:
     if is_main():
         ensure_writable_dir(out)  # only now: bad input leaves no empty directory behind
     probe(trunk, train, test, protocol, device=device, seed=args.seed, out_dir=out, progress=not args.quiet,
-          meta=meta, dataset=args.data, workers=args.workers, knn=parse_ks(args.knn),
+          meta=meta, dataset=args.data, workers=args.workers, knn=ks,
           knn_values=args.knn_values)
     return 0
