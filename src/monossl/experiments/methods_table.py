@@ -188,7 +188,7 @@ def methods_table(config: ReproduceConfig) -> Table:
 # ---------------------------------------------------------------------------- the table
 
 
-def beats_random(results: dict, s: dict, dataset: str) -> list[dict]:
+def beats_random(results: dict, dataset: str) -> list[dict]:
     """For each one-image row: does it beat the random trunk at every tap (linear top-1)?"""
     random = results.get(f"random@{dataset}")
     out = []
@@ -226,7 +226,7 @@ def write_table(out: Path, s: dict, results: dict, stopped: dict, config: dict, 
                                       [[label(r, s["data"]), *linear[r].values(),
                                         *(knn[r].get(t, {}).get("k20", "") for t in taps),
                                         minutes[r]] for r in names]).rstrip("\n"), ""]
-        checks = beats_random(results, s, dataset)
+        checks = beats_random(results, dataset)
         for c in checks:
             worst = min(c["margins"], key=c["margins"].get)
             lines.append(f"- {c['row']} on one image {'beats' if c['holds'] else 'does NOT beat'} the random trunk "
