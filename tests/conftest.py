@@ -53,6 +53,17 @@ def synthetic_cifar(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.uint8)
 
 
+@pytest.fixture
+def no_search(tmp_path, monkeypatch):
+    """$MONOSSL_DATA and ~ pointing at empty places, downloads off: nothing real is found."""
+    empty = tmp_path / "nothing-here"
+    empty.mkdir()
+    monkeypatch.setenv("MONOSSL_DATA", str(empty))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MONOSSL_DOWNLOAD", raising=False)
+    return empty
+
+
 @pytest.fixture(scope="session")
 def cifar_subset_dir(tmp_path_factory) -> Path:
     """A directory with cifar10_train.npz (500 images) and cifar10_test.npz (200), class-balanced,

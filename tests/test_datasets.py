@@ -18,17 +18,6 @@ from monossl.errors import UserError
 from conftest import write_imagefolder
 
 
-@pytest.fixture
-def no_search(tmp_path, monkeypatch):
-    """Point $MONOSSL_DATA and ~ at empty places, so nothing real is found by the search."""
-    empty = tmp_path / "nothing-here"
-    empty.mkdir()
-    monkeypatch.setenv("MONOSSL_DATA", str(empty))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MONOSSL_DOWNLOAD", raising=False)
-    return empty
-
-
 def cli_error(capsys, argv) -> str:
     """Run the CLI, expect exit code 2 and a one-line error; return the line."""
     rc = main(argv)

@@ -26,17 +26,6 @@ from monossl.errors import UserError
 PIXEL = (1, 2, 5, 20, 77)
 
 
-@pytest.fixture
-def no_search(tmp_path, monkeypatch):
-    """$MONOSSL_DATA and ~ pointing at empty places, downloads off: nothing real is found."""
-    empty = tmp_path / "nothing-here"
-    empty.mkdir()
-    monkeypatch.setenv("MONOSSL_DATA", str(empty))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MONOSSL_DOWNLOAD", raising=False)
-    return empty
-
-
 def one_line(exc_info) -> str:
     msg = str(exc_info.value)
     assert "\n" not in msg, msg
