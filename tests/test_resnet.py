@@ -15,6 +15,8 @@ from monossl.eval.protocols import DEFAULT_PROTOCOL, get_protocol
 from monossl.models import build_trunk, load_trunk, save_trunk
 from monossl.models.resnet import torchvision_state_dict
 
+from conftest import is_drawn_figure
+
 
 @pytest.mark.parametrize("arch, side, shapes", [
     ("resnet18-cifar", 32, {"conv1": (64, 32, 32), "layer1": (64, 32, 32), "layer2": (128, 16, 16),
@@ -56,3 +58,10 @@ def test_pretrain_and_probe_a_cifar_resnet(tmp_path, cifar_subset_dir):
     result = json.loads((run / "probe-resnet-cifar" / "results.json").read_text())
     assert list(result["taps"]) == ["conv1", "layer1", "layer2", "layer3", "layer4"]
     assert result["trunk"]["arch"] == "resnet18-cifar" and all(0 <= v["top1"] <= 100 for v in result["taps"].values())
+    # filters: the stem's 64 3x3 filters, drawn like any trunk's
+    from monossl.viz.filters import conv1_filters
+
+    trunk, _ = load_trunk(run)
+    assert torch.equal(conv1_filters(trunk, fold_bn=False), trunk.conv1.weight.detach())
+    assert main(["filters", str(run), "--out", str(tmp_path / "filters.png")]) == 0
+    assert is_drawn_figure(tmp_path / "filters.png")
