@@ -9,8 +9,9 @@ global ones; the loss (`losses.dino_loss`) matches the student's softmax to the 
 sharpened softmax across different crops. The centre (an EMA of the teacher's mean output, momentum
 `center_momentum`) and the teacher's momentum (`teacher_momentum` raised to 1 by a cosine) keep
 it from collapsing. The teacher and the centre are a submodule and a buffer: a resumed run is
-bit-identical. The teacher's trunk is what the run saves (trunk.pt), as DINO evaluates it. AdamW is DINO's optimiser; SGD with momentum and a cosine schedule here, as our
-other methods on the CIFAR trunk (kept simple; not tuned).
+bit-identical. The teacher's trunk is what the run saves (trunk.pt), as DINO evaluates it. AdamW
+is DINO's optimiser; SGD with momentum and a cosine schedule here, as our other methods on the
+CIFAR trunk (kept simple; not tuned).
 """
 
 from __future__ import annotations
