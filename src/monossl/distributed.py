@@ -75,13 +75,8 @@ def global_rows(local: torch.Tensor) -> torch.Tensor:
     size = world()[1]
     if size == 1:
         return local
-    # gloo has no 16-bit all_gather: send those as float32 (exact) there
-    wire = torch.float32 if dist.get_backend() == "gloo" and local.element_size() == 2 else local.dtype
-    sent = local.to(collective_device(), wire).contiguous()
-    parts = [torch.empty_like(sent) for _ in range(size)]
-    dist.all_gather(parts, sent)
-    out = torch.stack(parts, dim=1).flatten(0, 1)  # rows r, r + W, ... came from rank r
-    return out.to(local.device, local.dtype)
+    blocks = gather_rows(local, len(local) * size)  # rank r's rows are the r-th block
+    return blocks.view(size, len(local), *local.shape[1:]).transpose(0, 1).flatten(0, 1)
 
 
 def global_count(local: int) -> int:
