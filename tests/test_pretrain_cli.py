@@ -93,7 +93,7 @@ def test_compare_writes_the_table_and_skips_finished_rows(tmp_path, cifar_subset
             "4", "--supervised-steps", "4", "--probe-epochs", "1", "--quiet"]
     assert main(argv) == 0
     table = json.loads((tmp_path / "cmp" / "results.json").read_text())["table"]
-    assert list(table) == ["random", "image", "full", "supervised"]
+    assert list(table) == ["random", "image-stats", "image", "data-stats", "full", "supervised"]
     for row in ("image", "full"):
         probe = json.loads((tmp_path / "cmp" / row / "probe-cifar" / "results.json").read_text())
         assert table[row]["conv2"] == probe["taps"]["conv2"]["top1"]
@@ -104,7 +104,7 @@ def test_compare_writes_the_table_and_skips_finished_rows(tmp_path, cifar_subset
     assert is_drawn_figure(tmp_path / "cmp" / "table.png") and is_drawn_figure(tmp_path / "cmp" / "filters.png")
     capsys.readouterr()
     assert main(argv) == 0  # rerun: every row is skipped
-    assert capsys.readouterr().out.count("done before") == 4
+    assert capsys.readouterr().out.count("done before") == 6
     assert main(argv[:-2] + ["2", "--quiet"]) == 2  # other probe epochs: refused, not mixed into the table
     assert "other settings (probe_epochs)" in capsys.readouterr().err
 

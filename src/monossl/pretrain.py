@@ -66,6 +66,8 @@ WHITEN_CONV1_ARCHS = ("cifar",)
 ALEXNET_LR = {"rotnet": 0.01, "supervised": 0.01, "deepcluster": 0.05}
 # patches whose ZCA matrix whitens conv1 (the source's first samples)
 WHITENING_SAMPLES = 4096
+# samples whose BatchNorm statistics a statistics-only control re-estimates (the source's first)
+BN_SAMPLES = 8192
 
 
 def default_lr(method: str, arch: str) -> float | None:
@@ -165,6 +167,68 @@ def build_source(config: PretrainConfig, trunk, device=None):
     return StreamSource(stream, length=length, seed=config.seed), info
 
 
+def initial_trunk(config: PretrainConfig, device=None):
+    """What a run starts from, before its first step: the seeded trunk (the same weights as
+    `models.random_trunk(arch, seed)`), its training source, and conv1 in the whitened coordinates of
+    the source's first samples where asked (the default on the CIFAR trunk).
+    Returns (trunk, source, data info for config.json, whether conv1 is whitened)."""
+    torch.manual_seed(config.seed)
+    if (config.conv1_kernel is not None or config.widths is not None) and config.arch != "cifar":
+        raise UserError("--conv1-kernel and --widths apply to --arch cifar only")
+    trunk_config = trunk_config_from(config.widths, config.conv1_kernel)
+    if DEFAULT_SOBEL.get(config.method, False) if config.sobel is None else config.sobel:
+        trunk_config["sobel"] = True
+    trunk = build_trunk(config.arch, **trunk_config)
+    if config.sync_bn and world()[1] > 1:
+        sync_batchnorm(trunk, device)
+    source, data_info = build_source(config, trunk, device)
+    whiten_conv1 = trunk.arch in WHITEN_CONV1_ARCHS if config.whiten_conv1 is None else config.whiten_conv1
+    if whiten_conv1:
+        from monossl.models import whitening
+
+        # the source's first samples (a shuffle of a dataset): what this run trains on, no labels used
+        zca = whitening.conv1_patch_whitening(trunk, first_samples(source, WHITENING_SAMPLES), seed=config.seed)
+        whitening.whiten(trunk, zca)
+    return trunk, source, data_info, whiten_conv1
+
+
+def first_samples(source, n: int) -> torch.Tensor:
+    """The images of a source's first n samples (the stream's patches 0..n-1, a dataset's first n in its
+    epoch-0 shuffle), in [0, 1]: what the run trains on first; no labels."""
+    first = torch.arange(n) if source.length is None else source.order(0)[:n]
+    return source.fetch(first)["images"]
+
+
+@torch.no_grad()
+def statistics_trunk(config: PretrainConfig, bn_samples: int = BN_SAMPLES, batch_size: int = 256):
+    """Step 0 of `config`'s run made a trunk: the statistics of its training data and nothing learned.
+
+    The initial trunk of the run (`initial_trunk`: the same random weights, conv1 whitened by the
+    source's patches when the run would be), folded to a plain conv1, with every BatchNorm's running
+    statistics re-estimated on the source's first `bn_samples` samples (resized to the trunk's input;
+    torch's `update_bn`: the average of whole batches' statistics, no momentum). No gradient step is taken: the control
+    rows of `monossl compare` ("image statistics only", "dataset statistics only").
+    Returns (trunk in eval mode, meta for its probe results)."""
+    import torch.nn.functional as F
+    from torch.optim.swa_utils import update_bn
+
+    from monossl.models import whitening
+
+    trunk, source, data_info, whiten_conv1 = initial_trunk(config)
+    whitening.fold(trunk)
+    images = first_samples(source, bn_samples)
+    if len(images) >= batch_size:  # whole batches only: update_bn averages the batches' statistics equally
+        images = images[:len(images) // batch_size * batch_size]
+    size = trunk.input_size
+    batches = [F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+               if x.shape[-1] != size else x for x in images.split(batch_size)]
+    update_bn(batches, trunk)
+    meta = {"method": "statistics", "statistics_of": config.method, "seed": config.seed, "total_steps": 0,
+            "whiten_conv1": whiten_conv1, "bn_samples": len(images)}
+    meta.update({k: data_info[k] for k in ("image", "preset", "data") if k in data_info})
+    return trunk.eval(), meta
+
+
 def pretrain(config: PretrainConfig, evaluators=()) -> Run:
     """Train (or, with `config.resume`, continue) one run; see the module docstring.
 
@@ -180,16 +244,7 @@ def pretrain(config: PretrainConfig, evaluators=()) -> Run:
     if config.resume and not (out / "config.json").exists():
         raise UserError(f"--resume: {out} holds no run to resume (no config.json)")
 
-    torch.manual_seed(config.seed)
-    if (config.conv1_kernel is not None or config.widths is not None) and config.arch != "cifar":
-        raise UserError("--conv1-kernel and --widths apply to --arch cifar only")
-    trunk_config = trunk_config_from(config.widths, config.conv1_kernel)
-    if DEFAULT_SOBEL.get(config.method, False) if config.sobel is None else config.sobel:
-        trunk_config["sobel"] = True
-    trunk = build_trunk(config.arch, **trunk_config)
-    if config.sync_bn and world()[1] > 1:
-        sync_batchnorm(trunk, device)
-    source, data_info = build_source(config, trunk, device)
+    trunk, source, data_info, whiten_conv1 = initial_trunk(config, device)
     batch_size = config.batch_size or DEFAULT_BATCH.get(config.method, 64)
     spe = steps_per_epoch(source, batch_size)  # refuses a finite set smaller than one batch
     if config.epochs is not None:
@@ -198,15 +253,6 @@ def pretrain(config: PretrainConfig, evaluators=()) -> Run:
         total_steps = config.epochs * spe
     else:
         total_steps = config.steps if config.steps is not None else DEFAULT_STEPS.get(config.method, 500)
-
-    whiten_conv1 = trunk.arch in WHITEN_CONV1_ARCHS if config.whiten_conv1 is None else config.whiten_conv1
-    if whiten_conv1:
-        from monossl.models import whitening
-
-        # the source's first samples (a shuffle of a dataset): what this run trains on, no labels used
-        first = torch.arange(WHITENING_SAMPLES) if source.length is None else source.order(0)[:WHITENING_SAMPLES]
-        zca = whitening.conv1_patch_whitening(trunk, source.fetch(first)["images"], seed=config.seed)
-        whitening.whiten(trunk, zca)
 
     known = {f.name for f in fields(cls.Config)}
     lr = config.lr if config.lr is not None else default_lr(config.method, trunk.arch)

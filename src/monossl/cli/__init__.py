@@ -26,12 +26,13 @@ COMMANDS = {
     "probe": "train linear probes on every conv tap of a frozen trunk",
     "finetune": "fine-tune a trunk with some layers frozen (PAPER.md section 4), then probe",
     "distill": "distil a teacher classifier into a fresh student through patches of one image",
-    "compare": "the main job: random vs one image vs full data vs supervised, probed layer by layer",
+    "compare": "the main job: random, statistics controls, one image, full data, supervised, layer by layer",
     "reproduce": "the paper's tables in one command (cifar10-augmentations, imagenet-finetune)",
     "filters": "draw the conv1 filters of runs side by side (BatchNorm folded in)",
     "stylize": "Gatys style transfer with a trunk, or several side by side (--compare)",
     "report": "one Markdown + self-contained HTML page of results tables and figures",
     "export": "write a ResNet-18 run's weights for torchvision or timm, with a model card",
+    "tables": "redraw the README's tables from the committed results they name (--check: compare only)",
 }
 
 

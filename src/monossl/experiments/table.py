@@ -131,12 +131,12 @@ def check_table_settings(out: Path, settings: dict, filename: str, ignore=("rows
         runs.write_json(path, settings)
 
 
-def pretrained(config: PretrainConfig) -> Path:
+def pretrained(config: PretrainConfig, evaluators=()) -> Path:
     """A row's pretraining: its run directory, trained first unless it holds a finished trunk.pt;
     a run interrupted earlier (last.pt without trunk.pt) is resumed, not refused."""
     out = Path(config.out)
     if not (out / "trunk.pt").exists():
-        pretrain(dataclasses.replace(config, resume=(out / "last.pt").exists()))
+        pretrain(dataclasses.replace(config, resume=(out / "last.pt").exists()), evaluators=evaluators)
     return out
 
 

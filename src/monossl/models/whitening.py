@@ -39,17 +39,38 @@ def zca_matrix(patches: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
 
 
 @torch.no_grad()
+def random_patches(x: torch.Tensor, kernel_size, n_patches: int = 100_000, seed: int = 0) -> torch.Tensor:
+    """Up to `n_patches` random kernel_size patches (stride 1, no padding) of `x` (B, C, H, W), as rows
+    (N, C * kh * kw) flattened like a conv weight: the rows of `F.unfold(x)` (all B * L patches) picked
+    by a random permutation from `seed`, in its order. Gathered directly rather than unfolded, so
+    memory is that of the result (all 4096 of a run's 32-px images unfolded are about 1 GB for a
+    5 x 5 kernel)."""
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    b, c, h, w = x.shape
+    rows, cols = max(h - kh + 1, 0), max(w - kw + 1, 0)  # patch positions per image, unfold's order
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(b * rows * cols, generator=g)[:n_patches].to(x.device)
+    image, position = chosen // (rows * cols), chosen % (rows * cols)
+    top = (position // cols).view(-1, 1, 1) + torch.arange(kh, device=x.device).view(1, kh, 1)
+    left = (position % cols).view(-1, 1, 1) + torch.arange(kw, device=x.device).view(1, 1, kw)
+    patches = x[image.view(-1, 1, 1), :, top, left]  # (N, kh, kw, C): the advanced indices' dims come first
+    return patches.permute(0, 3, 1, 2).reshape(len(chosen), c * kh * kw)
+
+
+@torch.no_grad()
+def conv1_input_patches(trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0) -> torch.Tensor:
+    """Up to `n_patches` random k x k patches (N, C_in * k * k) of `images` (B, 3, H, W) in [0, 1] as the
+    trunk's conv1 sees them: after its input normalisation and Sobel front-end, if any."""
+    x = trunk._input(images.float().to(trunk.mean.device, trunk.mean.dtype))
+    return random_patches(x, trunk.conv1.kernel_size, n_patches, seed)
+
+
+@torch.no_grad()
 def conv1_patch_whitening(trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0,
                           eps: float = 1e-2) -> torch.Tensor:
     """Z for the trunk's conv1, from `images` (B, 3, H, W) in [0, 1] as the trunk sees them (after its
     input normalisation and Sobel front-end, if any): up to `n_patches` random k x k patches."""
-    conv = trunk.conv1
-    x = trunk._input(images.float().cpu().to(trunk.mean.dtype))
-    cols = F.unfold(x, conv.kernel_size, stride=1).transpose(1, 2).reshape(-1, conv.in_channels * conv.kernel_size[0]
-                                                                            * conv.kernel_size[1])
-    g = torch.Generator().manual_seed(seed)
-    cols = cols[torch.randperm(len(cols), generator=g)[:n_patches]]
-    return zca_matrix(cols, eps).float()
+    return zca_matrix(conv1_input_patches(trunk, images, n_patches, seed), eps).float()
 
 
 class _Whitened(nn.Module):

@@ -17,6 +17,14 @@ What is drawn:
 Filters act on the trunk's normalised input ((x - mean) / std, std about 0.225 for every
 channel); the per-channel std (0.229, 0.224, 0.225) is not folded in: it would change the
 colour balance by under 2 %.
+
+Activation patterns (Haufe et al. 2014, "On the interpretation of weight vectors of linear models
+in multivariate neuroimaging"): a filter w says how to read a patch, not what it responds to in
+data. Its pattern a = C w, C the covariance of the patches it reads, is the patch direction its
+response covaries with. A filter trained in whitened coordinates (models/whitening.py, W = U Z)
+carries its structure along directions pixels rarely vary in and looks like noise; C undoes Z's
+amplification of them, so the pattern shows the structure. Patterns are drawn beside the filters
+when a network carries images of its training data (`Network.pattern_images`).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid
 
 from monossl.errors import UserError
+from monossl.models.whitening import conv1_input_patches, random_patches
 from monossl.viz.figures import new_figure, save_figure
 from monossl.viz.networks import Network
 
@@ -148,29 +157,115 @@ def filter_grid(filters: torch.Tensor, scale: int = 4, pad: int = 1, ncols: int 
     return make_grid(f, nrow=ncols, padding=pad, pad_value=pad_value).permute(1, 2, 0).numpy()
 
 
+# ---------------------------------------------------------------------------- activation patterns
+
+
+@torch.no_grad()
+def patch_covariance(trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0,
+                     rgb: bool = False) -> torch.Tensor:
+    """Covariance (D x D, float64; centred, divided by N) of up to `n_patches` random k x k patches of
+    `images` (B, 3, H, W) in [0, 1] as conv1 sees them (after the input normalisation and the Sobel
+    front-end, if any), flattened like conv1's weight: D = C_in * k * k.
+
+    rgb=True: the patches the drawn filters (`conv1_filters`) act on instead: the normalised RGB
+    input, (k + 2) x (k + 2) for a Sobel trunk (Sobel front-end + conv1 is one linear filter on
+    them); for a trunk without Sobel the same as conv1's."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    kh, kw = trunk.conv1.kernel_size
+    if rgb and getattr(trunk, "sobel", None) is not None:
+        kh, kw = kh + 2, kw + 2
+        x = (images.float().to(trunk.mean) - trunk.mean) / trunk.std
+        patches = random_patches(x, (kh, kw), n_patches, seed)
+    else:
+        patches = conv1_input_patches(trunk, images, n_patches, seed)
+    if len(patches) < 2:
+        raise UserError(f"{images.shape[0]} image(s) of {images.shape[3]}x{images.shape[2]} px hold fewer than "
+                        f"two {kw}x{kh} patches: no patch covariance")
+    return torch.cov(patches.double().T, correction=0)
+
+
+def activation_patterns(filters: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    """The activation pattern C w of each filter w (Haufe et al. 2014): filters (N, C, k, k), covariance
+    (C*k*k) x (C*k*k) of the patches they read, flattened alike; computed in float64, returned in the
+    filters' shape and dtype."""
+    flat = filters.detach().flatten(1).double()
+    if covariance.shape != (flat.shape[1], flat.shape[1]):
+        raise ValueError(f"covariance {tuple(covariance.shape)} does not match filters of {flat.shape[1]} weights")
+    return (covariance.double() @ flat.T).T.to(filters.dtype).reshape(filters.shape)
+
+
+def conv1_patterns(trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0) -> torch.Tensor:
+    """The activation patterns of `conv1_filters(trunk)` on `images` (same shape): in the space they
+    are drawn in, so a Sobel trunk's are RGB (k + 2) x (k + 2) patterns (`patch_covariance(rgb=True)`)."""
+    return activation_patterns(conv1_filters(trunk), patch_covariance(trunk, images, n_patches, seed, rgb=True))
+
+
+def network_patterns(networks: list[Network], n_patches: int = 100_000, seed: int = 0) -> list[torch.Tensor | None]:
+    """Each network's `conv1_patterns` on its `pattern_images`; None for a network without them."""
+    return [None if n.pattern_images is None else conv1_patterns(n.trunk, n.pattern_images, n_patches, seed)
+            for n in networks]
+
+
 # ---------------------------------------------------------------------------- figure
 
+PAIRS_PER_ROW = 4
 
-def filters_figure(networks: list[Network], scale: int = 4, ncols: int | None = None, title: str | None = None):
-    """A matplotlib figure: one panel per network, its conv1 grid, titled with its label."""
-    grids = [filter_grid(conv1_filters(n.trunk), scale=scale, ncols=ncols,
-                         grey=getattr(n.trunk, "sobel", None) is not None) for n in networks]
-    height = max(g.shape[0] for g in grids)
-    widths = [g.shape[1] for g in grids]
+
+def _panels(networks: list[Network], patterns: list, scale: int, ncols: int | None) -> list[tuple[np.ndarray, str]]:
+    """(grid, title) of each panel: a network's filters, and its patterns beside them when any network has
+    patterns (a network without them then says so)."""
+    with_patterns = any(p is not None for p in patterns)
+    panels = []
+    for n, pattern in zip(networks, patterns):
+        f = conv1_filters(n.trunk)
+        grey = getattr(n.trunk, "sobel", None) is not None
+        coherence = f"spatial coherence {spatial_coherence(f):.2f}"
+        if not with_patterns:
+            panels.append((filter_grid(f, scale=scale, ncols=ncols, grey=grey), f"{n.label}\n{coherence}"))
+        elif pattern is None:
+            panels.append((filter_grid(f, scale=scale, ncols=ncols, grey=grey),
+                           f"{n.label}: filters\n{coherence}\n(no patterns: no data given)"))
+        else:
+            on = f" on {n.pattern_data}" if n.pattern_data else ""
+            panels.append((filter_grid(f, scale=scale, ncols=ncols, grey=grey), f"{n.label}: filters\n{coherence}"))
+            panels.append((filter_grid(pattern, scale=scale, ncols=ncols, grey=grey),
+                           f"activation patterns{on}\nspatial coherence {spatial_coherence(pattern):.2f}"))
+    return panels
+
+
+def filters_figure(networks: list[Network], scale: int = 4, ncols: int | None = None, title: str | None = None,
+                   patterns: list | None = None):
+    """A matplotlib figure: one panel per network, its conv1 grid, titled with its label and spatial coherence.
+
+    Networks with `pattern_images` get a second panel beside their filters: the filters' activation
+    patterns on those images, tiled and normalised as the filters. `patterns`: `network_patterns(networks)`
+    when already computed (computed here otherwise)."""
+    if patterns is None:
+        patterns = network_patterns(networks)
+    panels = _panels(networks, patterns, scale, ncols)
+    # with patterns, at most PAIRS_PER_ROW networks (filters + patterns) side by side, then the next row
+    per_row = 2 * PAIRS_PER_ROW if len(panels) > len(networks) else len(panels)
+    n_rows = math.ceil(len(panels) / per_row)
+    height = max(g.shape[0] for g, _ in panels)
+    widths = [max(panels[i][0].shape[1] for i in range(c, len(panels), per_row)) for c in range(min(per_row, len(panels)))]
     inch = 2.6 / max(height, 1)  # every grid about 2.6 in tall
-    fig = new_figure((max(sum(widths) * inch + 0.4 * len(grids), 3), 3.3))
-    axes = fig.subplots(1, len(grids), gridspec_kw={"width_ratios": widths}, squeeze=False)
-    for ax, g, n in zip(axes[0], grids, networks):
-        ax.imshow(g, interpolation="nearest")
-        ax.set_title(f"{n.label}\nspatial coherence {spatial_coherence(conv1_filters(n.trunk)):.2f}", fontsize=9)
+    fig = new_figure((max(sum(widths) * inch + 0.4 * len(widths), 3), 3.3 * n_rows))
+    axes = fig.subplots(n_rows, len(widths), gridspec_kw={"width_ratios": widths}, squeeze=False)
+    for ax in axes.flat:
         ax.set_axis_off()
+    for i, (grid, panel_title) in enumerate(panels):
+        ax = axes[i // per_row][i % per_row]
+        ax.imshow(grid, interpolation="nearest")
+        ax.set_title(panel_title, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
 
 
 def write_filters(networks: list[Network], out, scale: int = 4, ncols: int | None = None,
-                  title: str | None = None) -> Path:
+                  title: str | None = None, patterns: list | None = None) -> Path:
+    """Write `filters_figure` (with activation patterns for networks that carry `pattern_images`)."""
     if not networks:
         raise UserError("no network to draw: give RUN directories or --random")
-    return save_figure(filters_figure(networks, scale, ncols, title), out)
+    return save_figure(filters_figure(networks, scale, ncols, title, patterns), out)

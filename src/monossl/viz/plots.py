@@ -43,10 +43,12 @@ def _taps_of(table: dict) -> list[str]:
 
 
 def layer_bars_figure(table: dict, paper: dict | None = None, title: str | None = None,
-                      row_labels: dict | None = None, ylabel: str = "linear-probe top-1 (%)"):
+                      row_labels: dict | None = None, ylabel: str = "linear-probe top-1 (%)",
+                      errors: dict | None = None):
     """Grouped bars: one group per tap (conv1, conv2, ...), one bar per row of `table`
     ({row: {tap: value}}, drawn in its order). paper: {row: {tap: value}} for the rows whose
-    paper number is known, drawn as a black diamond on that bar (legend: "paper")."""
+    paper number is known, drawn as a black diamond on that bar (legend: "paper"). errors:
+    {row: {tap: half-length}} drawn as error bars (e.g. the sd over seeds)."""
     if not table:
         raise UserError("no results to plot")
     rows = list(table)
@@ -64,8 +66,13 @@ def layer_bars_figure(table: dict, paper: dict | None = None, title: str | None 
         ys_plot = [np.nan if y is None else float(y) for y in ys]
         values += [y for y in ys_plot if not np.isnan(y)]
         pos = x - 0.4 + width * (i + 0.5)
+        yerr = None
+        if errors and row in errors:
+            yerr = [errors[row].get(t) or 0.0 for t in taps]
+            values += [y + e for y, e in zip(ys_plot, yerr) if not np.isnan(y)]
         ax.bar(pos, ys_plot, width, label=labels.get(row, row), facecolor=FACES[i % len(FACES)],
-               edgecolor="black", hatch=HATCHES[i % len(HATCHES)], linewidth=0.8)
+               edgecolor="black", hatch=HATCHES[i % len(HATCHES)], linewidth=0.8, yerr=yerr,
+               error_kw={"elinewidth": 0.9, "capsize": 2, "ecolor": "black"})
         pp = [paper.get(row, {}).get(t) for t in taps]
         if any(p is not None for p in pp):
             px = [p_ for p_, v in zip(pos, pp) if v is not None]
@@ -88,8 +95,8 @@ def layer_bars_figure(table: dict, paper: dict | None = None, title: str | None 
 
 
 def write_layer_bars(table: dict, out, paper: dict | None = None, title: str | None = None,
-                     row_labels: dict | None = None) -> Path:
-    return save_figure(layer_bars_figure(table, paper, title, row_labels), out)
+                     row_labels: dict | None = None, errors: dict | None = None) -> Path:
+    return save_figure(layer_bars_figure(table, paper, title, row_labels, errors=errors), out)
 
 
 def methods_figure(values: dict, methods, title: str | None = None, ylabel: str = "linear-probe top-1 (%)",
