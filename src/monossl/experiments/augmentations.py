@@ -25,7 +25,8 @@ from pathlib import Path
 from monossl import paper, runs
 from monossl.errors import UserError
 from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, cell_rows, cells, cells_csv,
-                                       check_table_settings, parse_rows, pretrained, run_rows)
+                                       check_table_settings, parse_rows, pretrained, run_rows, samples_seen,
+                                       seen_text)
 from monossl.models import load_trunk, random_trunk, save_trunk, trunk_config_from
 from monossl.pretrain import DEFAULT_BATCH, WHITEN_CONV1_ARCHS, PretrainConfig
 
@@ -145,8 +146,10 @@ def augmentation_table(config: ReproduceConfig) -> Table:
                 save_trunk(runs.ensure_writable_dir(row_dir) / "trunk.pt", trunk, meta)
             else:
                 trunk, meta = load_trunk(pretrained(pretrain_config(row, s, row_dir, config)))
-            return probe(trunk, train_set, test_set, protocol, device=config.device, seed=s["seed"],
-                         progress=config.progress, verbose=config.progress, meta=meta, dataset=s["data"])
+            result = probe(trunk, train_set, test_set, protocol, device=config.device, seed=s["seed"],
+                           progress=config.progress, verbose=config.progress, meta=meta, dataset=s["data"])
+            result["seen"] = samples_seen(None if row == "random" else row_dir)
+            return result
         return probe_row
 
     done = run_rows([Row(r, _label(r, s["method"]), out / r / f"probe-{protocol.name}" / "results.json", make(r))
@@ -218,9 +221,10 @@ def write_table(out: Path, rows: list[str], results: dict, stopped: dict, config
     paper_values = {r: {t: c["paper"] for t, c in v.items()} for r, v in table.items()}
     method = config["method"]
 
-    header = ["training data"] + [f"{t} ours (paper, diff)" for t in TAPS]
+    header = ["training data"] + [f"{t} ours (paper, diff)" for t in TAPS] + ["samples seen"]
     body = cell_rows(rows, TAPS, table, stopped, lambda r: f"{_label(r, method)} [paper: {paper.cifar10_row(r)}]",
                      _paper_cifar)
+    body = [line + [seen_text(results[r].get("seen")) if r in results else ""] for r, line in zip(rows, body)]
     ours_found = findings(ours)
     paper_found = findings({r: _paper_cifar(r) for r in ROWS})
     proto = config["protocol"]

@@ -37,7 +37,15 @@ from pathlib import Path
 from monossl import runs
 from monossl.errors import TrainingStopped, UserError
 from monossl.experiments.compare_output import row_labels, write_seed_table, write_table
-from monossl.experiments.table import Row, Table, check_table_settings, parse_rows, pretrained, run_rows
+from monossl.experiments.table import (
+    Row,
+    Table,
+    check_table_settings,
+    parse_rows,
+    pretrained,
+    run_rows,
+    samples_seen,
+)
 from monossl.models import load_trunk, random_trunk, save_trunk, trunk_config_from
 from monossl.pretrain import (
     BN_SAMPLES,
@@ -257,22 +265,17 @@ def _reference_run(config: CompareConfig, row: str, row_config, out: Path) -> Pa
 
 
 def _seen(row: str, out: Path, config: CompareConfig) -> dict:
-    """How much data a row's trunk saw: steps, images (patches), samples through the trunk (views
-    count: SimCLR's two per image), epochs over a finite training set; BatchNorm samples of a control."""
+    """How much data a row's trunk saw (`table.samples_seen`); a control: the samples of its BatchNorm
+    statistics, no step."""
     if row == "random":
-        return {"steps": 0, "images": 0, "samples": 0, "epochs": 0.0}
+        return samples_seen(None)
     if row in STATISTICS_OF:
         meta = runs.load_torch(out / row / "trunk.pt", "trunk checkpoint")["meta"]
         return {"steps": 0, "images": meta["bn_samples"], "samples": meta["bn_samples"], "epochs": None,
                 "note": "BatchNorm statistics only"}
-    run_dir = Path(runs.read_json(out / row / "reference.json", "reference")["run"]) if row in REFERENCE_ROWS \
-        else out / row
-    record = runs.read_json(run_dir / "config.json", "run configuration")
-    images = record["total_steps"] * record["batch_size"]
-    length = record["source"].get("length") if record["source"]["kind"] != "patch-stream" else None
-    return {"steps": record["total_steps"], "images": images,
-            "samples": images * method_class(record["method"]).views,
-            "epochs": round(images / length, 2) if length else None}
+    if row in REFERENCE_ROWS:
+        return samples_seen(Path(runs.read_json(out / row / "reference.json", "reference")["run"]))
+    return samples_seen(out / row)
 
 
 def _write_figures(out: Path, rows: list[str], results: dict, table_config: dict, config: CompareConfig) -> None:

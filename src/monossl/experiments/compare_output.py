@@ -15,6 +15,7 @@ from pathlib import Path
 
 from monossl import runs
 from monossl.experiments.seeds import aggregate, cells_csv, format_cell, markdown_cells
+from monossl.experiments.table import seen_text
 
 #: (name, control row, trained row) of each split
 SPLITS = (("one image", "image-stats", "image"), ("full data", "data-stats", "full"))
@@ -39,18 +40,6 @@ def split_gains(table: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[
                 "learning": {t: round(table[trained][t] - table[control][t], 2) for t in taps},
             }
     return out
-
-
-def seen_text(seen: dict | None) -> str:
-    """A row's "samples seen" cell: samples through the trunk, and epochs over a finite set."""
-    if not seen or not seen.get("samples"):
-        return "0" if seen else ""
-    text = f"{seen['samples']:,}"
-    if seen.get("note"):
-        return f"{text} ({seen['note']})"
-    if seen.get("epochs"):
-        return f"{text} ({seen['epochs']:g} epochs)"
-    return f"{text} (patches)"
 
 
 def _splits_markdown(splits: dict, taps: list[str], fmt) -> str:  # one seed's split
@@ -126,6 +115,7 @@ def write_seed_table(out: Path, rows: list[str], results: dict[int, dict], confi
     summary = {
         "kind": "compare-seeds",
         "config": config, "cells": cells, "splits": aggregate(flat) if flat else {},
+        "table": {r: {t: cells[r][t]["mean"] for t in taps} for r in rows},  # the means, as one seed's "table"
         "rows": {r: {"label": labels[r],
                      "seen": next(res["rows"][r].get("seen") for res in results.values() if r in res["rows"])}
                  for r in rows},

@@ -29,7 +29,7 @@ from monossl import runs
 from monossl.errors import UserError
 from monossl.experiments.compare import supervised_steps
 from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, check_table_settings, parse_rows,
-                                       pretrained, run_rows)
+                                       pretrained, run_rows, samples_seen, seen_text)
 from monossl.models import load_trunk, random_trunk, save_trunk, trunk_config_from
 from monossl.pretrain import DEFAULT_BATCH, PretrainConfig
 
@@ -173,8 +173,10 @@ def methods_table(config: ReproduceConfig) -> Table:
         def probe_row():
             trunk, meta = trunk_of(row)
             train, test = sets[dataset]
-            return probe(trunk, train, test, protocol, device=config.device, seed=s["seed"], knn=KNN,
-                         progress=config.progress, verbose=config.progress, meta=meta, dataset=dataset)
+            result = probe(trunk, train, test, protocol, device=config.device, seed=s["seed"], knn=KNN,
+                           progress=config.progress, verbose=config.progress, meta=meta, dataset=dataset)
+            result["seen"] = samples_seen(None if row == "random" else out / row)
+            return result
         return probe_row
 
     rows = [Row(f"{r}@{d}", f"{label(r, s['data'])} -> {d}", out / r / probe_dirs[d] / "results.json", make(r, d))
@@ -222,10 +224,11 @@ def write_table(out: Path, s: dict, results: dict, stopped: dict, config: dict, 
         minutes = {r: _minutes(results, r, s["eval_data"]) for r in names}
         n = results[f"{names[0]}@{dataset}"]
         lines += [f"### {dataset} ({n['n_train']} train / {n['n_test']} test images)", "",
-                  runs.markdown_table(["row", *taps, *(f"k20 {t}" for t in taps), "minutes"],
+                  runs.markdown_table(["row", *taps, *(f"k20 {t}" for t in taps), "minutes", "samples seen"],
                                       [[label(r, s["data"]), *linear[r].values(),
                                         *(knn[r].get(t, {}).get("k20", "") for t in taps),
-                                        minutes[r]] for r in names]).rstrip("\n"), ""]
+                                        minutes[r], seen_text(results[f"{r}@{dataset}"].get("seen"))]
+                                       for r in names]).rstrip("\n"), ""]
         checks = beats_random(results, dataset)
         for c in checks:
             worst = min(c["margins"], key=c["margins"].get)

@@ -140,6 +140,33 @@ def pretrained(config: PretrainConfig, evaluators=()) -> Path:
     return out
 
 
+def samples_seen(run_dir: Path | None) -> dict:
+    """How much data a trunk saw, from its run's config.json: steps, images (patches) drawn, samples
+    through the trunk (a method's views count: SimCLR's two per image, RotNet's four rotations) and
+    epochs over a finite training set (None for the unlimited patch stream). None: an untrained trunk."""
+    from monossl.pretrain import method_class
+
+    if run_dir is None:
+        return {"steps": 0, "images": 0, "samples": 0, "epochs": 0.0}
+    record = runs.read_json(Path(run_dir) / "config.json", "run configuration")
+    images = record["total_steps"] * record["batch_size"]
+    length = record["source"].get("length")
+    return {"steps": record["total_steps"], "images": images, "samples": images * method_class(record["method"]).views,
+            "epochs": round(images / length, 2) if length else None}
+
+
+def seen_text(seen: dict | None) -> str:
+    """A table's "samples seen" cell: samples through the trunk, and epochs over a finite set."""
+    if not seen or not seen.get("samples"):
+        return "0" if seen else ""
+    text = f"{seen['samples']:,}"
+    if seen.get("note"):
+        return f"{text} ({seen['note']})"
+    if seen.get("epochs"):
+        return f"{text} ({seen['epochs']:g} epochs)"
+    return f"{text} (patches)"
+
+
 def run_rows(rows: list[Row]) -> RowResults:
     """Make and probe every row not done before; see the module docstring."""
     done = RowResults()
