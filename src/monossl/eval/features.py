@@ -17,6 +17,7 @@ standardised features may then run in bf16 (`probe_matmul_dtype`, `matmul_precis
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 import torch
@@ -284,10 +285,16 @@ def _fits_on_gpu(n: int, dims: dict[str, int]) -> bool:
 
 def probe_matmul_dtype(device: torch.device) -> torch.dtype:
     """bf16 for the probes' matmuls on standardised cached features where the hardware does bf16
-    (CUDA; CPUs with oneDNN bf16 support, e.g. AVX512-BF16 or AMX); fp32 elsewhere. Weights,
-    gradients and the optimiser stay fp32. On this project's 2-core AVX512-BF16 CPU it makes probe
-    training about 4x faster per matmul (benchmarks/bench_probe.py); the features are fp16-rounded
-    already, and bf16 products change final top-1 by about a tenth of a point (docs/probes.md)."""
+    (CUDA; CPUs with oneDNN bf16 support, e.g. AVX512-BF16 or AMX); fp32 elsewhere, or everywhere
+    when the environment sets MONOSSL_PROBE_BF16=0 (k-NN's similarity matmul follows it too).
+    Weights, gradients and the optimiser stay fp32. On this project's 2-core AVX512-BF16 CPU it
+    makes probe training about 4x faster per matmul (benchmarks/bench_probe.py); the features are
+    fp16-rounded already, and bf16 products change final top-1 by about a tenth of a point (docs/probes.md)."""
+    flag = os.environ.get("MONOSSL_PROBE_BF16", "").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        return torch.float32
+    if flag not in ("", "1", "true", "yes", "on"):
+        raise UserError(f"MONOSSL_PROBE_BF16 must be 0 or 1, not {flag!r}")
     if device.type == "cuda":
         return torch.bfloat16
     try:

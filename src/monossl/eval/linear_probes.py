@@ -4,13 +4,14 @@
 heads share no parameters, so training them together on the summed cross-entropy trains each
 as if alone). `score` counts top-1/top-5 over batches of features, averaging the logits of an
 image's test crops first (`average_crop_logits`) and summing the counts over ranks under torchrun.
+`Fp32Heads` trains the Linear layers on standardised fp16 caches with fp32 matmuls and a
+hand-written gradient: the fp32 path, for CPUs without bf16.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from monossl.distributed import all_sum
 
@@ -90,20 +91,19 @@ def score(probes, batches, n, n_crops, device, standardized, sharded=False) -> d
 
 
 class Fp32Heads:
-    """The fp32 path's trainer: every tap's Linear(d, classes) of a `LinearProbes`, trained on
-    standardised cached features (fp16 in the cache) in fp32, exactly as the autograd loop trains
-    them (each head on its own cross-entropy, torch.optim.SGD's momentum and weight decay, the same
-    minibatches) but with fewer, larger memory passes.
+    """The fp32 path's trainer of a `LinearProbes`' Linear layers on standardised cached features
+    (fp16 in the cache): the same model as the autograd loop up to float rounding (each head on its
+    own cross-entropy, torch.optim.SGD's momentum and weight decay, the same minibatches), in less
+    than half its time (measured: docs/probes.md, "The fp32 path"):
 
-    Measured on 2 cores (docs/probes.md, "The fp32 path"), a step here costs about half of the
-    autograd loop's:
-      * the gradient is written by hand: cross-entropy's is (softmax - onehot) / B and the linear
-        layer's is g @ x, so one step is ~10 small ops per tap and 3 for the whole SGD update (all
-        parameters in one flat buffer) instead of autograd's graph and a per-parameter optimiser;
-      * one tap at a time: gather its rows, convert them to fp32, forward, gradient, backward while
-        the (B, d) block is still in cache; one reused gather buffer instead of one per tap;
-      * logits are computed as W @ x.T, (classes, B): MKL runs that skinny product ~2x faster than
-        x @ W.T.
+      * the gradient is written by hand, which pays here: cross-entropy's is (softmax - onehot) / B
+        and the weights' is g @ x, so a step is ~12 ops per tap and 3 for the SGD update of all
+        parameters (one flat buffer) instead of autograd's graph and a per-parameter optimiser;
+      * a tap at a time: gather its rows, convert them to fp32, forward, gradient and backward while
+        that block is still in cache, through one reused buffer;
+      * logits as W @ x.T, (classes, B): MKL runs that skinny product ~2x faster than x @ W.T;
+      * with 2+ threads the minibatch is split in two row blocks multiplied by one bmm: MKL runs a
+        single skinny product on one core, bmm runs the two blocks side by side.
     """
 
     def __init__(self, probes: LinearProbes, device, momentum: float, weight_decay: float, max_batch: int):
@@ -113,8 +113,7 @@ class Fp32Heads:
         self.classes = classes = linears[0].out_features
         self.momentum, self.weight_decay = momentum, weight_decay
         n_weights = classes * sum(self.dims)
-        # weights of every head, then every bias: one tensor for the SGD update
-        self.params = torch.empty(n_weights + classes * len(self.dims), device=device)
+        self.params = torch.empty(n_weights + classes * len(self.dims), device=device)  # weights, then biases
         self.grads = torch.empty_like(self.params)
         self.velocity = None  # SGD's momentum buffer, created at the first step as torch.optim.SGD does
         self.weights, self.weight_grads, start = [], [], 0
@@ -130,12 +129,13 @@ class Fp32Heads:
                 b.copy_(lin.bias[:, None])
         self.max_batch, self.device = max_batch, device
         self._x = torch.empty(max_batch * max(self.dims), device=device)  # one tap's rows in fp32
-        self._logits = torch.empty(classes, max_batch, device=device)
-        self._losses = torch.empty(len(self.dims), device=device)
-        self._minus_one = torch.full((1, max_batch), -1.0, device=device)
+        self._logits = torch.empty(classes * max_batch, device=device)
+        self._partial = torch.empty(2 * classes * max(self.dims), device=device)  # the row blocks' gradients
+        self._minus_one = torch.full((max_batch,), -1.0, device=device)
+        self._log_p = torch.empty(len(self.dims), device=device)  # summed log-probability of the labels
 
     def store(self, probes: LinearProbes) -> None:
-        """Copy the trained weights back into the probes' Linear layers."""
+        """Copy the trained weights into the probes' Linear layers."""
         with torch.no_grad():
             for name, w, b in zip(self.names, self.weights, self.biases):
                 probes.heads[name][1].weight.copy_(w)
@@ -145,38 +145,68 @@ class Fp32Heads:
               on_step=lambda: None) -> tuple[dict[str, float], int]:
         """One epoch of SGD steps on the standardised fp16 caches over the given minibatches (index
         tensors); returns ({tap: summed cross-entropy over the epoch's images}, images seen)."""
-        caches = [caches[k] for k in self.names]
+        if any(caches[k].dtype != torch.float16 for k in self.names):
+            raise ValueError("Fp32Heads trains on fp16 caches")
+        caches = [caches[k].view(torch.int16) for k in self.names]  # gathered as int16: the same bytes, a faster kernel
         store = caches[0].device
-        half = torch.empty(self.max_batch * max(self.dims), dtype=torch.float16, device=store)
-        loss_sums = torch.zeros(len(self.dims), dtype=torch.float64, device=self.device)
+        half = torch.empty(len(self._x), dtype=torch.float16, device=store)  # gathered rows, before conversion
+        plans = {}
+        loss_sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
         seen = 0
         for idx in batches:
-            y = labels[idx].to(self.device)
-            loss_sums.add_(self.step(caches, idx.to(store), y, lr, half), alpha=len(idx))
-            seen += len(idx)
+            b = len(idx)
+            if b not in plans:
+                plans[b] = self._plan(b, half)
+            self.step(caches, idx.to(store), labels[idx].to(self.device), lr, plans[b])
+            loss_sums.sub_(self._log_p)
+            seen += b
             on_step()
         return dict(zip(self.names, loss_sums.tolist())), seen
 
-    def step(self, caches: list[torch.Tensor], idx: torch.Tensor, y: torch.Tensor, lr: float,
-             half: torch.Tensor) -> torch.Tensor:
-        """One SGD step on the rows `idx` of every tap's cache, labels `y` (on the device), gathered
-        through the fp16 buffer `half`; returns each tap's mean cross-entropy (a tensor: no sync)."""
-        b = len(idx)
-        for i, cache in enumerate(caches):
-            d = cache.shape[1]
-            rows = half[:b * d].view(b, d)
-            # 16-bit rows gathered as int16: the same bytes, and a faster index_select kernel on CPU
-            torch.index_select(cache.view(torch.int16), 0, idx, out=rows.view(torch.int16))
-            x = self._x[:b * d].view(b, d)
-            x.copy_(rows)
-            logits = torch.addmm(self.biases[i], self.weights[i], x.t(), out=self._logits[:, :b])
-            logp = torch.log_softmax(logits, dim=0)
-            self._losses[i] = F.nll_loss(logp.t(), y)
+    def _blocks(self, b: int) -> int:
+        """Row blocks of a b-row batch: two where a second thread can multiply one of them."""
+        return 2 if b % 2 == 0 and self.device.type == "cpu" and torch.get_num_threads() > 1 else 1
+
+    def _logits_of(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Tap i's logits of the row blocks x (blocks, rows, d): (blocks, classes, rows)."""
+        blocks, rows, d = x.shape
+        out = self._logits[:blocks * self.classes * rows].view(blocks, self.classes, rows)
+        w = self.weights[i].expand(blocks, self.classes, d)
+        return torch.baddbmm(self.biases[i], w, x.transpose(1, 2), out=out)
+
+    def _plan(self, b: int, half: torch.Tensor) -> tuple:
+        """The views a step of b rows works through, made once per batch size (views cost Python time)."""
+        blocks = self._blocks(b)
+        k, rows = self.classes, b // blocks
+        taps = []
+        for i, d in enumerate(self.dims):
+            gathered = half[:b * d].view(b, d)
+            x = self._x[:b * d].view(blocks, rows, d)
+            weight_grad = (self._partial[:blocks * k * d].view(blocks, k, d) if blocks > 1
+                           else self.weight_grads[i][None])
+            taps.append((gathered.view(torch.int16), gathered.view(x.shape), x, x.transpose(1, 2),
+                         self.weights[i].expand(blocks, k, d), self.biases[i],
+                         self._logits[:blocks * k * rows].view(blocks, k, rows), weight_grad))
+        return blocks, self._minus_one[:b].view(blocks, 1, rows), taps
+
+    def step(self, caches: list[torch.Tensor], idx: torch.Tensor, y: torch.Tensor, lr: float, plan) -> None:
+        """One SGD step on the rows `idx` of every tap's cache (int16 views), labels `y` (on the
+        device), through the views of `_plan`; leaves each tap's summed log-probability of the labels
+        in `_log_p`."""
+        blocks, minus_one, taps = plan
+        target = y.view(minus_one.shape)
+        for i, (cache, (gathered, half_x, x, x_t, w, bias, logits, weight_grad)) in enumerate(zip(caches, taps)):
+            torch.index_select(cache, 0, idx, out=gathered)
+            x.copy_(half_x)
+            logp = torch.log_softmax(torch.baddbmm(bias, w, x_t, out=logits), dim=1)
+            torch.sum(logp.gather(1, target), dim=(0, 1, 2), out=self._log_p[i])
             g = logp.exp_()  # d(mean cross-entropy)/d(logits) = (softmax - onehot) / B
-            g.scatter_add_(0, y[None], self._minus_one[:, :b])
-            g.mul_(1.0 / b)
-            torch.mm(g, x, out=self.weight_grads[i])
-            torch.sum(g, 1, out=self.bias_grads[i])
+            g.scatter_add_(1, target, minus_one)
+            g.mul_(1.0 / len(idx))
+            torch.bmm(g, x, out=weight_grad)
+            if blocks > 1:  # the two row blocks' partial gradients
+                torch.add(weight_grad[0], weight_grad[1], out=self.weight_grads[i])
+            torch.sum(g, dim=(0, 2), out=self.bias_grads[i])
         # torch.optim.SGD's single-tensor update (no dampening, no Nesterov), on the flat buffer
         self.grads.add_(self.params, alpha=self.weight_decay)
         if self.velocity is None:
@@ -184,7 +214,6 @@ class Fp32Heads:
         else:
             self.velocity.mul_(self.momentum).add_(self.grads)
         self.params.add_(self.velocity, alpha=-lr)
-        return self._losses
 
     @torch.no_grad()
     def score(self, caches: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, tuple[float, float]]:
@@ -194,11 +223,12 @@ class Fp32Heads:
         for start in range(0, n, self.max_batch):
             y = labels[start:start + self.max_batch].to(self.device)
             b = len(y)
+            blocks = self._blocks(b)
             for i, name in enumerate(self.names):
-                x = self._x[:b * self.dims[i]].view(b, self.dims[i])
-                x.copy_(caches[name][start:start + b])
-                logits = torch.addmm(self.biases[i], self.weights[i], x.t(), out=self._logits[:, :b])
-                c1, c5 = topk_correct(logits.t(), y)
+                x = self._x[:b * self.dims[i]].view(blocks, b // blocks, self.dims[i])
+                x.copy_(caches[name][start:start + b].view(x.shape))
+                logits = self._logits_of(i, x).transpose(1, 2).reshape(b, self.classes)
+                c1, c5 = topk_correct(logits, y)
                 correct[name][0] += c1
                 correct[name][1] += c5
         return {k: (100.0 * c1 / n, 100.0 * c5 / n) for k, (c1, c5) in correct.items()}

@@ -10,6 +10,8 @@ Two paths, the same training loop (features.py): cached features (no train augme
 test crop, e.g. `cifar`) or streamed through the trunk every batch (augmentation or ten crops).
 Both draw the same minibatches (a seeded permutation per epoch, `epoch_batches`) and round
 features to fp16, so for a no-augmentation protocol they give the same probes up to float noise.
+On standardised cached features the matmuls run in bf16 where the hardware has it, else in fp32
+through `Fp32Heads` (hand-written gradient, the same model up to float rounding, ~2x faster).
 
 Library use (what `monossl compare` calls):
 
@@ -44,7 +46,7 @@ from monossl.eval.features import (
     standardize_,
 )
 from monossl.eval.knn import coarser, knn_accuracy
-from monossl.eval.linear_probes import LinearProbes
+from monossl.eval.linear_probes import Fp32Heads, LinearProbes
 from monossl.eval.protocols import ProbeProtocol, check_trunk, get_protocol
 from monossl.eval.results import EpochRecord, ProbeResult, TapResult, results_markdown, write_results
 from monossl.runs import environment
@@ -64,8 +66,8 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.
 def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", seed: int = 0,
           out_dir=None, progress: bool = True, verbose: bool = True, meta: dict | None = None,
           dataset: str | None = None, cache: bool = True, workers: int | None = None,
-          return_probes: bool = False, knn: tuple[int, ...] = (),
-          knn_values: int | None = None) -> ProbeResult | tuple[ProbeResult, LinearProbes]:
+          return_probes: bool = False, knn: tuple[int, ...] = (), knn_values: int | None = None,
+          matmul_dtype: str | torch.dtype = "auto") -> ProbeResult | tuple[ProbeResult, LinearProbes]:
     """Train linear probes on every tap of a frozen `trunk`; returns the results dict.
 
     train / test: datasets of `monossl.data.datasets` (TensorImages or FolderImages, or any
@@ -78,6 +80,10 @@ def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", s
     (on CPU). With return_probes=True returns (result, LinearProbes on the device). knn: also
     weighted k-NN with these k on the cached features of every tap (eval/knn.py; cached path only),
     average-pooled further to >= knn_values values per tap when given (`knn.coarser`).
+    matmul_dtype: the probes' matmuls on standardised cached features: "auto" (bf16 where the
+    hardware does it, unless MONOSSL_PROBE_BF16=0: `probe_matmul_dtype`), or torch.float32 /
+    torch.bfloat16 ("float32" / "bfloat16"); other paths always multiply in fp32.
+    `result["matmul_dtype"]` says which ran.
     """
     t_start = time.perf_counter()
     verbose = verbose and is_main()  # under torchrun rank 0 speaks and writes
@@ -97,7 +103,7 @@ def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", s
     use_cache = cache and protocol.cacheable
     fixed = protocol.bn_stats == "dataset"
     # bf16 matmuls only on standardised cached features (no BatchNorm in the step)
-    matmul_dtype = probe_matmul_dtype(device) if use_cache and fixed else torch.float32
+    matmul_dtype = _matmul_dtype(matmul_dtype, device) if use_cache and fixed else torch.float32
     if verbose:
         _announce(protocol, train, test, dataset, num_classes, device, seed, use_cache, shapes)
 
@@ -165,6 +171,16 @@ def _check_inputs(trunk, train, test, protocol: ProbeProtocol) -> int:
     return len(classes)
 
 
+def _matmul_dtype(requested: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """probe()'s `matmul_dtype` argument -> the dtype of the matmuls on standardised cached features."""
+    if requested == "auto":
+        return probe_matmul_dtype(device)
+    dtype = getattr(torch, requested, None) if isinstance(requested, str) else requested
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise UserError(f"matmul_dtype must be 'auto', float32 or bfloat16, not {requested!r}")
+    return dtype
+
+
 def _announce(protocol, train, test, dataset, num_classes, device, seed, use_cache, shapes) -> None:
     """The protocol, the data and each tap's pooling, before anything runs."""
     print(f"probe {protocol.summary()}")
@@ -228,12 +244,18 @@ def _train(runner: FeatureRunner, probes: LinearProbes, cached, standardized: bo
            log_epochs: bool) -> tuple[list[EpochRecord], float, float]:
     """The probes' SGD epochs, evaluated on test every `eval_every` epochs and at the last;
     returns (history, training seconds, evaluation seconds). `standardized`: the cache already
-    holds what the fixed BatchNorm outputs."""
+    holds what the fixed BatchNorm outputs. fp32 matmuls on such a cache train through `Fp32Heads`
+    (hand-written gradient, the same model up to float rounding); everything else through autograd."""
     protocol, device, seed = runner.protocol, runner.device, runner.seed
     n_train = len(runner.train)
-    opt = torch.optim.SGD(probes.parameters(), lr=protocol.lr, momentum=protocol.momentum,
-                          weight_decay=protocol.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(protocol.milestones), gamma=protocol.gamma)
+    fused = None
+    if cached is not None and standardized and matmul_dtype == torch.float32:
+        fused = Fp32Heads(probes, device, protocol.momentum, protocol.weight_decay, protocol.batch_size)
+    else:
+        opt = torch.optim.SGD(probes.parameters(), lr=protocol.lr, momentum=protocol.momentum,
+                              weight_decay=protocol.weight_decay)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(protocol.milestones), gamma=protocol.gamma)
+    lr = protocol.lr
     t0 = time.perf_counter()
     eval_s = 0.0
     history = []
@@ -241,41 +263,26 @@ def _train(runner: FeatureRunner, probes: LinearProbes, cached, standardized: bo
     with progress_bar(protocol.epochs * steps_per_epoch, f"probe {protocol.name}", runner.progress,
                       unit="step") as bar:
         for epoch in range(1, protocol.epochs + 1):
-            probes.train()
             batches = epoch_batches(n_train, protocol.batch_size, seed, epoch)
-            if cached is not None:
-                train_cache, train_labels = cached[:2]
-                it = runner.cached_batches(train_cache, train_labels, batches, matmul_dtype)
+            if fused is not None:
+                loss_sum, seen = fused.epoch(cached[0], cached[1], batches, lr, lambda: bar.update(1))
             else:
-                it = runner.streamed_batches(batches, epoch)
-            loss_sum = {k: 0.0 for k in probes.heads}
-            seen = 0
-            lr = opt.param_groups[0]["lr"]
-            for feats, y in it:
-                opt.zero_grad(set_to_none=True)
-                with matmul_precision(device, matmul_dtype):
-                    logits = probes(feats, standardized=standardized)
-                losses = {k: F.cross_entropy(lg.float(), y) for k, lg in logits.items()}
-                sum(losses.values()).backward()  # the heads are independent: each gets its own gradient
-                for k, loss in losses.items():
-                    loss_sum[k] += loss.item() * len(y)
-                if cached is None:  # streamed under torchrun: the ranks saw different rows
-                    average_gradients(probes.parameters())
-                opt.step()
-                seen += len(y)
-                bar.update(1)
-            sched.step()
-            if cached is None and world()[1] > 1:
-                sums = all_sum(torch.tensor([seen, *loss_sum.values()], dtype=torch.float64)).tolist()
-                seen, loss_sum = sums[0], dict(zip(loss_sum, sums[1:]))
+                lr = opt.param_groups[0]["lr"]
+                loss_sum, seen = _autograd_epoch(runner, probes, opt, cached, batches, standardized, matmul_dtype,
+                                                 epoch, bar)
+                sched.step()
             record = {"epoch": epoch, "lr": lr, "loss": {k: round(v / max(seen, 1), 4) for k, v in loss_sum.items()}}
+            if fused is not None:  # MultiStepLR's update of the autograd path's lr
+                lr *= protocol.gamma ** list(protocol.milestones).count(epoch)
             if epoch % protocol.eval_every == 0 or epoch == protocol.epochs:
                 te = time.perf_counter()
-                probes.eval()
-                if cached is not None:
-                    test_cache, test_labels = cached[2:4]
-                    acc = runner.cached_eval(probes, test_cache, test_labels, standardized, matmul_dtype)
+                if fused is not None:
+                    acc = fused.score(cached[2], cached[3])
+                elif cached is not None:
+                    probes.eval()
+                    acc = runner.cached_eval(probes, cached[2], cached[3], standardized, matmul_dtype)
                 else:
+                    probes.eval()
                     acc = runner.streamed_eval(probes)
                 eval_s += time.perf_counter() - te
                 record["top1"] = {k: round(a[0], 2) for k, a in acc.items()}
@@ -286,7 +293,41 @@ def _train(runner: FeatureRunner, probes: LinearProbes, cached, standardized: bo
                           + " ".join(f"{k} {a[0]:.1f}" for k, a in acc.items())
                           + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
             history.append(record)
+    if fused is not None:
+        fused.store(probes)
     return history, round(time.perf_counter() - t0, 2), round(eval_s, 2)
+
+
+def _autograd_epoch(runner: FeatureRunner, probes: LinearProbes, opt, cached, batches, standardized: bool,
+                    matmul_dtype, epoch: int, bar) -> tuple[dict[str, float], int]:
+    """One epoch of autograd steps (streamed features, BatchNorm in the step, or bf16 matmuls);
+    returns ({tap: summed cross-entropy}, images seen, summed over ranks when streamed)."""
+    device = runner.device
+    probes.train()
+    if cached is not None:
+        train_cache, train_labels = cached[:2]
+        it = runner.cached_batches(train_cache, train_labels, batches, matmul_dtype)
+    else:
+        it = runner.streamed_batches(batches, epoch)
+    loss_sum = {k: 0.0 for k in probes.heads}
+    seen = 0
+    for feats, y in it:
+        opt.zero_grad(set_to_none=True)
+        with matmul_precision(device, matmul_dtype):
+            logits = probes(feats, standardized=standardized)
+        losses = {k: F.cross_entropy(lg.float(), y) for k, lg in logits.items()}
+        sum(losses.values()).backward()  # the heads are independent: each gets its own gradient
+        for k, loss in losses.items():
+            loss_sum[k] += loss.item() * len(y)
+        if cached is None:  # streamed under torchrun: the ranks saw different rows
+            average_gradients(probes.parameters())
+        opt.step()
+        seen += len(y)
+        bar.update(1)
+    if cached is None and world()[1] > 1:
+        sums = all_sum(torch.tensor([seen, *loss_sum.values()], dtype=torch.float64)).tolist()
+        seen, loss_sum = sums[0], dict(zip(loss_sum, sums[1:]))
+    return loss_sum, seen
 
 
 def _taps(history: list[EpochRecord], shapes: dict[str, dict]) -> dict[str, TapResult]:
