@@ -118,3 +118,26 @@ def is_drawn_figure(path, min_side: int = 200, min_colours: int = 8) -> bool:
     with Image.open(path) as png:
         return png.format == "PNG" and min(png.size) >= min_side and \
             len(png.convert("RGB").getcolors(1 << 22) or ()) > min_colours
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is several times faster than two on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real 3-step RotNet run on the built-in astronaut (trunk.pt + config.json; conv1 whitened, the
+    CIFAR trunk's default)."""
+    from monossl.cli import main
+
+    out = tmp_path_factory.mktemp("viz") / "rotnet"
+    assert main(["pretrain", "--method", "rotnet", "--image", "builtin:astronaut", "--steps", "3",
+                 "--batch-size", "8", "--out", str(out), "--quiet"]) == 0
+    return out

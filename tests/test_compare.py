@@ -182,14 +182,15 @@ def test_compare_over_seeds_with_controls_and_reused_references(tmp_path, cifar_
     shutil.copy(out / "results.json", tmp_path / "summary.json")
     readme.write_text("# x\n<!-- table: summary.json table -->\n<!-- end table -->\n"
                       "<!-- table: summary.json per-seed -->\nstale\n<!-- end table -->\n")
-    assert main(["tables", str(readme), "--check"]) == 1
-    assert main(["tables", str(readme)]) == 0
-    assert main(["tables", str(readme), "--check"]) == 0
+    root = ["--root", str(tmp_path)]
+    assert main(["tables", str(readme), "--check", *root]) == 1
+    assert main(["tables", str(readme), *root]) == 0
+    assert main(["tables", str(readme), "--check", *root]) == 0
     text = readme.read_text()
     assert f"{cell['mean']:.1f} ± {cell['sd']:.1f}" in text and "stale" not in text
     readme.write_text(text.replace(f"{cell['mean']:.1f} ± {cell['sd']:.1f}", "99.9 ± 0.1"))
     capsys.readouterr()
-    assert main(["tables", str(readme), "--check"]) == 1
+    assert main(["tables", str(readme), "--check", *root]) == 1
     assert "differs from summary.json table" in capsys.readouterr().out
 
 
@@ -197,16 +198,17 @@ def test_readme_tables_equal_their_committed_results(capsys):
     readme = REPO / "README.md"
     text = readme.read_text()
     assert "<!-- table: results/" in text  # the README's tables are generated ones
-    assert main(["tables", str(readme), "--check"]) == 0, capsys.readouterr().out
+    assert main(["tables", str(readme), str(REPO / "docs" / "one_image.md"), "--check", "--root", str(REPO)]) == 0, \
+        capsys.readouterr().out
 
 
 def test_tables_names_a_missing_results_file_and_an_unknown_part(tmp_path, capsys):
     md = tmp_path / "x.md"
     md.write_text("<!-- table: nothing.json table -->\n<!-- end table -->\n")
-    assert main(["tables", str(md)]) == 2
+    assert main(["tables", str(md), "--root", str(tmp_path)]) == 2
     assert "nothing.json" in capsys.readouterr().err
     (tmp_path / "r.json").write_text(json.dumps({"kind": "compare-seeds"}))
     md.write_text("<!-- table: r.json bars -->\n<!-- end table -->\n")
-    assert main(["tables", str(md)]) == 2
+    assert main(["tables", str(md), "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no table 'bars'" in err and err.count("\n") == 1

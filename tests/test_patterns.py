@@ -20,22 +20,7 @@ from monossl.viz.networks import Network
 from conftest import is_drawn_figure
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors on a busy 2-core machine: one thread is much faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def image_run(tmp_path_factory):
-    """A 2-step RotNet run on the built-in astronaut (conv1 whitened: the CIFAR trunk's default)."""
-    out = tmp_path_factory.mktemp("patterns") / "rotnet"
-    assert main(["pretrain", "--method", "rotnet", "--image", "builtin:astronaut", "--steps", "2",
-                 "--batch-size", "8", "--out", str(out), "--quiet"]) == 0
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unfolded(x, kernel):
@@ -221,14 +206,14 @@ def test_written_png_shows_the_patterns(tmp_path):
 # ---------------------------------------------------------------------------- the data
 
 
-def test_training_images_are_what_the_run_whitened_conv1_with(image_run, cifar_subset_dir, tmp_path):
+def test_training_images_are_what_the_run_whitened_conv1_with(tiny_run, cifar_subset_dir, tmp_path):
     """Rebuilt from config.json, the first 4096 samples give the run's own ZCA matrix (saved in last.pt)
     exactly: a patch-stream run and a dataset run."""
     data_run = tmp_path / "data-run"
     spec = f"cifar10:{cifar_subset_dir}"
     assert main(["pretrain", "--method", "rotnet", "--data", spec, "--steps", "2", "--batch-size", "8", "--seed", "5",
                  "--out", str(data_run), "--quiet"]) == 0
-    for run, seed in ((image_run, 0), (data_run, 5)):
+    for run, seed in ((tiny_run, 0), (data_run, 5)):
         state = torch.load(run / "last.pt", map_location="cpu", weights_only=False)["training"]["model"]
         zca = state["trunk.stages.conv1.0.parametrizations.weight.0.zca"]
         images = networks.training_images(run)
@@ -242,10 +227,10 @@ def test_training_images_are_what_the_run_whitened_conv1_with(image_run, cifar_s
     assert torch.equal(images, x[permutation(500, 5, 0)[:100]].float() / 255)
     assert torch.equal(networks.data_images(spec, 100, seed=5), images)
     # the patch-stream run: the stream's first patches; data_images of its image makes the same
-    assert torch.equal(networks.data_images("builtin:astronaut", 16), networks.training_images(image_run, 16))
+    assert torch.equal(networks.data_images("builtin:astronaut", 16), networks.training_images(tiny_run, 16))
     bare = tmp_path / "bare"
     bare.mkdir()
-    shutil.copy(image_run / "trunk.pt", bare / "trunk.pt")
+    shutil.copy(tiny_run / "trunk.pt", bare / "trunk.pt")
     with pytest.raises(UserError, match="no config.json"):
         networks.training_images(bare / "trunk.pt")
     assert not networks.records_training_data({"method": "rotnet", "seed": 0})
@@ -261,29 +246,29 @@ def _coherences(line):
     return numbers
 
 
-def test_filters_cli_prints_both_coherences(image_run, tmp_path, capsys):
+def test_filters_cli_prints_both_coherences(tiny_run, tmp_path, capsys):
     out = tmp_path / "f.png"
-    assert main(["filters", "--random", str(image_run), "--patterns", "--pattern-data", "builtin:astronaut",
+    assert main(["filters", "--random", str(tiny_run), "--patterns", "--pattern-data", "builtin:astronaut",
                  "--pattern-samples", "512", "--out", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("random (seed 0): 32 filters 3x3, spatial coherence ")
     assert "activation patterns on builtin:astronaut (512 images)" in lines[0]
     assert lines[1].startswith("rotnet, astronaut, all: 32 filters 3x3")
     assert "activation patterns on training data (512 images)" in lines[1]
-    trained, _ = load_trunk(image_run)
+    trained, _ = load_trunk(tiny_run)
     torch.manual_seed(0)
     random = build_trunk("cifar").eval()  # random:0
     for line, trunk, images in ((lines[0], random, networks.data_images("builtin:astronaut", 512)),
-                                (lines[1], trained.eval(), networks.training_images(image_run, 512))):
+                                (lines[1], trained.eval(), networks.training_images(tiny_run, 512))):
         expected = [filters.spatial_coherence(filters.conv1_filters(trunk)),
                     filters.spatial_coherence(filters.conv1_patterns(trunk, images))]
         assert _coherences(line) == [round(v, 3) for v in expected]
-    # whitened conv1 after 2 steps: filters like noise, patterns smooth
+    # whitened conv1 after 3 steps: filters like noise, patterns smooth
     filter_coherence, pattern_coherence = _coherences(lines[1])
     assert filter_coherence < 0.2 and pattern_coherence > 0.5
     assert is_drawn_figure(out)
     # --pattern-data-for-all: the run's patterns on the given data, too
-    assert main(["filters", str(image_run), "--pattern-data", "builtin:coffee", "--pattern-data-for-all",
+    assert main(["filters", str(tiny_run), "--pattern-data", "builtin:coffee", "--pattern-data-for-all",
                  "--pattern-samples", "64", "--out", str(tmp_path / "g.png")]) == 0
     line = capsys.readouterr().out.splitlines()[0]
     assert "activation patterns on builtin:coffee (64 images)" in line
@@ -291,10 +276,10 @@ def test_filters_cli_prints_both_coherences(image_run, tmp_path, capsys):
         filters.conv1_patterns(trained, networks.data_images("builtin:coffee", 64))), 3)
 
 
-def test_filters_cli_pattern_errors_are_one_line(image_run, tmp_path, capsys, monkeypatch):
+def test_filters_cli_pattern_errors_are_one_line(tiny_run, tmp_path, capsys, monkeypatch):
     bare = tmp_path / "bare"
     bare.mkdir()
-    shutil.copy(image_run / "trunk.pt", bare / "trunk.pt")
+    shutil.copy(tiny_run / "trunk.pt", bare / "trunk.pt")
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -302,7 +287,7 @@ def test_filters_cli_pattern_errors_are_one_line(image_run, tmp_path, capsys, mo
         ([str(bare / "trunk.pt"), "--patterns"], "no recorded training data"),
         (["random", "--patterns"], "give --pattern-data"),
         (["random", "--pattern-data", "no/such/image.png"], "--pattern-data no/such/image.png: "),
-        ([str(image_run), "--patterns", "--pattern-data-for-all"], "--pattern-data-for-all needs --pattern-data"),
+        ([str(tiny_run), "--patterns", "--pattern-data-for-all"], "--pattern-data-for-all needs --pattern-data"),
     ]:
         assert main(["filters", *argv, "--out", "x.png"]) == 2
         err = capsys.readouterr().err

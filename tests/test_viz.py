@@ -31,22 +31,7 @@ def _randomise_bn(trunk, seed=0):
     return trunk.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is several times faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A real 3-step RotNet run on the built-in astronaut (trunk.pt + config.json)."""
-    out = tmp_path_factory.mktemp("viz") / "rotnet"
-    assert main(["pretrain", "--method", "rotnet", "--image", "builtin:astronaut", "--steps", "3",
-                 "--batch-size", "8", "--out", str(out), "--quiet"]) == 0
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- filters

@@ -73,7 +73,7 @@ REFERENCE_ROWS = ("full-long", "supervised-long")
 STATISTICS_OF = {"image-stats": "image", "data-stats": "full"}
 #: the converged references' budget: epochs over the dataset's training images (docs/one_image.md,
 #: "Converged references": chosen from their learning curves), and curve points per run
-REFERENCE_EPOCHS = {"long": {"full-long": 16, "supervised-long": 30}}
+REFERENCE_EPOCHS = {"long": {"full-long": 12, "supervised-long": 24}}
 REFERENCE_CURVE_POINTS = 8
 #: the self-supervised method of the main job (docs/one_image.md, "The recipe")
 DEFAULT_METHOD = "simclr"
@@ -169,7 +169,7 @@ def _table_config(config: CompareConfig, rows: list[str], seeds: list[int]) -> d
     protocol = get_protocol("cifar").with_overrides(epochs=config.probe_epochs)
     settings = _settings(config)
     return {**{k: v for k, v in settings.items() if k != "seed"}, "image": config.image or f"builtin:{DEFAULT_IMAGE}",
-            "seeds": seeds, "rows": rows, "trunk": {"widths": config.widths, "conv1_kernel": config.conv1_kernel},
+            "method_steps": config.steps or DEFAULT_STEPS[config.method], "seeds": seeds, "rows": rows, "trunk": {"widths": config.widths, "conv1_kernel": config.conv1_kernel},
             "protocol": protocol.to_dict(), "references": config.references}
 
 
@@ -229,6 +229,9 @@ def _compare_seed(config: CompareConfig, seed: int, out: Path, rows: list[str]) 
     done = run_rows([Row(r, ROWS[r], out / r / f"probe-{protocol.name}" / "results.json", make(r)) for r in rows])
     if done.stopped:  # the comparison needs every row
         raise TrainingStopped("; ".join(f"{r}: {m}" for r, m in done.stopped.items()))
+    for row in set(rows) & set(REFERENCE_ROWS):  # their learning curves (quick probes on training images)
+        run_dir = Path(runs.read_json(out / row / "reference.json", "reference")["run"])
+        done.results[row]["curves"] = runs.curve_records(runs.read_jsonl(run_dir / "metrics.jsonl"))
     table_config = {**_table_config(config, rows, [seed]), "seed": seed, "seconds_per_row": done.seconds}
     md = write_table(out, rows, done.results, table_config)
     _write_figures(out, rows, done.results, table_config, config)

@@ -62,7 +62,7 @@ def write_table(out: Path, rows: list[str], results: dict, config: dict) -> str:
     splits = split_gains(table)
     summary = {"config": config, "table": table, "rows": {r: {"seen": results[r].get("seen")} for r in rows}}
     md = (f"Linear-probe top-1 (%) on each conv tap, final epoch, protocol `{config['protocol']['name']}`, "
-          f"data {config['data']}, seed {config['seed']}; {config['method']} for {config['steps'] or 'its default'} "
+          f"data {config['data']}, seed {config['seed']}; {config['method']} for {config.get('method_steps') or config['steps'] or 'its default'} "
           f"steps, supervised for {config['supervised_steps']} steps; conv1 "
           f"{'whitened' if config['whiten_conv1'] else 'plain'}.\n\n"
           + table_markdown(summary) + _splits_markdown(splits, taps, lambda v: f"{v:+.1f}"))
@@ -83,7 +83,7 @@ def write_table(out: Path, rows: list[str], results: dict, config: dict) -> str:
         "table": table,
         "splits": splits,
         "rows": {r: {k: results[r].get(k) for k in ("taps", "trunk", "n_train", "n_test", "timings", "seen",
-                                                     "row_seconds")} for r in rows},
+                                                     "row_seconds", "curves") if k in results[r]} for r in rows},
         "environment": runs.environment(),
     })
     return md
@@ -112,12 +112,13 @@ def write_seed_table(out: Path, rows: list[str], results: dict[int, dict], confi
     flat = {seed: {f"{name}: {part}": values for name, parts in splits.items() for part, values in parts.items()}
             for seed, splits in per_seed_splits.items() if splits}
     seeds = sorted(results)
+    # what a row saw and its curves: from the first seed that has the row (the references run for some seeds)
+    first = {r: next(res["rows"][r] for res in results.values() if r in res["rows"]) for r in rows}
     summary = {
         "kind": "compare-seeds",
         "config": config, "cells": cells, "splits": aggregate(flat) if flat else {},
         "table": {r: {t: cells[r][t]["mean"] for t in taps} for r in rows},  # the means, as one seed's "table"
-        "rows": {r: {"label": labels[r],
-                     "seen": next(res["rows"][r].get("seen") for res in results.values() if r in res["rows"])}
+        "rows": {r: {"label": labels[r], **{k: v for k, v in first[r].items() if k in ("seen", "curves")}}
                  for r in rows},
         "seeds": {str(s): {"dir": f"seed-{s}", "table": results[s]["table"], "splits": per_seed_splits[s],
                            "row_seconds": {r: v.get("row_seconds") for r, v in results[s]["rows"].items()}}
@@ -152,7 +153,7 @@ def seed_table_markdown(summary: dict, caption: bool = True) -> str:
     seeds = ", ".join(summary["seeds"])
     return (f"Linear-probe top-1 (%), mean ± sample sd over seeds {seeds} (final epoch, protocol "
             f"`{config['protocol']['name']}`, data {config['data']}; {config['method']} for "
-            f"{config['steps'] or 'its default'} steps, supervised for {config['supervised_steps']} steps; conv1 "
+            f"{config.get('method_steps') or config['steps'] or 'its default'} steps, supervised for {config['supervised_steps']} steps; conv1 "
             f"{'whitened' if config['whiten_conv1'] else 'plain'}).\n\n" + table)
 
 

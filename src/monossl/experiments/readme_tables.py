@@ -65,12 +65,13 @@ def update(text: str, root: Path) -> tuple[str, list[str]]:
 
 def update_file(path: Path, root: Path | None = None, check: bool = False) -> tuple[list[str], int]:
     """Redraw the generated tables of one Markdown file (root: the folder results paths are relative
-    to; default: the file's own). Returns (blocks that differed, blocks in all); writes unless `check`."""
+    to; default: the current folder, i.e. run from the repository root). Returns (blocks that
+    differed, blocks in all); writes unless `check`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such Markdown file")
     text = path.read_text()
-    new, changed = update(text, Path(root) if root else path.parent)
+    new, changed = update(text, Path(root) if root else Path.cwd())
     if changed and not check:
         runs.write_text(path, new)
     return changed, len(BLOCK.findall(text))

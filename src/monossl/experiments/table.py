@@ -164,7 +164,7 @@ def seen_text(seen: dict | None) -> str:
         return f"{text} ({seen['note']})"
     if seen.get("epochs"):
         return f"{text} ({seen['epochs']:g} epochs)"
-    return f"{text} (patches)"
+    return f"{text} ({seen['images']:,} patches)"
 
 
 def run_rows(rows: list[Row]) -> RowResults:
