@@ -204,6 +204,13 @@ def test_readme_tables_equal_their_committed_results(capsys):
         capsys.readouterr().out
 
 
+def test_reference_options_without_references_are_refused(tmp_path, cifar_subset_dir, capsys):
+    out = tmp_path / "cmp"
+    assert main(_compare(tmp_path, cifar_subset_dir, "--out", str(out), "--reference-dir", str(tmp_path))) == 2
+    err = capsys.readouterr().err
+    assert "--reference-dir apply to --references only" in err and err.count("\n") == 1 and not out.exists()
+
+
 def test_tables_names_a_missing_results_file_and_an_unknown_part(tmp_path, capsys):
     md = tmp_path / "x.md"
     md.write_text("<!-- table: nothing.json table -->\n<!-- end table -->\n")

@@ -66,7 +66,8 @@ WHITEN_CONV1_ARCHS = ("cifar",)
 ALEXNET_LR = {"rotnet": 0.01, "supervised": 0.01, "deepcluster": 0.05}
 # patches whose ZCA matrix whitens conv1 (the source's first samples)
 WHITENING_SAMPLES = 4096
-# samples whose BatchNorm statistics a statistics-only control re-estimates (the source's first)
+# samples whose BatchNorm statistics a statistics-only control re-estimates (the source's first):
+# twice the whitening's, 32 batches of 256; not screened (the controls' probes were not run with others)
 BN_SAMPLES = 8192
 
 
@@ -206,8 +207,8 @@ def statistics_trunk(config: PretrainConfig, bn_samples: int = BN_SAMPLES, batch
     The initial trunk of the run (`initial_trunk`: the same random weights, conv1 whitened by the
     source's patches when the run would be), folded to a plain conv1, with every BatchNorm's running
     statistics re-estimated on the source's first `bn_samples` samples (resized to the trunk's input;
-    torch's `update_bn`: the average of whole batches' statistics, no momentum). No gradient step is taken: the control
-    rows of `monossl compare` ("image statistics only", "dataset statistics only").
+    torch's `update_bn`: the average of whole batches' statistics, no momentum). No gradient step is
+    taken: the control rows of `monossl compare` ("image statistics only", "dataset statistics only").
     Returns (trunk in eval mode, meta for its probe results)."""
     import torch.nn.functional as F
     from torch.optim.swa_utils import update_bn

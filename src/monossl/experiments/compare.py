@@ -36,7 +36,7 @@ from pathlib import Path
 
 from monossl import runs
 from monossl.errors import TrainingStopped, UserError
-from monossl.experiments.compare_output import row_labels, write_seed_table, write_table
+from monossl.experiments.compare_output import STATISTICS_OF, row_labels, write_seed_table, write_table
 from monossl.experiments.table import (
     Row,
     Table,
@@ -69,10 +69,9 @@ ROWS = {
 }
 MAIN_ROWS = ("random", "image-stats", "image", "data-stats", "full", "supervised")
 REFERENCE_ROWS = ("full-long", "supervised-long")
-#: the row whose training data a statistics control takes, and a trained row's data
-STATISTICS_OF = {"image-stats": "image", "data-stats": "full"}
-#: the converged references' budget: epochs over the dataset's training images (docs/one_image.md,
-#: "Converged references": chosen from their learning curves), and curve points per run
+#: the converged references' budget: epochs over the dataset's training images. Set by the time a 2-core
+#: machine can give them (about 45 min for both), not yet by their curves: whether the probes have
+#: stopped rising is what the curves (REFERENCE_CURVE_POINTS per run) are drawn to show
 REFERENCE_EPOCHS = {"long": {"full-long": 12, "supervised-long": 24}}
 REFERENCE_CURVE_POINTS = 8
 #: the self-supervised method of the main job (docs/one_image.md, "The recipe")
@@ -121,6 +120,8 @@ def compare(config: CompareConfig) -> Table:
     known = MAIN_ROWS + (REFERENCE_ROWS if config.references else ())
     rows = parse_rows(config.rows, known)
     reference_seeds = seeds[:1] if config.reference_seeds is None else config.reference_seeds
+    if config.references is None and (config.reference_seeds is not None or config.reference_dir is not None):
+        raise UserError("--reference-seeds and --reference-dir apply to --references only")
     if set(reference_seeds) - set(seeds):
         raise UserError(f"--reference-seeds {reference_seeds} are not all among the table's seeds {seeds}")
     if len(seeds) == 1:
@@ -169,7 +170,8 @@ def _table_config(config: CompareConfig, rows: list[str], seeds: list[int]) -> d
     protocol = get_protocol("cifar").with_overrides(epochs=config.probe_epochs)
     settings = _settings(config)
     return {**{k: v for k, v in settings.items() if k != "seed"}, "image": config.image or f"builtin:{DEFAULT_IMAGE}",
-            "method_steps": config.steps or DEFAULT_STEPS[config.method], "seeds": seeds, "rows": rows, "trunk": {"widths": config.widths, "conv1_kernel": config.conv1_kernel},
+            "method_steps": config.steps or DEFAULT_STEPS[config.method], "seeds": seeds, "rows": rows,
+            "trunk": {"widths": config.widths, "conv1_kernel": config.conv1_kernel},
             "protocol": protocol.to_dict(), "references": config.references}
 
 
@@ -222,7 +224,7 @@ def _compare_seed(config: CompareConfig, seed: int, out: Path, rows: list[str]) 
             trunk, meta = trunk_of(row)
             result = probe(trunk, train_set, test_set, protocol, device=config.device, seed=seed,
                            progress=config.progress, meta=meta, dataset=config.data)
-            result["seen"] = _seen(row, out, config)
+            result["seen"] = _seen(row, out, meta)
             return result
         return probe_row
 
@@ -234,7 +236,7 @@ def _compare_seed(config: CompareConfig, seed: int, out: Path, rows: list[str]) 
         done.results[row]["curves"] = runs.curve_records(runs.read_jsonl(run_dir / "metrics.jsonl"))
     table_config = {**_table_config(config, rows, [seed]), "seed": seed, "seconds_per_row": done.seconds}
     md = write_table(out, rows, done.results, table_config)
-    _write_figures(out, rows, done.results, table_config, config)
+    _write_figures(out, rows, done.results, config)
     return Table(out, md, {}, ("table.md", "table.csv", "results.json", "table.png", "filters.png"))
 
 
@@ -267,13 +269,12 @@ def _reference_run(config: CompareConfig, row: str, row_config, out: Path) -> Pa
     return run_dir
 
 
-def _seen(row: str, out: Path, config: CompareConfig) -> dict:
-    """How much data a row's trunk saw (`table.samples_seen`); a control: the samples of its BatchNorm
-    statistics, no step."""
+def _seen(row: str, out: Path, meta: dict) -> dict:
+    """How much data a row's trunk saw (`table.samples_seen`); a control (its trunk's `meta`): the samples
+    of its BatchNorm statistics, no step."""
     if row == "random":
         return samples_seen(None)
     if row in STATISTICS_OF:
-        meta = runs.load_torch(out / row / "trunk.pt", "trunk checkpoint")["meta"]
         return {"steps": 0, "images": meta["bn_samples"], "samples": meta["bn_samples"], "epochs": None,
                 "note": "BatchNorm statistics only"}
     if row in REFERENCE_ROWS:
@@ -281,15 +282,13 @@ def _seen(row: str, out: Path, config: CompareConfig) -> dict:
     return samples_seen(out / row)
 
 
-def _write_figures(out: Path, rows: list[str], results: dict, table_config: dict, config: CompareConfig) -> None:
+def _write_figures(out: Path, rows: list[str], results: dict, config: CompareConfig) -> None:
     """table.png (grouped bars per layer) and filters.png (conv1 of every row beside its activation
     patterns on the row's own training data, the dataset's for the random trunk; spatial coherence)."""
-    from monossl.data.batches import dataset_source
-    from monossl.data.datasets import load_dataset
     from monossl.data.sources import DEFAULT_IMAGE
     from monossl.pretrain import WHITENING_SAMPLES, build_source, first_samples
     from monossl.viz.filters import write_filters
-    from monossl.viz.networks import Network
+    from monossl.viz.networks import Network, data_images
     from monossl.viz.plots import write_layer_bars
 
     labels = row_labels(config.method)
@@ -301,13 +300,12 @@ def _write_figures(out: Path, rows: list[str], results: dict, table_config: dict
     def training_data(row: str):
         kind = "image" if row in ("image", "image-stats") else "data"
         if kind not in images:
-            if kind == "image":
+            if kind == "image":  # the row's own stream (the method's patch size), not a preset-all one
                 run = PretrainConfig(method=config.method, out=out, images=[config.image or f"builtin:{DEFAULT_IMAGE}"],
                                      preset=config.preset, seed=config.seed)
-                source = build_source(run, random)[0]
+                images[kind] = first_samples(build_source(run, random)[0], WHITENING_SAMPLES)
             else:
-                source = dataset_source(load_dataset(config.data, "train"), False, 32, seed=config.seed)
-            images[kind] = first_samples(source, WHITENING_SAMPLES)
+                images[kind] = data_images(config.data, WHITENING_SAMPLES, seed=config.seed)
         return images[kind]
 
     networks = []

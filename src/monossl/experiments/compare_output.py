@@ -17,8 +17,11 @@ from monossl import runs
 from monossl.experiments.seeds import aggregate, cells_csv, format_cell, markdown_cells
 from monossl.experiments.table import seen_text
 
+#: each control row -> the trained row whose step 0 it is (its source, whitening and seed)
+STATISTICS_OF = {"image-stats": "image", "data-stats": "full"}
 #: (name, control row, trained row) of each split
-SPLITS = (("one image", "image-stats", "image"), ("full data", "data-stats", "full"))
+SPLITS = tuple(({"image": "one image", "full": "full data"}[trained], control, trained)
+               for control, trained in STATISTICS_OF.items())
 
 
 def row_labels(method: str) -> dict[str, str]:
@@ -42,7 +45,8 @@ def split_gains(table: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[
     return out
 
 
-def _splits_markdown(splits: dict, taps: list[str], fmt) -> str:  # one seed's split
+def _splits_markdown(splits: dict, taps: list[str], fmt) -> str:
+    """One seed's split as a Markdown table under its caption ("" without splits)."""
     if not splits:
         return ""
     lines = ["", "Gain over the random trunk split into the data's statistics (control - random) and what the "
@@ -62,8 +66,8 @@ def write_table(out: Path, rows: list[str], results: dict, config: dict) -> str:
     splits = split_gains(table)
     summary = {"config": config, "table": table, "rows": {r: {"seen": results[r].get("seen")} for r in rows}}
     md = (f"Linear-probe top-1 (%) on each conv tap, final epoch, protocol `{config['protocol']['name']}`, "
-          f"data {config['data']}, seed {config['seed']}; {config['method']} for {config.get('method_steps') or config['steps'] or 'its default'} "
-          f"steps, supervised for {config['supervised_steps']} steps; conv1 "
+          f"data {config['data']}, seed {config['seed']}; {config['method']} for "
+          f"{config.get('method_steps') or config['steps'] or 'its default'} steps, supervised for {config['supervised_steps']} steps; conv1 "
           f"{'whitened' if config['whiten_conv1'] else 'plain'}.\n\n"
           + table_markdown(summary) + _splits_markdown(splits, taps, lambda v: f"{v:+.1f}"))
     buf = io.StringIO()
