@@ -86,12 +86,12 @@ def test_settings_budgets_and_refusals():
     s = methods_table.settings(ReproduceConfig(budget="main"))
     assert s["rows"] == list(methods_table.ROWS) and len(s["rows"]) == 14
     # the main budget: every method's own default length; supervision sees the main job's samples
-    from monossl.pretrain import DEFAULT_STEPS
+    from monossl.pretrain import defaults_of
 
     assert all(s["steps"][m] is None for m in methods_table.METHODS) and s["steps"]["supervised"] == 2000
     assert s["probe_subset"] is None and s["probe_test_subset"] is None and s["knn"] == [20, 200]
     config = methods_table.pretrain_config("deepcluster", s, "x", ReproduceConfig(budget="main"))
-    assert config.steps is None and config.num_patches is None and DEFAULT_STEPS["deepcluster"] == 4096
+    assert config.steps is None and config.num_patches is None and defaults_of("deepcluster").steps == 4096
     smoke = methods_table.settings(ReproduceConfig(budget="smoke"))
     assert methods_table.pretrain_config("deepcluster", smoke, "x", ReproduceConfig()).num_patches == 256
     data_row = methods_table.pretrain_config("deepcluster-data", smoke, "x", ReproduceConfig())

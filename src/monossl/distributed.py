@@ -10,7 +10,11 @@ How the pieces stay equal to one process with the same global batch (tested on 2
   * the loop gives rank r the samples r, r + W, r + 2W, ... of each global batch;
   * every random draw of a step is made for the whole global batch on every rank (same seed) and
     each rank keeps its rows (`local_rows`), so a sample gets the same crop in any world size;
-  * gradients are averaged over ranks before each optimiser step (methods/base.py);
+  * every trained module runs through PyTorch's `DistributedDataParallel` (`data_parallel`: bucketed
+    all-reduces of the gradients, overlapped with the backward pass); momentum/teacher networks are
+    not wrapped (they take no gradient and are updated identically on every rank);
+  * losses that compare samples across the batch (SimCLR's negatives) see the whole global batch
+    through `all_gather_with_grad`;
   * with `--sync-bn`, BatchNorm uses the statistics of the global batch (`sync_batchnorm`).
 Without --sync-bn each rank normalises with its own part of the batch, as plain DDP does.
 """
@@ -104,15 +108,43 @@ def all_mean(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def average_gradients(parameters) -> None:
-    """Average .grad over ranks (before an optimiser step); a no-op when not distributed."""
-    size = world()[1]
-    if size == 1:
-        return
-    for p in parameters:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(size)
+def data_parallel(module: nn.Module) -> nn.Module:
+    """`module` under torch's DistributedDataParallel when distributed (gloo on CPU, NCCL on CUDA), else
+    `module` itself. Buffers are not synchronised from rank 0 at each forward: with `--sync-bn` the ranks'
+    BatchNorm statistics are equal already, and without it each rank keeps its own, as before."""
+    if world()[1] == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(module.parameters()).device
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                   forward_sync_buffers=False)
+
+
+class _AllGather(torch.autograd.Function):
+    """Every rank's rows, rank 0's first; the backward pass gives each rank the gradient of the sum of
+    the ranks' losses with respect to its own rows (as SimCLR's and solo-learn's gather layers do)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(world()[1])]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rank, size = world()
+        return grad.chunk(size)[rank]
+
+
+def all_gather_with_grad(local: torch.Tensor) -> torch.Tensor:
+    """The ranks' row blocks concatenated (rank r's rows are the r-th block), differentiable; `local`
+    itself when not distributed. Every rank must pass the same number of rows."""
+    if world()[1] == 1:
+        return local
+    return _AllGather.apply(local)
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
@@ -167,21 +199,20 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
-class _GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d with the batch statistics of all ranks, on any device.
+class _GlobalBatchNorm:
+    """BatchNorm with the batch statistics of all ranks, on any device (mixed into BatchNorm1d/2d).
 
     torch.nn.SyncBatchNorm runs on GPUs only; this is the same computation for CPU (gloo),
-    through a differentiable all-reduce of the sums, so the gradients are those
-    of BatchNorm over the global batch. Same parameters and buffers as BatchNorm2d: its
-    checkpoints load into plain BatchNorm2d.
+    through a differentiable all-reduce of the sums, so the gradients are those of BatchNorm over
+    the global batch. Same parameters and buffers as the plain layer: its checkpoints load into it.
     """
 
     def forward(self, x):
         if not self.training or world()[1] == 1:
             return super().forward(x)
-        n_local = x.shape[0] * x.shape[2] * x.shape[3]
-        stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)),
-                           x.new_full((1,), float(n_local))])
+        dims = [0, *range(2, x.dim())]  # every dimension but the channels'
+        n_local = x.numel() // x.shape[1]
+        stats = torch.cat([x.sum(dim=dims), (x * x).sum(dim=dims), x.new_full((1,), float(n_local))])
         stats = _AllReduceSum.apply(stats)
         c = x.shape[1]
         n = stats[2 * c]
@@ -193,24 +224,32 @@ class _GlobalBatchNorm2d(nn.BatchNorm2d):
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)  # unbiased, as BatchNorm
-        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
-            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+            y = y * self.weight.view(shape) + self.bias.view(shape)
         return y
 
 
+class _GlobalBatchNorm1d(_GlobalBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class _GlobalBatchNorm2d(_GlobalBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+_GLOBAL = {nn.BatchNorm1d: _GlobalBatchNorm1d, nn.BatchNorm2d: _GlobalBatchNorm2d}
+
+
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Swap every BatchNorm2d for a global-batch one: torch's SyncBatchNorm on CUDA, ours elsewhere."""
+    """Make every BatchNorm1d/2d use global-batch statistics: torch's SyncBatchNorm on CUDA, ours elsewhere.
+
+    The layers keep their Parameter objects (ours changes the class in place; torch's conversion moves
+    the same Parameters into its new layers), so optimisers built before the call still train them."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            new = _GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                     child.track_running_stats)
-            new.load_state_dict(child.state_dict())
-            new.train(child.training)
-            setattr(module, name, new)
-        else:
-            sync_batchnorm(child, device)
+    for child in module.modules():
+        if type(child) in _GLOBAL:
+            child.__class__ = _GLOBAL[type(child)]
     return module
-

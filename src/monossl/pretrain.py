@@ -27,6 +27,7 @@ from monossl import runs
 from monossl.device import resolve_device
 from monossl.distributed import is_main, setup, sync_batchnorm, world
 from monossl.errors import UserError
+from monossl.methods.base import Method, RunDefaults
 from monossl.models import build_trunk, save_trunk, trunk_config_from
 from monossl.train import LoopConfig, steps_per_epoch, train
 
@@ -42,28 +43,12 @@ METHODS = {
     "dino": ("monossl.methods.dino", "DINO"),
 }
 
-# Default budgets (steps at the default batch size) per method on the CIFAR trunk, sized so
-# that the main job fits in about 15 minutes on 2 CPU cores; see README for what they reach.
-# DeepCluster: 16 epochs over 32,768 patches (docs/deepcluster.md has the runs behind it).
-DEFAULT_STEPS = {"rotnet": 800, "supervised": 500, "deepcluster": 4096, "bigan": 1500, "simclr": 1000,
-                 "distill": 4000, "moco": 1000, "dino": 1000}
-DEFAULT_BATCH = {"rotnet": 64, "supervised": 128, "deepcluster": 128, "bigan": 64, "simclr": 128, "distill": 128,
-                 "moco": 128, "dino": 64}
-# DeepCluster needs a fixed set (its pseudo-labels are per index): the stream's first patches
-DEFAULT_NUM_PATCHES = {"deepcluster": 32768}
-# DeepCluster clusters colour first unless its input is greyscale gradients (Caron et al.
-# use the Sobel front-end too); on one image it is what lets it beat random features.
-DEFAULT_SOBEL = {"deepcluster": True}
-# SimCLR cuts its two views (random-resized crops to 32 px) out of 48-px patches of the stream;
-# MoCo and DINO (views and multi-crop) do the same (not screened for them).
-DEFAULT_PATCH_SIZE = {"simclr": 48, "moco": 48, "dino": 48}
+# Each method's defaults (steps, batch size, patch size, a fixed set, Sobel, AlexNet's lr) are its class's
+# `defaults` (methods/base.py RunDefaults), beside its hyper-parameters (its `Config`): `defaults_of`.
 # conv1 trained in the whitened space of the training data's own patches (models/whitening.py):
 # on the CIFAR trunk it lifts every trained row at conv1 (docs/one_image.md); AlexNet keeps the
 # paper's plain parametrisation (not measured there).
 WHITEN_CONV1_ARCHS = ("cifar",)
-# On AlexNet the paper's learning rates (PAPER.md section 2; supervised: the usual 0.01): our CIFAR
-# defaults (0.1) made AlexNet RotNet jump to chance after its first steps (docs/training.md).
-ALEXNET_LR = {"rotnet": 0.01, "supervised": 0.01, "deepcluster": 0.05}
 # patches whose ZCA matrix whitens conv1 (the source's first samples)
 WHITENING_SAMPLES = 4096
 # samples whose BatchNorm statistics a statistics-only control re-estimates (the source's first):
@@ -71,12 +56,40 @@ WHITENING_SAMPLES = 4096
 BN_SAMPLES = 8192
 
 
+def defaults_of(method: str) -> RunDefaults:
+    """How `method` runs when not told otherwise (its class's `defaults`)."""
+    return method_class(method).defaults
+
+
 def default_lr(method: str, arch: str) -> float | None:
-    """The learning rate a method gets on `arch` when none is given (None: the method's own)."""
-    return ALEXNET_LR.get(method) if arch.startswith("alexnet") else None
+    """The learning rate a method gets on `arch` when none is given (None: its Config's). On AlexNet the
+    paper's where it has one: our CIFAR defaults (0.1) made AlexNet RotNet jump to chance after its
+    first steps (docs/training.md)."""
+    return defaults_of(method).alexnet_lr if arch.startswith("alexnet") else None
 
 
-def method_class(name: str):
+#: PretrainConfig fields that set a field of the method's Config, and their command-line options
+SHARED_OPTIONS = {"lr": "--lr", "crop_scale": "--crop-scale", "clusters": "--clusters"}
+
+
+def method_options(config: PretrainConfig, cls: type, lr: float | None, num_classes: int | None) -> dict:
+    """The method's Config fields this run sets: the shared options and `config.method_options`. An
+    option the method has no use for is refused in one line, never dropped silently."""
+    known = {f.name for f in fields(cls.Config)}
+    given = {"lr": lr, "crop_scale": config.crop_scale, "clusters": config.clusters}
+    unused = [SHARED_OPTIONS[k] for k, v in given.items() if v is not None and k not in known]
+    if unused:
+        raise UserError(f"--method {config.method} does not use {', '.join(unused)}")
+    unknown = sorted(set(config.method_options) - known)
+    if unknown:
+        raise UserError(f"--method {config.method} has no option(s) {', '.join(unknown)}; "
+                        f"its options: {', '.join(sorted(known))}")
+    if num_classes is not None and "num_classes" in known:
+        given["num_classes"] = num_classes
+    return {**{k: v for k, v in given.items() if v is not None}, **config.method_options}
+
+
+def method_class(name: str) -> type[Method]:
     if name not in METHODS:
         raise UserError(f"unknown --method {name!r}; choose from {', '.join(METHODS)}")
     module, cls = METHODS[name]
@@ -143,7 +156,7 @@ def build_source(config: PretrainConfig, trunk, device=None):
 
     needs = method_class(config.method).needs
     small = trunk.input_size <= 64
-    size = config.patch_size or (DEFAULT_PATCH_SIZE.get(config.method, 32) if small else 256)
+    size = config.patch_size or (defaults_of(config.method).patch_size if small else 256)
     if needs == "labelled" or not config.images:
         if not config.data:
             what = "labelled --data" if needs == "labelled" else "--image or --data"
@@ -154,8 +167,8 @@ def build_source(config: PretrainConfig, trunk, device=None):
         source = dataset_source(train_set, needs == "labelled", size, seed=config.seed)
         return source, {"data": config.data, "num_classes": len(train_set.classes)}
 
-    from monossl.data.patches import PatchStream
     from monossl.data.patch_config import make_config
+    from monossl.data.patches import PatchStream
     from monossl.data.sources import load_images
 
     patch_config = make_config(config.preset, size=size, **config.patch_overrides)
@@ -163,7 +176,7 @@ def build_source(config: PretrainConfig, trunk, device=None):
     stream_device = resolve_device(config.patch_device) if config.patch_device else (device or "cpu")
     stream = PatchStream(load_images(config.images), patch_config, seed=config.seed, device=stream_device,
                          names=config.images)
-    length = config.num_patches or DEFAULT_NUM_PATCHES.get(config.method)
+    length = config.num_patches or defaults_of(config.method).num_patches
     info = {"image": config.images, "preset": config.preset, "patch_config": asdict(patch_config)}
     return StreamSource(stream, length=length, seed=config.seed), info
 
@@ -177,11 +190,9 @@ def initial_trunk(config: PretrainConfig, device=None):
     if (config.conv1_kernel is not None or config.widths is not None) and config.arch != "cifar":
         raise UserError("--conv1-kernel and --widths apply to --arch cifar only")
     trunk_config = trunk_config_from(config.widths, config.conv1_kernel)
-    if DEFAULT_SOBEL.get(config.method, False) if config.sobel is None else config.sobel:
+    if defaults_of(config.method).sobel if config.sobel is None else config.sobel:
         trunk_config["sobel"] = True
     trunk = build_trunk(config.arch, **trunk_config)
-    if config.sync_bn and world()[1] > 1:
-        sync_batchnorm(trunk, device)
     source, data_info = build_source(config, trunk, device)
     whiten_conv1 = trunk.arch in WHITEN_CONV1_ARCHS if config.whiten_conv1 is None else config.whiten_conv1
     if whiten_conv1:
@@ -246,25 +257,24 @@ def pretrain(config: PretrainConfig, evaluators=()) -> Run:
         raise UserError(f"--resume: {out} holds no run to resume (no config.json)")
 
     trunk, source, data_info, whiten_conv1 = initial_trunk(config, device)
-    batch_size = config.batch_size or DEFAULT_BATCH.get(config.method, 64)
+    batch_size = config.batch_size or cls.defaults.batch_size
     spe = steps_per_epoch(source, batch_size)  # refuses a finite set smaller than one batch
     if config.epochs is not None:
         if spe is None:
             raise UserError("--epochs needs a finite training set: give --num-patches or --data")
         total_steps = config.epochs * spe
     else:
-        total_steps = config.steps if config.steps is not None else DEFAULT_STEPS.get(config.method, 500)
+        total_steps = config.steps if config.steps is not None else cls.defaults.steps
 
-    known = {f.name for f in fields(cls.Config)}
     lr = config.lr if config.lr is not None else default_lr(config.method, trunk.arch)
-    unknown = sorted(set(config.method_options) - known)
-    if unknown:
-        raise UserError(f"--method {config.method} has no option(s) {', '.join(unknown)}")
-    method_kwargs = {"lr": lr, "num_classes": data_info.get("num_classes"), "clusters": config.clusters,
-                     "crop_scale": config.crop_scale}
-    method_kwargs = {k: v for k, v in method_kwargs.items() if v is not None and k in known}
-    method_config = cls.Config(**{**method_kwargs, **config.method_options})
+    options = method_options(config, cls, lr, data_info.get("num_classes"))
+    try:
+        method_config = cls.Config(**options)
+    except TypeError as exc:  # e.g. a --method-option whose value the field cannot take
+        raise UserError(f"--method {config.method}: {exc}") from None
     method = cls(trunk, total_steps, method_config)
+    if config.sync_bn and world()[1] > 1:
+        sync_batchnorm(method, device)  # the trunk's and the heads' (SimCLR's projector) BatchNorm
 
     record = {
         "method": config.method, "arch": trunk.arch, "arch_config": trunk.config,

@@ -37,6 +37,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-scale", default=None, metavar="MIN,MAX",
                    help="area range of the method's own random-resized crop (default: the method's)")
     p.add_argument("--clusters", type=positive(), default=None, help="DeepCluster: k (default scaled to the set size)")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a field of the method's configuration, e.g. --method-option clip_grad=0 for dino "
+                        "(docs/training.md lists them)")
     p.add_argument("--whiten-conv1", action=argparse.BooleanOptionalAction, default=None,
                    help="train conv1 in the whitened space of the training data's own patches (W = U Z, Z the ZCA "
                         "matrix of its first patches/images; folded into a plain trunk at the end; default on for "
@@ -83,9 +86,13 @@ def parse_sizes(option: str, text: str) -> tuple[int, int]:
 def config_from(args) -> PretrainConfig:
     from monossl.data.patch_config import parse_overrides
 
+    from monossl.pretrain import method_class
+
     patch_overrides = parse_overrides(args.patch, "--patch")
     if "size" in patch_overrides:
         raise UserError("give the patch size with --patch-size, not --patch size=...")
+    method_options = parse_overrides(args.method_option, "--method-option", method_class(args.method).Config,
+                                     what=f"option of --method {args.method}")
     return PretrainConfig(
         method=args.method, out=args.out, arch=args.arch, conv1_kernel=args.conv1_kernel, widths=args.widths,
         sobel=args.sobel, images=args.image, preset=args.preset, patch_overrides=patch_overrides,
@@ -93,7 +100,7 @@ def config_from(args) -> PretrainConfig:
         steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         crop_scale=parse_range("--crop-scale", args.crop_scale), clusters=args.clusters,
         whiten_conv1=args.whiten_conv1, seed=args.seed, device=args.device, sync_bn=args.sync_bn,
-        resume=args.resume, stop_after=args.stop_after,
+        resume=args.resume, stop_after=args.stop_after, method_options=method_options,
         progress=False if args.quiet else None)
 
 

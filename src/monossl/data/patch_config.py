@@ -186,11 +186,13 @@ def make_config(preset: str = "all", **overrides) -> PatchConfig:
 
 # ---------------------------------------------------------------------------- KEY=VALUE overrides
 
-def parse_overrides(items: list[str], option: str) -> dict:
-    """['rotation_degrees=10', 'area_range=0.01,1'] -> {field: value}, each value typed by its
-    PatchConfig field (float fields always float, so 10 and 10.0 give equal configurations and
-    equal `to_dict()`s). Errors are one line naming `option` (the CLI's --patch or --set)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(PatchConfig)}
+def parse_overrides(items: list[str] | None, option: str, config_class: type = PatchConfig,
+                    what: str = "patch parameter") -> dict:
+    """['rotation_degrees=10', 'area_range=0.01,1'] -> {field: value}, each value typed by its field in
+    `config_class` (a dataclass: PatchConfig, or a method's Config for `pretrain --method-option`; float
+    fields always float, so 10 and 10.0 give equal configurations and equal `to_dict()`s). A field whose
+    default is None takes `none` or a number (or MIN,MAX). Errors are one line naming `option`."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
     out = {}
     for item in items or []:
         if "=" not in item:
@@ -198,9 +200,28 @@ def parse_overrides(items: list[str], option: str) -> dict:
         key, value = item.split("=", 1)
         key = key.strip().replace("-", "_")
         if key not in defaults:
-            raise UserError(f"{option}: unknown patch parameter {key!r}; valid: {', '.join(defaults)}")
-        out[key] = _parse_value(option, key, value, defaults[key])
+            raise UserError(f"{option}: unknown {what} {key!r}; valid: {', '.join(defaults)}")
+        default = defaults[key]
+        if default is None or default is dataclasses.MISSING:
+            out[key] = _parse_untyped(option, key, value)
+        else:
+            out[key] = _parse_value(option, key, value, default)
     return out
+
+
+def _parse_untyped(option: str, key: str, text: str) -> object:
+    """A value for a field without a typed default: none, a number, MIN,MAX, or else a string."""
+    text = text.strip()
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        parts = [p for p in text.strip("()[]").split(",") if p.strip()]
+        if len(parts) == 2:
+            return tuple(_number(p) for p in parts)
+        number = _number(text)
+        return int(number) if number.is_integer() and "." not in text and "/" not in text else number
+    except (ValueError, ZeroDivisionError):
+        return text.strip("\"'")
 
 
 def _parse_value(option: str, key: str, text: str, default):

@@ -47,7 +47,7 @@ class CurveProbe:
 
     def __call__(self, method) -> dict:
         t0 = time.perf_counter()
-        result = probe(method.trunk, self.train, self.val, self.protocol, device=self.device, seed=self.seed,
+        result = probe(method.published_trunk(), self.train, self.val, self.protocol, device=self.device, seed=self.seed,
                        progress=False, verbose=False, workers=0)
         return {"top1": {k: v["top1"] for k, v in result["taps"].items()},
                 "seconds": round(time.perf_counter() - t0, 2)}

@@ -59,7 +59,7 @@ def distill(config: DistillationConfig) -> dict | None:
     from monossl.eval.accuracy import StudentEval, classifier_accuracy
     from monossl.models.classifier import load_classifier
     from monossl.models.teachers import load_teacher
-    from monossl.pretrain import DEFAULT_STEPS
+    from monossl.pretrain import defaults_of
 
     started = time.perf_counter()
     device = setup(resolve_device(config.device))
@@ -68,7 +68,7 @@ def distill(config: DistillationConfig) -> dict | None:
     if len(test_set.classes) != teacher.num_classes:
         raise UserError(f"--teacher {config.teacher} has {teacher.num_classes} classes but --eval-data "
                         f"{config.eval_data} has {len(test_set.classes)}")
-    steps = config.steps or DEFAULT_STEPS["distill"]
+    steps = config.steps or defaults_of("distill").steps
     during = subset(test_set, config.eval_subset, seed=config.seed) if config.eval_subset else test_set
     evaluators = [StudentEval(during, config.eval_every or max(1, steps // 10), device, config.eval_data)]
     if config.probe_every:

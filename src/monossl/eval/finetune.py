@@ -34,7 +34,7 @@ from monossl.eval.results import ProbeResult, write_results
 from monossl.methods.finetune import FineTune, reinitialised_trunk
 from monossl.methods.supervised import SupervisedConfig
 from monossl.models import load_trunk, save_trunk
-from monossl.pretrain import DEFAULT_BATCH, DEFAULT_STEPS, default_lr
+from monossl.pretrain import default_lr, defaults_of
 from monossl.train import LoopConfig, steps_per_epoch, train
 
 DEFAULT_FREEZE = ("conv1", "conv2")
@@ -48,9 +48,9 @@ class FinetuneConfig:
     data: str  # labelled dataset to fine-tune and probe on (a `monossl.data.datasets` spec)
     freeze: str | Sequence[str] = DEFAULT_FREEZE  # layers kept as pretrained: ("conv1", "conv2") or "conv1,conv2"
     out: str | Path | None = None  # None: RUN/finetune-<layers>
-    steps: int | None = None  # None: the supervised method's (pretrain.DEFAULT_STEPS), unless epochs
+    steps: int | None = None  # None: the supervised method's (pretrain.defaults_of), unless epochs
     epochs: int | None = None  # instead of steps: epochs over the training images
-    batch_size: int | None = None  # None: the supervised method's (pretrain.DEFAULT_BATCH)
+    batch_size: int | None = None  # None: the supervised method's (pretrain.defaults_of)
     lr: float | None = None  # None: the supervised method's (AlexNet: pretrain.default_lr)
     image_size: int | None = None  # folder images read at S x S; None: 32 for the cifar trunk, else 256
     seed: int = 0  # the re-initialised layers, the batches and the probes
@@ -109,9 +109,9 @@ def finetune(config: FinetuneConfig) -> ProbeResult | None:
         test_set = subset(test_set, config.test_subset, seed=config.seed)
     size = config.image_size or (32 if pretrained.input_size <= 64 else 256)
     source = dataset_source(train_set, labelled=True, size=size, seed=config.seed)
-    batch_size = config.batch_size or DEFAULT_BATCH["supervised"]
+    batch_size = config.batch_size or defaults_of("supervised").batch_size
     spe = steps_per_epoch(source, batch_size)  # refuses a training set smaller than one batch
-    total_steps = config.epochs * spe if config.epochs is not None else config.steps or DEFAULT_STEPS["supervised"]
+    total_steps = config.epochs * spe if config.epochs is not None else config.steps or defaults_of("supervised").steps
 
     trunk = reinitialised_trunk(pretrained, frozen, config.seed)
     if config.sync_bn and world()[1] > 1:

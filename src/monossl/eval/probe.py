@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from monossl.device import resolve_device
-from monossl.distributed import all_sum, average_gradients, is_main, world
+from monossl.distributed import all_sum, data_parallel, is_main, world
 from monossl.errors import UserError
 from monossl.eval.features import (
     FeatureRunner,
@@ -254,6 +254,8 @@ def _train(runner: FeatureRunner, probes: LinearProbes, cached, standardized: bo
     else:
         opt = torch.optim.SGD(probes.parameters(), lr=protocol.lr, momentum=protocol.momentum,
                               weight_decay=protocol.weight_decay)
+        # streamed under torchrun the ranks see different rows: their gradients are averaged by DDP
+        model = data_parallel(probes) if cached is None else probes
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(protocol.milestones), gamma=protocol.gamma)
     lr = protocol.lr
     t0 = time.perf_counter()
@@ -268,8 +270,8 @@ def _train(runner: FeatureRunner, probes: LinearProbes, cached, standardized: bo
                 loss_sum, seen = fused.epoch(cached[0], cached[1], batches, lr, lambda: bar.update(1))
             else:
                 lr = opt.param_groups[0]["lr"]
-                loss_sum, seen = _autograd_epoch(runner, probes, opt, cached, batches, standardized, matmul_dtype,
-                                                 epoch, bar)
+                loss_sum, seen = _autograd_epoch(runner, probes, model, opt, cached, batches, standardized,
+                                                 matmul_dtype, epoch, bar)
                 sched.step()
             record = {"epoch": epoch, "lr": lr, "loss": {k: round(v / max(seen, 1), 4) for k, v in loss_sum.items()}}
             if fused is not None:  # MultiStepLR's update of the autograd path's lr
@@ -298,10 +300,10 @@ def _train(runner: FeatureRunner, probes: LinearProbes, cached, standardized: bo
     return history, round(time.perf_counter() - t0, 2), round(eval_s, 2)
 
 
-def _autograd_epoch(runner: FeatureRunner, probes: LinearProbes, opt, cached, batches, standardized: bool,
-                    matmul_dtype, epoch: int, bar) -> tuple[dict[str, float], int]:
-    """One epoch of autograd steps (streamed features, BatchNorm in the step, or bf16 matmuls);
-    returns ({tap: summed cross-entropy}, images seen, summed over ranks when streamed)."""
+def _autograd_epoch(runner: FeatureRunner, probes: LinearProbes, model: torch.nn.Module, opt, cached, batches,
+                    standardized: bool, matmul_dtype, epoch: int, bar) -> tuple[dict[str, float], int]:
+    """One epoch of autograd steps (streamed features, BatchNorm in the step, or bf16 matmuls) of
+    `model` (the probes, under DDP when streamed and distributed); returns ({tap: summed cross-entropy}, images seen, summed over ranks when streamed)."""
     device = runner.device
     probes.train()
     if cached is not None:
@@ -314,13 +316,11 @@ def _autograd_epoch(runner: FeatureRunner, probes: LinearProbes, opt, cached, ba
     for feats, y in it:
         opt.zero_grad(set_to_none=True)
         with matmul_precision(device, matmul_dtype):
-            logits = probes(feats, standardized=standardized)
+            logits = model(feats, standardized=standardized)
         losses = {k: F.cross_entropy(lg.float(), y) for k, lg in logits.items()}
         sum(losses.values()).backward()  # the heads are independent: each gets its own gradient
         for k, loss in losses.items():
             loss_sum[k] += loss.item() * len(y)
-        if cached is None:  # streamed under torchrun: the ranks saw different rows
-            average_gradients(probes.parameters())
         opt.step()
         seen += len(y)
         bar.update(1)

@@ -28,7 +28,7 @@ from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, cell
                                        check_table_settings, parse_rows, pretrained, run_rows, samples_seen,
                                        seen_text)
 from monossl.models import load_trunk, random_trunk, save_trunk, trunk_config_from
-from monossl.pretrain import DEFAULT_BATCH, WHITEN_CONV1_ARCHS, PretrainConfig
+from monossl.pretrain import WHITEN_CONV1_ARCHS, PretrainConfig, defaults_of
 
 EXPERIMENT = "cifar10-augmentations"
 SSL_METHODS = ("bigan", "rotnet", "deepcluster", "simclr", "moco", "dino")
@@ -81,7 +81,7 @@ def settings(config: ReproduceConfig) -> dict:
     trunk_config_from(config.widths, None)  # validates --widths
     method = config.method or "bigan"
     train_steps = {m: (config.steps or budget.steps.get(m)) for m in (method, "supervised")}
-    train_batch = {m: (config.batch_size or budget.batch.get(m) or DEFAULT_BATCH.get(m, 64))
+    train_batch = {m: (config.batch_size or budget.batch.get(m) or defaults_of(m).batch_size)
                    for m in (method, "supervised")}
     out = {
         "experiment": EXPERIMENT, "method": method, "budget": budget.name, "budget_note": budget.note,

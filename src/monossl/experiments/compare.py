@@ -49,10 +49,9 @@ from monossl.experiments.table import (
 from monossl.models import load_trunk, random_trunk, save_trunk, trunk_config_from
 from monossl.pretrain import (
     BN_SAMPLES,
-    DEFAULT_BATCH,
-    DEFAULT_STEPS,
     WHITEN_CONV1_ARCHS,
     PretrainConfig,
+    defaults_of,
     method_class,
     statistics_trunk,
 )
@@ -106,8 +105,9 @@ class CompareConfig:
 def supervised_steps(method: str, steps: int | None) -> int:
     """Supervised steps that show the trunk at least as many samples as `steps` of `method`
     (RotNet's four rotations and SimCLR's two views count as samples)."""
-    samples = (steps or DEFAULT_STEPS[method]) * DEFAULT_BATCH[method] * method_class(method).views
-    return max(DEFAULT_STEPS["supervised"], math.ceil(samples / DEFAULT_BATCH["supervised"]))
+    own, supervised = defaults_of(method), defaults_of("supervised")
+    samples = (steps or own.steps) * own.batch_size * method_class(method).views
+    return max(supervised.steps, math.ceil(samples / supervised.batch_size))
 
 
 def compare(config: CompareConfig) -> Table:
@@ -170,7 +170,7 @@ def _table_config(config: CompareConfig, rows: list[str], seeds: list[int]) -> d
     protocol = get_protocol("cifar").with_overrides(epochs=config.probe_epochs)
     settings = _settings(config)
     return {**{k: v for k, v in settings.items() if k != "seed"}, "image": config.image or f"builtin:{DEFAULT_IMAGE}",
-            "method_steps": config.steps or DEFAULT_STEPS[config.method], "seeds": seeds, "rows": rows,
+            "method_steps": config.steps or defaults_of(config.method).steps, "seeds": seeds, "rows": rows,
             "trunk": {"widths": config.widths, "conv1_kernel": config.conv1_kernel},
             "protocol": protocol.to_dict(), "references": config.references}
 
@@ -257,7 +257,7 @@ def _reference_run(config: CompareConfig, row: str, row_config, out: Path) -> Pa
         from monossl.data.datasets import load_dataset
 
         n_images = len(load_dataset(config.data, "train"))
-        every = max(1, cfg.epochs * (n_images // DEFAULT_BATCH[cfg.method]) // REFERENCE_CURVE_POINTS)
+        every = max(1, cfg.epochs * (n_images // defaults_of(cfg.method).batch_size) // REFERENCE_CURVE_POINTS)
         # the curves' usual 5,000 / 1,000 split of the training images, smaller on a small set
         curves = CurveProbe(config.data, "cifar", every, n_train=min(5000, n_images * 4 // 5),
                             n_val=min(1000, n_images // 5), seed=config.seed, device=config.device)

@@ -11,7 +11,7 @@ Rows, all on one trunk (the CIFAR trunk unless --arch), each its own run directo
 
 Every trunk is probed on `--data` (CIFAR-10 by default) and on each `--eval-data` set: linear
 probes (protocol `cifar`) and weighted k-NN (k = 20, 200; eval/knn.py) on every tap. Budget
-`main` trains every method for its own default length (pretrain.DEFAULT_STEPS/DEFAULT_BATCH: the
+`main` trains every method for its own default length (its class's `defaults`, pretrain.defaults_of: the
 main job's per-row budget) and probes on the whole dataset; `smoke` checks that every piece runs.
 Writes table.md (linear, k-NN and the minutes each row took, per evaluation set, then whether each
 one-image row beats the random trunk at every tap), table.csv, results.json, table.png (linear) and
@@ -31,7 +31,7 @@ from monossl.experiments.compare import supervised_steps
 from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, check_table_settings, parse_rows,
                                        pretrained, run_rows, samples_seen, seen_text)
 from monossl.models import load_trunk, random_trunk, save_trunk, trunk_config_from
-from monossl.pretrain import DEFAULT_BATCH, PretrainConfig
+from monossl.pretrain import PretrainConfig, defaults_of
 
 EXPERIMENT = "methods"
 METHODS = ("rotnet", "deepcluster", "bigan", "simclr", "moco", "dino")
@@ -72,7 +72,7 @@ def settings(config: ReproduceConfig) -> dict:
     eval_data = [data, *[d for d in (config.eval_data or []) if d != data]]
     _probe_dirs(eval_data)  # refuses two sets that would share a folder
     steps = {m: config.steps or b.steps.get(m) for m in METHODS}
-    batch = {m: config.batch_size or b.batch.get(m) or DEFAULT_BATCH[m] for m in METHODS}
+    batch = {m: config.batch_size or b.batch.get(m) or defaults_of(m).batch_size for m in METHODS}
     # supervision sees as many samples as the main job's one-image row (SimCLR's 2 views)
     sup_steps = config.steps or b.steps.get("supervised") or supervised_steps("simclr", None)
     return {
@@ -82,7 +82,7 @@ def settings(config: ReproduceConfig) -> dict:
         "seed": config.seed, "rows": parse_rows(config.rows, ROWS),
         "steps": {**steps, "supervised": sup_steps},
         "batch_size": {**batch, "supervised": config.batch_size or b.batch.get("supervised")
-                       or DEFAULT_BATCH["supervised"]},
+                       or defaults_of("supervised").batch_size},
         "dc_patches": b.dc_patches, "dc_epochs": None if config.steps else b.dc_epochs,
         "probe_subset": config.subset or b.probe_subset, "probe_test_subset": config.test_subset or b.probe_test_subset,
         "probe_epochs": config.probe_epochs or b.probe_epochs, "knn": list(KNN),

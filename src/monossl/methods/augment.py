@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from monossl.distributed import global_count, local_rows
+from monossl.distributed import global_count, global_rows, local_rows
 
 
 def random_resized_crop(images: torch.Tensor, out_size: int, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3),
@@ -115,7 +115,7 @@ def colour_jitter(images: torch.Tensor, strength: float = 0.4, hue: float = 0.1,
 def cutmix(images: torch.Tensor, targets: torch.Tensor | None = None, alpha: float = 1.0, prob: float = 1.0,
            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """CutMix (Yun et al., 2019) for a (B, C, H, W) batch: each image gets a box cut from its partner
-    (the batch in reverse order), box area ~ 1 - Beta(alpha, alpha), centre uniform, clipped to the
+    (the global batch in reverse order: under torchrun the partner may live on another rank), box area ~ 1 - Beta(alpha, alpha), centre uniform, clipped to the
     image; with probability 1 - prob an image is left whole.
 
     Returns (mixed images, mixed targets or None, lam): lam (B,) is the fraction of each mixed image
@@ -141,11 +141,16 @@ def cutmix(images: torch.Tensor, targets: torch.Tensor | None = None, alpha: flo
            & ((xs >= x0[:, None]) & (xs < x1[:, None]))[:, None, :])  # (B, H, W)
     lam = 1 - box.flatten(1).float().mean(1)
     box = box[:, None].to(images.device)
-    mixed = torch.where(box, images.flip(0), images)
+    mixed = torch.where(box, _partners(images), images)
     if targets is None:
         return mixed, None, lam
     weight = lam.to(targets.device, targets.dtype)[:, None]
-    return mixed, weight * targets + (1 - weight) * targets.flip(0), lam
+    return mixed, weight * targets + (1 - weight) * _partners(targets), lam
+
+
+def _partners(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's CutMix partner: the global batch reversed, this rank's rows of it (no gradient)."""
+    return local_rows(global_rows(rows.detach()).flip(0))
 
 
 def contrastive_view(images: torch.Tensor, size: int, scale=(0.2, 1.0), jitter_strength: float = 0.4) -> torch.Tensor:

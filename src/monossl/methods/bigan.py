@@ -17,6 +17,10 @@ Each step logs d_real = mean D(x, E(x)) and d_fake = mean D(G(z), z) (from D's p
 update), the losses, lr and recon_ratio = mean ||x - G(E(x))|| / mean ||x - G(E(x'))||, x' the
 batch rolled by one (1: G(E(x)) knows nothing of x; lower: E and G invert each other).
 
+BiGAN keeps its own `step` (two optimisers, two backward passes). Under torchrun E, G and D each run
+through data parallelism; the E/G update goes through D itself with D's parameters frozen, so D's
+data-parallel wrapper is never waiting for gradients the E/G loss should not give it.
+
 Stop rules: NaN/inf losses stop the run in the training loop (train.py); when the
 discriminator wins outright (d_real > 1 - margin and d_fake < margin) for `d_win_patience`
 consecutive steps, `step` raises TrainingStopped; either way last.pt stays the last good checkpoint.
@@ -38,7 +42,7 @@ from torchvision.utils import make_grid, save_image
 from monossl.distributed import global_count, local_rows
 from monossl.errors import TrainingStopped
 from monossl.methods.augment import random_resized_crop
-from monossl.methods.base import Method, set_lr
+from monossl.methods.base import Method, RunDefaults, set_lr
 from monossl.models.gan import Discriminator, Generator
 from monossl.runs import atomic_path
 
@@ -83,8 +87,9 @@ def _bce(logits, target: float):
 class BiGAN(Method):
     name = "bigan"
     Config = BiGANConfig
+    defaults = RunDefaults(steps=1500, batch_size=64)
 
-    def __init__(self, trunk, total_steps: int, config: BiGANConfig | None = None):
+    def __init__(self, trunk: nn.Module, total_steps: int, config: BiGANConfig | None = None):
         super().__init__(trunk, total_steps)
         c = config or BiGANConfig()
         # Sizes filled in place, so that the config pretrain writes to config.json says what ran:
@@ -106,12 +111,14 @@ class BiGAN(Method):
 
     # ------------------------------------------------------------------ pieces
 
-    def optimizers(self):
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"d": self._opt_d, "eg": self._opt_eg}
 
-    def encode(self, images01):
-        """E: images in [0, 1] (any size; resized to `encoder_size`) -> latent codes."""
-        return self.head(self.trunk(_resize(images01, self.config.encoder_size)))
+    def encode(self, images01: torch.Tensor, parallel: bool = False) -> torch.Tensor:
+        """E: images in [0, 1] (any size; resized to `encoder_size`) -> latent codes (through data
+        parallelism when training)."""
+        encoder = self.parallel(self.trunk, self.head) if parallel else nn.Sequential(self.trunk, self.head)
+        return encoder(_resize(images01, self.config.encoder_size))
 
     def forward(self, images01):
         return self.encode(images01)
@@ -148,26 +155,30 @@ class BiGAN(Method):
         set_lr(self._opt_eg, lr)
 
         z = self.sample_latent(b, x.device)
-        ex = self.encode(x01)  # E(x)
-        gz = self.generator(z)  # G(z)
+        ex = self.encode(x01, parallel=True)  # E(x)
+        gz = self.parallel(self.generator)(z)  # G(z)
 
         # discriminator: real pairs (x, E(x)) -> 1, generated pairs (G(z), z) -> 0
-        logits = self.discriminator(torch.cat([x, gz.detach()]), torch.cat([ex.detach(), z]))
+        logits = self.parallel(self.discriminator)(torch.cat([x, gz.detach()]), torch.cat([ex.detach(), z]))
         real_logit, fake_logit = logits[:b], logits[b:]
         d_loss = _bce(real_logit, 1.0) + _bce(fake_logit, 0.0)
         self._opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
-        self.optimizer_step(self._opt_d)
+        self._opt_d.step()
 
-        # encoder + generator: the labels swapped (non-saturating), through the updated D
-        logits = self.discriminator(torch.cat([x, gz]), torch.cat([ex, z]))
+        # encoder + generator: the labels swapped (non-saturating), through the updated D, which
+        # takes no gradient here
+        self.discriminator.requires_grad_(False)
+        try:
+            logits = self.discriminator(torch.cat([x, gz]), torch.cat([ex, z]))
+        finally:
+            self.discriminator.requires_grad_(True)
         e_loss = _bce(logits[:b], 0.0)
         g_loss = _bce(logits[b:], 1.0)
         eg_loss = e_loss + g_loss
         self._opt_eg.zero_grad(set_to_none=True)
         eg_loss.backward()
-        self.optimizer_step(self._opt_eg)
-        self._opt_d.zero_grad(set_to_none=True)  # D's gradients of the E/G loss are not used
+        self._opt_eg.step()
 
         with torch.no_grad():
             d_real = torch.sigmoid(real_logit.float()).mean().item()

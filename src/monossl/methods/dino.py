@@ -9,9 +9,19 @@ global ones; the loss (`losses.dino_loss`) matches the student's softmax to the 
 sharpened softmax across different crops. The centre (an EMA of the teacher's mean output, momentum
 `center_momentum`) and the teacher's momentum (`teacher_momentum` raised to 1 by a cosine) keep
 it from collapsing. The teacher and the centre are a submodule and a buffer: a resumed run is
-bit-identical. The teacher's trunk is what the run saves (trunk.pt), as DINO evaluates it. AdamW
-is DINO's optimiser; SGD with momentum and a cosine schedule here, as our other methods on the
-CIFAR trunk (kept simple; not tuned).
+bit-identical. The teacher's trunk is what the run saves (trunk.pt) and what learning curves probe,
+as DINO evaluates it. AdamW is DINO's optimiser; SGD with momentum and a cosine schedule here, as our
+other methods on the CIFAR trunk (kept simple; not tuned).
+
+The reference recipe's three stabilisers, each switchable (docs/training.md has the validation runs
+behind the defaults):
+  * teacher-temperature warm-up: linear from `warmup_teacher_temp` to `teacher_temp` over the first
+    `teacher_temp_warmup` of training (off when the two are equal);
+  * last-layer freeze: the prototypes' layer takes no step for the first `freeze_last_layer` of training
+    (DINO: the first epoch; 0 turns it off);
+  * gradient clipping of the student's total norm at `clip_grad` (0: off).
+The student runs every crop in one call (`Network.forward` on the list of crops, crops of one size
+batched together, as DINO's multi-crop wrapper), so data parallelism sees one forward per step.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import torch.nn.functional as F
 
 from monossl.distributed import global_rows
 from monossl.methods.augment import contrastive_view
-from monossl.methods.base import Method, cosine_lr, set_lr
+from monossl.methods.base import Method, RunDefaults, ema_update
 from monossl.methods.losses import dino_loss
 
 
@@ -40,6 +50,10 @@ class DINOConfig:
     bottleneck_dim: int = 128
     student_temp: float = 0.1
     teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04  # the teacher's temperature at step 0 (warm-up off when = teacher_temp)
+    teacher_temp_warmup: float = 0.3  # fraction of training over which it rises to teacher_temp
+    freeze_last_layer: float = 0.01  # fraction of training in which the last layer takes no step (0: off)
+    clip_grad: float = 3.0  # the student's gradient norm is clipped to this (0: off)
     center_momentum: float = 0.9
     teacher_momentum: float = 0.996
     global_crops: int = 2
@@ -58,25 +72,37 @@ class DINOHead(nn.Module):
                                  nn.Linear(hidden, bottleneck))
         self.last = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(F.normalize(self.mlp(x), dim=1))
 
 
 class Network(nn.Module):
-    def __init__(self, trunk, head):
+    """Trunk and head over a list of crops: crops of one size go through the trunk together, the head
+    sees every crop's features at once; returns one output per crop, in order."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Module):
         super().__init__()
         self.trunk, self.head = trunk, head
 
-    def forward(self, images):
-        return self.head(self.trunk(images))
+    def forward(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        features, start = [], 0
+        while start < len(crops):
+            stop = start
+            while stop < len(crops) and crops[stop].shape[-2:] == crops[start].shape[-2:]:
+                stop += 1
+            features.append(self.trunk(torch.cat(crops[start:stop])))
+            start = stop
+        return list(self.head(torch.cat(features)).split([len(c) for c in crops]))
 
 
 class DINO(Method):
     name = "dino"
     Config = DINOConfig
     views = 6  # crops per image with the default config: 2 global + 4 local
+    # crops cut out of 48-px patches (not screened for DINO)
+    defaults = RunDefaults(steps=1000, batch_size=64, patch_size=48)
 
-    def __init__(self, trunk, total_steps: int, config: DINOConfig | None = None):
+    def __init__(self, trunk: nn.Module, total_steps: int, config: DINOConfig | None = None):
         super().__init__(trunk, total_steps)
         self.config = config = config or DINOConfig()
         head = DINOHead(trunk.feature_dim, config.hidden_dim, config.bottleneck_dim, config.out_dim)
@@ -85,14 +111,15 @@ class DINO(Method):
         self.register_buffer("center", torch.zeros(1, config.out_dim))
         self._opt = torch.optim.SGD(self.student.parameters(), lr=config.lr, momentum=config.momentum_sgd,
                                     weight_decay=config.weight_decay)
+        self._teacher_out: list[torch.Tensor] = []
 
-    def optimizers(self):
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"sgd": self._opt}
 
-    def published_trunk(self):
+    def published_trunk(self) -> nn.Module:
         return self.teacher.trunk  # DINO evaluates the teacher (the student's moving average)
 
-    def crops(self, images, n: int, size: int, scale) -> list[torch.Tensor]:
+    def crops(self, images: torch.Tensor, n: int, size: int, scale: tuple[float, float]) -> list[torch.Tensor]:
         return [contrastive_view(images, size, scale, self.config.jitter_strength) for _ in range(n)]
 
     def teacher_momentum(self, step: int) -> float:
@@ -100,13 +127,13 @@ class DINO(Method):
         m = self.config.teacher_momentum
         return 1 - (1 - m) * (math.cos(math.pi * step / max(1, self.total_steps)) + 1) / 2
 
-    @torch.no_grad()
-    def update_teacher(self, step: int) -> None:
-        m = self.teacher_momentum(step)
-        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
-            t.mul_(m).add_(s.detach(), alpha=1 - m)
-        for t, s in zip(self.teacher.buffers(), self.student.buffers()):
-            t.copy_(s)
+    def teacher_temp(self, step: int) -> float:
+        """Linear from `warmup_teacher_temp` to `teacher_temp` over the warm-up, then constant."""
+        cfg = self.config
+        warmup = cfg.teacher_temp_warmup * self.total_steps
+        if step >= warmup:
+            return cfg.teacher_temp
+        return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * step / warmup
 
     @torch.no_grad()
     def update_center(self, teacher: list[torch.Tensor]) -> None:
@@ -114,21 +141,24 @@ class DINO(Method):
         batch_center = torch.cat([global_rows(t) for t in teacher]).float().mean(0, keepdim=True)
         self.center.mul_(self.config.center_momentum).add_(batch_center, alpha=1 - self.config.center_momentum)
 
-    def step(self, batch, step):
+    def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         images = batch["images"]
         size = self.trunk.input_size
         global_views = self.crops(images, cfg.global_crops, size, cfg.global_scale)
         local_views = self.crops(images, cfg.local_crops, size // 2, cfg.local_scale)
-        student = [self.student(v) for v in global_views + local_views]
+        student = self.parallel(self.student)(global_views + local_views)
         with torch.no_grad():
-            teacher = [self.teacher(v) for v in global_views]
-        loss = dino_loss(student, teacher, self.center, cfg.student_temp, cfg.teacher_temp)
-        lr = cosine_lr(cfg.lr, step, self.total_steps)
-        set_lr(self._opt, lr)
-        self._opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer_step(self._opt)
-        self.update_teacher(step)
-        self.update_center(teacher)
-        return {"loss": loss.item(), "lr": lr, "teacher_momentum": self.teacher_momentum(step)}
+            self._teacher_out = self.teacher(global_views)
+        temp = self.teacher_temp(step)
+        loss = dino_loss(student, self._teacher_out, self.center, cfg.student_temp, temp)
+        return loss, {"teacher_momentum": self.teacher_momentum(step), "teacher_temp": temp}
+
+    def before_update(self, step: int) -> None:
+        if step < self.config.freeze_last_layer * self.total_steps:
+            for p in self.student.head.last.parameters():
+                p.grad = None  # no step (and no weight decay) for the prototypes yet
+
+    def after_update(self, step: int) -> None:
+        ema_update(self.teacher, self.student, self.teacher_momentum(step))
+        self.update_center(self._teacher_out)

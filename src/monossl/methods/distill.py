@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from monossl.errors import UserError
 from monossl.methods.augment import cutmix
-from monossl.methods.base import Method, set_lr
+from monossl.methods.base import Method, RunDefaults
 from monossl.methods.losses import distillation_kl
 from monossl.models.teachers import load_teacher
 
@@ -43,8 +43,9 @@ class DistillConfig:
 class Distill(Method):
     name = "distill"
     Config = DistillConfig
+    defaults = RunDefaults(steps=4000, batch_size=128)
 
-    def __init__(self, trunk, total_steps: int, config: DistillConfig):
+    def __init__(self, trunk: nn.Module, total_steps: int, config: DistillConfig):
         super().__init__(trunk, total_steps)
         if config.teacher_sees not in TEACHER_SEES:
             raise UserError(f"--teacher-sees must be one of {', '.join(TEACHER_SEES)}, not {config.teacher_sees!r}")
@@ -58,28 +59,29 @@ class Distill(Method):
         student = [p for n, p in self.named_parameters() if not n.startswith("teacher.")]
         self._opt = torch.optim.AdamW(student, lr=config.lr, weight_decay=config.weight_decay)
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> Distill:
         super().train(mode)
         self.teacher.eval()  # BatchNorm statistics of the teacher never change
         return self
 
-    def optimizers(self):
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"adamw": self._opt}
 
-    def classifier_head(self):
+    def classifier_head(self) -> nn.Module:
         return self.head
 
-    def forward(self, images):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(images))
 
-    def lr(self, step: int) -> float:
+    def lr_at(self, step: int) -> float:
+        """A linear warm-up over the first `warmup` of the steps, then a cosine to 0."""
         warmup = max(1, round(self.config.warmup * self.total_steps))
         if step < warmup:
             return self.config.lr * (step + 1) / warmup
         progress = (step - warmup) / max(1, self.total_steps - warmup)
         return 0.5 * self.config.lr * (1 + math.cos(math.pi * progress))
 
-    def step(self, batch, step):
+    def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         images = batch["images"]
         with torch.no_grad():
@@ -89,12 +91,6 @@ class Distill(Method):
             else:
                 targets = F.softmax(self.teacher(images).float() / cfg.temperature, dim=1)
                 images, targets, _ = cutmix(images, targets, alpha=cfg.cutmix_alpha, prob=cfg.cutmix_prob)
-        logits = self(images)
-        loss = distillation_kl(logits, targets, cfg.temperature)
-        lr = self.lr(step)
-        set_lr(self._opt, lr)
-        self._opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer_step(self._opt)
+        logits = self.parallel(self.trunk, self.head)(images)
         agreement = (logits.argmax(1) == targets.argmax(1)).float().mean().item() * 100
-        return {"loss": loss.item(), "agreement": agreement, "lr": lr}
+        return distillation_kl(logits, targets, cfg.temperature), {"agreement": agreement}

@@ -6,14 +6,26 @@ import torch
 import torch.nn.functional as F
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
-    """SimCLR's NT-Xent: for each of the 2B embeddings, cross-entropy of picking its other view
-    among the 2B - 1 others, with cosine similarities divided by `temperature`; mean over 2B."""
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    b = z1.shape[0]
-    sim = z @ z.t() / temperature
-    sim.fill_diagonal_(float("-inf"))  # an embedding is not its own positive or negative
-    target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, all_z1: torch.Tensor | None = None,
+            all_z2: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """SimCLR's NT-Xent: for each of the 2B embeddings (z1[i] and z2[i] are two views of image i),
+    cross-entropy of picking its other view among every other embedding of the batch, with cosine
+    similarities divided by `temperature`; mean over the 2B.
+
+    Under data parallelism z1, z2 are this rank's B pairs and all_z1, all_z2 every rank's (gathered,
+    this rank's rows starting at `offset`): the candidates are the whole global batch, as one process."""
+    all_z1 = z1 if all_z1 is None else all_z1
+    all_z2 = z2 if all_z2 is None else all_z2
+    anchors = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    candidates = F.normalize(torch.cat([all_z1, all_z2]).float(), dim=1)
+    b, n = z1.shape[0], all_z1.shape[0]
+    sim = anchors @ candidates.t() / temperature
+    own = torch.arange(b, device=sim.device) + offset
+    itself = torch.cat([own, own + n])  # an embedding is not its own positive or negative
+    mask = torch.zeros_like(sim, dtype=torch.bool)
+    mask[torch.arange(2 * b, device=sim.device), itself] = True
+    sim = sim.masked_fill(mask, float("-inf"))
+    target = torch.cat([own + n, own])
     return F.cross_entropy(sim, target)
 
 

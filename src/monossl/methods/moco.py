@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from monossl.distributed import global_rows
 from monossl.methods.augment import contrastive_view
-from monossl.methods.base import Method, cosine_lr, set_lr
+from monossl.methods.base import Method, RunDefaults, ema_update
 from monossl.methods.losses import moco_infonce
 
 
@@ -44,13 +44,13 @@ class MoCoConfig:
 class Encoder(nn.Module):
     """Trunk and MLP projector: images to unit-length embeddings."""
 
-    def __init__(self, trunk, hidden: int, out: int):
+    def __init__(self, trunk: nn.Module, hidden: int, out: int):
         super().__init__()
         self.trunk = trunk
         self.projector = nn.Sequential(nn.Linear(trunk.feature_dim, hidden), nn.ReLU(inplace=True),
                                        nn.Linear(hidden, out))
 
-    def forward(self, images):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projector(self.trunk(images)).float(), dim=1)
 
 
@@ -58,8 +58,10 @@ class MoCo(Method):
     name = "moco"
     Config = MoCoConfig
     views = 2
+    # views cut out of 48-px patches, as SimCLR's (not screened for MoCo)
+    defaults = RunDefaults(steps=1000, batch_size=128, patch_size=48)
 
-    def __init__(self, trunk, total_steps: int, config: MoCoConfig | None = None):
+    def __init__(self, trunk: nn.Module, total_steps: int, config: MoCoConfig | None = None):
         super().__init__(trunk, total_steps)
         self.config = config = config or MoCoConfig()
         hidden, out = config.projection_dims
@@ -70,19 +72,11 @@ class MoCo(Method):
         self._opt = torch.optim.SGD(self.query.parameters(), lr=config.lr, momentum=config.momentum_sgd,
                                     weight_decay=config.weight_decay)
 
-    def optimizers(self):
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"sgd": self._opt}
 
-    def view(self, images):
+    def view(self, images: torch.Tensor) -> torch.Tensor:
         return contrastive_view(images, self.trunk.input_size, self.config.crop_scale, self.config.jitter_strength)
-
-    @torch.no_grad()
-    def update_key_encoder(self) -> None:
-        m = self.config.momentum
-        for k, q in zip(self.key.parameters(), self.query.parameters()):
-            k.mul_(m).add_(q.detach(), alpha=1 - m)
-        for k, q in zip(self.key.buffers(), self.query.buffers()):  # BatchNorm statistics follow as they are
-            k.copy_(q)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
@@ -92,18 +86,13 @@ class MoCo(Method):
         self.queue[idx] = keys.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + n) % size)
 
-    def step(self, batch, step):
+    def loss(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         images = batch["images"]
         view_q, view_k = self.view(images), self.view(images)
-        q = self.query(view_q)
+        q = self.parallel(self.query)(view_q)
         with torch.no_grad():
-            self.update_key_encoder()
+            ema_update(self.key, self.query, self.config.momentum)  # before the keys, as MoCo
             k = self.key(view_k)
         loss = moco_infonce(q, k, self.queue.clone(), self.config.temperature)
-        lr = cosine_lr(self.config.lr, step, self.total_steps)
-        set_lr(self._opt, lr)
-        self._opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer_step(self._opt)
-        self.enqueue(global_rows(k))
-        return {"loss": loss.item(), "lr": lr}
+        self.enqueue(global_rows(k))  # the loss holds the queue as it was
+        return loss, {}

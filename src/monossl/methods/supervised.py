@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn as nn
+
 from monossl.methods.augment import pad_crop_flip, random_resized_crop
-from monossl.methods.base import LinearHeadMethod, step_lr
+from monossl.methods.base import LinearHeadMethod, RunDefaults, step_lr
 
 
 @dataclass
@@ -25,20 +28,22 @@ class Supervised(LinearHeadMethod):
     name = "supervised"
     Config = SupervisedConfig
     needs = "labelled"
+    defaults = RunDefaults(steps=500, batch_size=128, alexnet_lr=0.01)
 
-    def __init__(self, trunk, total_steps: int, config: SupervisedConfig | None = None):
+    def __init__(self, trunk: nn.Module, total_steps: int, config: SupervisedConfig | None = None):
         config = config or SupervisedConfig()
         super().__init__(trunk, total_steps, config, config.num_classes)
 
-    def classifier_head(self):
+    def classifier_head(self) -> nn.Module:
         return self.head
 
-    def step(self, batch, step):
-        images, labels = batch["images"], batch["labels"]
+    def lr_at(self, step: int) -> float:
+        return step_lr(self.config.lr, step, self.total_steps, milestones=(0.5, 0.75))
+
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch["images"]
         if images.shape[-1] == self.trunk.input_size:
             images = pad_crop_flip(images)
         else:
             images = random_resized_crop(images, self.trunk.input_size, scale=(0.08, 1.0))
-        lr = step_lr(self.config.lr, step, self.total_steps, milestones=(0.5, 0.75))
-        loss, acc = self.classification_step(images, labels, lr)
-        return {"loss": loss, "acc": acc, "lr": lr}
+        return images, batch["labels"]
