@@ -9,11 +9,12 @@ import json
 import pytest
 import torch
 
-from conftest import write_imagefolder
 from monossl.cli import main
 from monossl.errors import UserError
 from monossl.eval.results import data_name, probe_dir_name
 from monossl.models import build_trunk, save_trunk
+
+from conftest import write_imagefolder
 
 # a few seconds: 100 / 50 images, one epoch, small batches
 QUICK = ["--epochs", "1", "--batch-size", "32", "--device", "cpu", "--quiet"]
