@@ -2,7 +2,9 @@
 
 Parses the options, loads (or, with --random, builds) the trunk and the labelled data, and
 calls `monossl.eval.probe.probe`, which prints the table and writes OUT/results.{json,md}
-(OUT defaults to RUN_DIR/probe-<protocol>).
+(OUT defaults to RUN_DIR/probe-<protocol> on the protocol's own data, RUN_DIR/probe-<protocol>-<data
+name> on any other: `eval.results.probe_dir_name`). A result made with other settings is not
+written over without --overwrite.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ def configure(parser) -> None:
     parser.add_argument("--knn-values", type=positive(), default=None, metavar="N",
                         help="k-NN on each tap's features average-pooled further to >= N values (faster; "
                              "default: the linear probes' own features)")
-    parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/probe-<protocol>)")
+    parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/probe-<protocol>, "
+                        "or RUN_DIR/probe-<protocol>-<data name> on data other than the protocol's own)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a result in OUT made with other settings (data, protocol, epochs, subset, ...)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -65,6 +70,7 @@ def run(args) -> int:
     from monossl.device import resolve_device
     from monossl.distributed import is_main, setup
     from monossl.eval.probe import probe
+    from monossl.eval.results import check_probe_dir, probe_dir_name, probe_settings
     from monossl.models import ARCHS, load_trunk, random_trunk, trunk_config_from
     from monossl.runs import ensure_writable_dir
 
@@ -94,7 +100,8 @@ def run(args) -> int:
         protocol = get_protocol(args.protocol or DEFAULT_PROTOCOL.get(trunk.arch, "cifar"))
         where = str(args.run_dir)
         rd = Path(args.run_dir)
-        out = Path(args.out) if args.out else (rd if rd.is_dir() else rd.parent) / f"probe-{protocol.name}"
+        run_dir = rd if rd.is_dir() else rd.parent
+        out = Path(args.out) if args.out else run_dir / probe_dir_name(protocol.name, args.data)
     check_trunk(trunk, protocol, where)
     protocol = protocol.with_overrides(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                        weight_decay=args.weight_decay)
@@ -104,6 +111,10 @@ def run(args) -> int:
         train = subset(train, args.subset, seed=args.seed)
     if args.test_subset:
         test = subset(test, args.test_subset, seed=args.seed)
+    # before any training: a refused rerun leaves the old result as it was
+    settings = probe_settings(protocol.to_dict(), args.data, args.seed, len(train), len(test), trunk.arch,
+                              dict(getattr(trunk, "config", {})))
+    check_probe_dir(out, settings, overwrite=args.overwrite)
     if is_main():
         ensure_writable_dir(out)  # only now: bad input leaves no empty directory behind
     probe(trunk, train, test, protocol, device=device, seed=args.seed, out_dir=out, progress=not args.quiet,

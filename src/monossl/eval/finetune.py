@@ -6,7 +6,8 @@ classifier with the labels of `data` (`methods.finetune.FineTune`, the one train
 its checkpoints and resume), then probe every tap with linear classifiers:
 
   * OUT/config.json (the settings; a resumed run must match them), OUT/last.pt, OUT/trunk.pt;
-  * OUT/probe-<protocol>/results.{json,md} as `monossl probe` writes them.
+  * OUT/probe-<protocol>/results.{json,md} as `monossl probe` writes them (the same folder name:
+    `results.probe_dir_name`).
 
 OUT defaults to RUN/finetune-<layers> (e.g. runs/rot/finetune-conv1-conv2). Every setting is
 checked before anything is written. A training run that cannot go on raises
@@ -30,7 +31,7 @@ from monossl.distributed import is_main, setup, sync_batchnorm, world
 from monossl.errors import UserError
 from monossl.eval.probe import probe
 from monossl.eval.protocols import DEFAULT_PROTOCOL, check_trunk, get_protocol
-from monossl.eval.results import ProbeResult, write_results
+from monossl.eval.results import ProbeResult, probe_dir_name, write_results
 from monossl.methods.finetune import FineTune, reinitialised_trunk
 from monossl.methods.supervised import SupervisedConfig
 from monossl.models import load_trunk, save_trunk
@@ -141,7 +142,7 @@ def finetune(config: FinetuneConfig) -> ProbeResult | None:
     elif is_main():
         runs.write_json(out / "config.json", {**settings, "environment": runs.environment()})
 
-    probe_dir = out / f"probe-{protocol.name}"
+    probe_dir = out / probe_dir_name(protocol.name, config.data)
     if (probe_dir / "results.json").exists():
         print(f"fine-tuned and probed before: {probe_dir / 'results.json'}")
         return runs.read_json(probe_dir / "results.json", "probe result")

@@ -1,13 +1,25 @@
-"""What a probe run returns and writes: the `ProbeResult` dict (results.json) and results.md.
+"""What a probe run returns and writes: the `ProbeResult` dict (results.json), results.md, and the
+folder it goes in (`probe_dir_name`), which a rerun with other settings may not write over
+(`check_probe_dir`).
 
 `ProbeResult` is a `TypedDict`: the result stays a plain dict, exactly what results.json holds,
 so every reader (reports, tables, resumed runs) keeps working; the types document its fields.
 (No `from __future__ import annotations` here: `NotRequired` must be seen at runtime.)
 """
 
+import re
+from pathlib import Path
 from typing import NotRequired, TypedDict
 
-from monossl.runs import ensure_writable_dir, markdown_table, write_json, write_text
+from monossl.data.datasets import parse_spec
+from monossl.runs import check_settings, ensure_writable_dir, markdown_table, write_json, write_text
+
+# The data each protocol is made for (a --data spec's kind). Its results keep the plain
+# probe-<protocol> folder, so runs, tables and committed results made before the folder named its
+# data still read the same. The 224-px protocols are for ImageNet, which is always given as an
+# ImageFolder tree; two trees are then told apart by check_probe_dir, not by the folder name.
+PROTOCOL_DATA = {"cifar": "cifar10", "resnet-cifar": "cifar10", "asano-max": "folder", "zhang-avg": "folder",
+                 "rotnet-adaptive": "folder", "resnet-avg": "folder"}
 
 
 class TapResult(TypedDict):
@@ -105,3 +117,40 @@ def write_results(out_dir, result: ProbeResult) -> None:
     write_text(out / "results.md", results_markdown(result))
 
 
+
+
+def data_name(data: str) -> str:
+    """A short, filesystem-safe name of a --data spec: its kind (cifar100, stl10, ...), or for
+    folder:PATH the folder's own name."""
+    kind, path = parse_spec(data)
+    name = path.resolve().name if kind == "folder" else kind  # resolved: folder:. is named too
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or kind
+
+
+def probe_dir_name(protocol: str, data: str) -> str:
+    """The folder of a probe in a run directory: probe-<protocol> on the protocol's own data,
+    probe-<protocol>-<data name> on any other, so probes of one run on two datasets both stay."""
+    if parse_spec(data)[0] == PROTOCOL_DATA.get(protocol):
+        return f"probe-{protocol}"
+    return f"probe-{protocol}-{data_name(data)}"
+
+
+def probe_settings(protocol: dict, dataset: str, seed: int, n_train: int, n_test: int, arch: str,
+                   trunk_config: dict) -> dict:
+    """What defines a probe result, under results.json's own keys (so an existing results.json is
+    compared as it is): the protocol (epochs, lr, ... included), the data, its subset sizes, the seed,
+    and the trunk's architecture and build options (not its meta: a source path spelled another
+    way is the same trunk)."""
+    return {"protocol": protocol, "dataset": dataset, "seed": seed, "n_train": n_train, "n_test": n_test,
+            "trunk": {"arch": arch, "config": trunk_config}}
+
+
+def check_probe_dir(out_dir, settings: dict, overwrite: bool = False) -> None:
+    """Refuse (one-line UserError naming the folder and the differing settings) to write a probe
+    result over one made with other settings, unless `overwrite`; the same settings pass (a rerun
+    replaces its own result, as it always has)."""
+    if overwrite:
+        return
+    check_settings(Path(out_dir) / "results.json", settings,
+                   f"{out_dir} holds a probe result made with other settings ({{changed}}); "
+                   "give --overwrite to replace it, or another --out", what="probe result")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from monossl import paper, runs
 from monossl.errors import UserError
+from monossl.eval.results import probe_dir_name
 from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, cell_rows, cells, cells_csv,
                                        check_table_settings, parse_rows, pretrained, run_rows, samples_seen,
                                        seen_text)
@@ -152,7 +153,7 @@ def augmentation_table(config: ReproduceConfig) -> Table:
             return result
         return probe_row
 
-    done = run_rows([Row(r, _label(r, s["method"]), out / r / f"probe-{protocol.name}" / "results.json", make(r))
+    done = run_rows([Row(r, _label(r, s["method"]), out / r / probe_dir_name(protocol.name, s["data"]) / "results.json", make(r))
                      for r in s["rows"]])
     table_config = {**s, "protocol": protocol.to_dict(), "seconds_per_row": done.seconds,
                     "seconds_this_invocation": done.seconds_this_invocation}

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from monossl import runs
 from monossl.errors import TrainingStopped, UserError
+from monossl.eval.results import probe_dir_name
 from monossl.experiments.compare_output import STATISTICS_OF, row_labels, write_seed_table, write_table
 from monossl.experiments.table import (
     Row,
@@ -228,7 +229,7 @@ def _compare_seed(config: CompareConfig, seed: int, out: Path, rows: list[str]) 
             return result
         return probe_row
 
-    done = run_rows([Row(r, ROWS[r], out / r / f"probe-{protocol.name}" / "results.json", make(r)) for r in rows])
+    done = run_rows([Row(r, ROWS[r], out / r / probe_dir_name(protocol.name, config.data) / "results.json", make(r)) for r in rows])
     if done.stopped:  # the comparison needs every row
         raise TrainingStopped("; ".join(f"{r}: {m}" for r, m in done.stopped.items()))
     for row in set(rows) & set(REFERENCE_ROWS):  # their learning curves (quick probes on training images)

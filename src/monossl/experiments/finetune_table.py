@@ -22,6 +22,7 @@ from pathlib import Path
 
 from monossl import paper, runs
 from monossl.errors import UserError
+from monossl.eval.results import probe_dir_name
 from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, cell_rows, cells, cells_csv,
                                        check_table_settings, parse_rows, pretrained, run_rows)
 from monossl.pretrain import PretrainConfig
@@ -130,8 +131,9 @@ def finetune_table(config: ReproduceConfig) -> Table:
             return finetune(finetune_config(s, row_dir, row_dir / FINETUNE_DIR, config))
         return finetune_row
 
+    probe_dir = probe_dir_name(PROTOCOL, s["data"])
     rows = [Row(r, f"pretrain, fine-tune with {', '.join(FROZEN)} frozen, probe",
-                out / r / FINETUNE_DIR / f"probe-{PROTOCOL}" / "results.json", make(r)) for r in s["rows"]]
+                out / r / FINETUNE_DIR / probe_dir / "results.json", make(r)) for r in s["rows"]]
     done = run_rows(rows)
     first = done.results[next(iter(done.results))]
     table_config = {**s, "protocol": first["protocol"], "seconds_per_row": done.seconds,

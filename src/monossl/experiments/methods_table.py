@@ -129,14 +129,13 @@ def _eval_sets(s: dict, input_size: int) -> dict:
 
 
 def _probe_dirs(eval_data: list[str], protocol: str = "cifar") -> dict[str, str]:
-    """Each evaluation set's probe folder in a row's run directory: probe-<protocol> for --data (as
-    every other command), probe-<protocol>-<name> for the others (the dataset's kind, a folder's name)."""
-    from monossl.data.datasets import parse_spec
+    """Each evaluation set's probe folder in a row's run directory, named as every other command
+    names it (`probe_dir_name`: probe-<protocol> on CIFAR-10, probe-<protocol>-<name> on the others)."""
+    from monossl.eval.results import probe_dir_name
 
-    dirs = {eval_data[0]: f"probe-{protocol}"}
-    for spec in eval_data[1:]:
-        kind, path = parse_spec(spec)
-        name = f"probe-{protocol}-{path.name if kind == 'folder' else kind}"
+    dirs = {}
+    for spec in eval_data:
+        name = probe_dir_name(protocol, spec)
         if name in dirs.values():
             raise UserError(f"--eval-data: two sets would share {name}/; give each kind once")
         dirs[spec] = name
@@ -183,7 +182,7 @@ def methods_table(config: ReproduceConfig) -> Table:
             for r in s["rows"] for d in s["eval_data"]]
     done = run_rows(rows)
     table_config = {**s, "protocol": protocol.to_dict(), "seconds_this_invocation": done.seconds_this_invocation}
-    md = write_table(out, s, done.results, done.stopped, table_config, probe_dirs)
+    md = write_table(out, s, done.results, done.stopped, table_config)
     return Table(out, md, done.stopped, ("table.md", "table.csv", "results.json", "table.png", "knn.png"))
 
 
@@ -204,7 +203,8 @@ def beats_random(results: dict, dataset: str) -> list[dict]:
     return out
 
 
-def write_table(out: Path, s: dict, results: dict, stopped: dict, config: dict, probe_dirs: dict) -> str:
+def write_table(out: Path, s: dict, results: dict, stopped: dict, config: dict) -> str:
+    from monossl.eval.results import data_name
     from monossl.viz.figures import save_figure
     from monossl.viz.plots import methods_figure
 
@@ -240,7 +240,7 @@ def write_table(out: Path, s: dict, results: dict, stopped: dict, config: dict, 
                 csv_rows.append([r, dataset, t, linear[r][t], results[f"{r}@{dataset}"]["taps"][t]["top5"],
                                  *(knn[r].get(t, {}).get(f"k{k}", "") for k in KNN), minutes[r]])
         json_rows[dataset] = {"linear": linear, "knn": knn, "minutes": minutes, "beats_random": checks}
-        suffix = probe_dirs[dataset].removeprefix(probe_dirs[s["eval_data"][0]])
+        suffix = "" if dataset == s["eval_data"][0] else "-" + data_name(dataset)
         data_label = f"{s['data']} train"
         save_figure(methods_figure(linear, METHODS, f"linear probes on {dataset}, budget {s['budget']}",
                                    data_label=data_label), out / f"table{suffix}.png")
