@@ -126,19 +126,20 @@ def test_resume_equals_uninterrupted(tmp_path, pretrained, cifar_subset_dir, cap
     assert _finetune(pretrained, cifar_subset_dir, "--out", str(part), "--resume") == 0
 
 
-def test_library_call_returns_none_when_stopped_then_the_result(tmp_path, pretrained, cifar_subset_dir, capsys):
+def test_library_call_returns_none_when_stopped_then_the_result(tmp_path, pretrained, cifar_subset_dir, caplog):
     """`finetune(FinetuneConfig)` is what the CLI and the table runner call: a run stopped at
     stop_after returns None; resumed, it returns what results.json holds; a rerun returns it again."""
     out = tmp_path / "ft"
     config = FinetuneConfig(run_dir=pretrained, data=f"cifar10:{cifar_subset_dir}", freeze=("conv2", "conv1"),
                             out=out, steps=4, batch_size=16, probe_epochs=1, subset=100, test_subset=50, workers=0,
                             progress=False, stop_after=2)
+    caplog.set_level("INFO", logger="monossl")  # the library logs; the CLI shows the log
     assert finetune(config) is None
-    assert "stopped after 2 of 4 steps" in capsys.readouterr().out
+    assert "stopped after 2 of 4 steps" in caplog.text
     assert json.loads((out / "config.json").read_text())["frozen"] == ["conv1", "conv2"]  # the trunk's order
     config = dataclasses.replace(config, stop_after=None, resume=True)
     result = finetune(config)
     stored = json.loads((out / "probe-cifar" / "results.json").read_text())
     assert result["taps"] == stored["taps"] and list(result["taps"]) == ["conv1", "conv2", "conv3", "conv4"]
     assert finetune(config) == stored  # done before: the stored result
-    assert "fine-tuned and probed before" in capsys.readouterr().out
+    assert "fine-tuned and probed before" in caplog.text

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "monossl"
 LAYERS = {
     "__init__": 0, "errors": 0, "seeds": 0, "paper": 0, "runs": 0, "device": 0, "distributed": 0,
     "data": 1, "models": 1,
-    "methods": 2, "train": 2, "pretrain": 2,
+    "methods": 2, "train": 2, "tracking": 2, "pretrain": 2,
     "eval": 3, "viz": 3,
     "experiments": 4,
     "cli": 5,

@@ -29,6 +29,7 @@ from monossl.distributed import is_main, setup, sync_batchnorm, world
 from monossl.errors import UserError
 from monossl.methods.base import Method, RunDefaults
 from monossl.models import build_trunk, save_trunk, trunk_config_from
+from monossl.tracking import Tracker, import_wandb
 from monossl.train import LoopConfig, steps_per_epoch, train
 
 # method name -> (module, class). Each class has a `Config` dataclass of its hyper-parameters.
@@ -132,6 +133,7 @@ class PretrainConfig:
     stop_after: int | None = None  # stop (checkpointed) after this many steps: tests and debugging
     method_options: dict = field(default_factory=dict)  # more fields of the method's Config (distill: teacher, ...)
     progress: bool | None = None  # None: a bar on a terminal
+    wandb: str | None = None  # a Weights & Biases project that gets the run's numbers too (tracking.py)
 
 
 @dataclass
@@ -247,6 +249,8 @@ def pretrain(config: PretrainConfig, evaluators=()) -> Run:
     evaluators: called during training and logged in metrics.jsonl (train.train; e.g.
     eval.curves.CurveProbe); each one's `describe()` is recorded in config.json under "evaluations"."""
     cls = method_class(config.method)
+    if config.wandb:
+        import_wandb()  # not installed: refused in one line before anything runs
     device = setup(resolve_device(config.device))  # joins torchrun's process group, if any
     out = Path(config.out)
     if out.is_dir() and is_main():
@@ -300,7 +304,9 @@ def pretrain(config: PretrainConfig, evaluators=()) -> Run:
 
     loop = LoopConfig(total_steps=total_steps, batch_size=batch_size, seed=config.seed,
                       checkpoint_every=max(1, min(100, total_steps // 10)), stop_after=config.stop_after)
-    result = train(method, source, loop, out, device, progress=config.progress, evaluators=evaluators)
+    tracker = Tracker(out, wandb_project=config.wandb, run_config=record)
+    result = train(method, source, loop, out, device, progress=config.progress, evaluators=evaluators,
+                   tracker=tracker)
     trunk_path = None
     if result["finished"]:
         trunk_path = out / "trunk.pt"

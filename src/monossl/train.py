@@ -3,7 +3,8 @@
 It knows nothing about methods beyond `method.step(batch, step)` and the hooks of
 `methods.base.Method` (no-ops unless a method overrides them). It owns: the device and numerics (bf16 autocast and
 channels-last on CUDA), which sample indices each step uses, seeding, the progress bar,
-metrics.jsonl, atomic checkpoints, resume, and distributed data parallelism.
+metrics.jsonl (and the same numbers to TensorBoard/W&B: tracking.py), atomic checkpoints, resume, and
+distributed data parallelism.
 
 Reproducibility: before step s the global torch RNG is seeded from (seed, s), and the
 step's indices depend on (seed, s) only, so a run resumed from any checkpoint on CPU
@@ -12,6 +13,7 @@ reaches the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -27,6 +29,9 @@ from monossl.device import autocast, memory_format
 from monossl.distributed import all_mean, is_main, world
 from monossl.errors import TrainingStopped, UserError, first_line
 from monossl.seeds import derive_seed
+from monossl.tracking import Tracker, conv1_filter_grid
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,14 +53,16 @@ def steps_per_epoch(source, batch_size: int) -> int | None:
 
 
 def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progress: bool | None = None,
-          evaluators=()) -> dict:
+          evaluators=(), tracker: Tracker | None = None) -> dict:
     """Train `method` on `source` for `loop.total_steps` steps, resuming from run_dir/last.pt if present.
 
     evaluators: objects with `every` (N), `event` (a name), `__call__(method) -> dict` and
     `summary(record) -> str` (eval.curves.CurveProbe, eval.student.StudentEval), each called after
     0, N, 2N, ... steps and after the last step; each result is logged as an {"event": event} line
-    of metrics.jsonl (and its summary beside the progress bar). They must not change the method or
-    the global RNG.
+    of metrics.jsonl (and its summary as a log line). They must not change the method or the global RNG.
+
+    tracker: where every metrics.jsonl record also goes (tracking.Tracker; default: TensorBoard in
+    run_dir when tensorboard is installed), with conv1's filters at the end of a finished run.
 
     Returns {"step": steps done, "finished": bool, "metrics": last logged record}.
     """
@@ -71,7 +78,7 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
             dist.broadcast(tensor, 0)
 
     spe = steps_per_epoch(source, loop.batch_size)
-    start_step, order = 0, None
+    start_step, order, restart_records = 0, None, []
     ckpt_path = run_dir / "last.pt"
     if ckpt_path.exists():
         ckpt = runs.load_torch(ckpt_path, "training checkpoint")
@@ -88,6 +95,14 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
             kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl")
                     if r.get("step", 0) < start_step or (r.get("step") == start_step and "event" not in r)]
             runs.write_jsonl(run_dir / "metrics.jsonl", kept)
+            restart_records = [r for r in kept if r.get("step") == start_step]
+        log.info("resuming %s at step %d of %d", run_dir, start_step, loop.total_steps)
+
+    tracker = tracker or Tracker(run_dir)
+    # the tracker drops what it holds from start_step on: the kept records of that step go in again
+    tracker.start(start_step)
+    for record in restart_records:
+        tracker.log(record)
 
     end_step = loop.total_steps if loop.stop_after is None else min(loop.total_steps, loop.stop_after)
     show = (sys.stderr.isatty() if progress is None else progress) and is_main()
@@ -97,77 +112,85 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
     images_seen, t_log = 0, time.perf_counter()
     last_record = {}
 
-    def log_evaluation(evaluator, step_done):
-        record = {"step": step_done, "event": evaluator.event, **evaluator(method)}
+    def write_record(record):
         if is_main():
             runs.append_jsonl(run_dir / "metrics.jsonl", record)
-        if show:
-            bar.write(f"step {step_done}: {evaluator.event} " + evaluator.summary(record))
+            tracker.log(record)
+
+    def log_evaluation(evaluator, step_done):
+        record = {"step": step_done, "event": evaluator.event, **evaluator(method)}
+        write_record(record)
+        if is_main():
+            log.info(f"step {step_done}: {evaluator.event} " + evaluator.summary(record))
 
     def save(step_done):
         if is_main():
             runs.save_torch(ckpt_path, {"step": step_done, "order": order, "training": method.training_state()})
 
-    method.train()
-    for step in range(start_step, end_step):
-        for evaluator in evaluators:  # after `step` steps; redone on resume (its log line was dropped)
-            if step % evaluator.every == 0:
-                log_evaluation(evaluator, step)
-        epoch = step // spe if spe else 0
-        if spe is not None and step % spe == 0:
-            # an epoch starts: the method may choose its order (DeepCluster's sampler), else a shuffle
-            started = method.begin_epoch(epoch, source) or {}
-            order = started.get("order")
-            order = source.order(epoch) if order is None else order
-            if started.get("log") and is_main():
-                runs.append_jsonl(run_dir / "metrics.jsonl", {"step": step, "epoch": epoch, "event": "epoch_start",
-                                                              **started["log"]})
-            method.train()
-        if spe is None:
-            indices = torch.arange(step * loop.batch_size, (step + 1) * loop.batch_size)
-        else:
-            pos = (step % spe) * loop.batch_size
-            indices = order[pos:pos + loop.batch_size]
-        indices = indices[rank::world_size]
-        batch = source.fetch(indices)
-        if device.type == "cuda":  # pinned host memory lets the copy overlap with queued GPU work
-            batch = {k: (v.pin_memory() if torch.is_tensor(v) and v.device.type == "cpu" else v)
-                     for k, v in batch.items()}
-        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        if "images" in batch:
-            batch["images"] = batch["images"].contiguous(memory_format=memory_format(device))
+    try:
+        method.train()
+        for step in range(start_step, end_step):
+            for evaluator in evaluators:  # after `step` steps; redone on resume (its log line was dropped)
+                if step % evaluator.every == 0:
+                    log_evaluation(evaluator, step)
+            epoch = step // spe if spe else 0
+            if spe is not None and step % spe == 0:
+                # an epoch starts: the method may choose its order (DeepCluster's sampler), else a shuffle
+                started = method.begin_epoch(epoch, source) or {}
+                order = started.get("order")
+                order = source.order(epoch) if order is None else order
+                if started.get("log"):
+                    write_record({"step": step, "epoch": epoch, "event": "epoch_start", **started["log"]})
+                method.train()
+            if spe is None:
+                indices = torch.arange(step * loop.batch_size, (step + 1) * loop.batch_size)
+            else:
+                pos = (step % spe) * loop.batch_size
+                indices = order[pos:pos + loop.batch_size]
+            indices = indices[rank::world_size]
+            batch = source.fetch(indices)
+            if device.type == "cuda":  # pinned host memory lets the copy overlap with queued GPU work
+                batch = {k: (v.pin_memory() if torch.is_tensor(v) and v.device.type == "cpu" else v)
+                         for k, v in batch.items()}
+            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            if "images" in batch:
+                batch["images"] = batch["images"].contiguous(memory_format=memory_format(device))
 
-        # the same seed on every rank: random draws are made for the global batch (distributed.py)
-        torch.manual_seed(derive_seed(loop.seed, 0, step))
-        with autocast(device):
-            metrics = method.step(batch, step)
-        for k, v in metrics.items():
-            if not math.isfinite(v):  # checkpoints are only written after finite steps: last.pt is good
-                bar.close()
-                raise TrainingStopped(f"training stopped: {k} became {v} at step {step}; "
-                                f"the last good checkpoint is {ckpt_path}")
-            pending.setdefault(k, []).append(v)
-        images_seen += batch["images"].shape[0] * world_size
-        bar.update(1)
+            # the same seed on every rank: random draws are made for the global batch (distributed.py)
+            torch.manual_seed(derive_seed(loop.seed, 0, step))
+            with autocast(device):
+                metrics = method.step(batch, step)
+            for k, v in metrics.items():
+                if not math.isfinite(v):  # checkpoints are only written after finite steps: last.pt is good
+                    raise TrainingStopped(f"training stopped: {k} became {v} at step {step}; "
+                                          f"the last good checkpoint is {ckpt_path}")
+                pending.setdefault(k, []).append(v)
+            images_seen += batch["images"].shape[0] * world_size
+            bar.update(1)
 
-        done = step + 1
-        if done % loop.log_every == 0 or done == end_step:
-            now = time.perf_counter()
-            means = all_mean({k: sum(v) / len(v) for k, v in pending.items()})  # over ranks: the global batch's
-            last_record = {"step": done, "epoch": epoch, **means,
-                           "images_per_s": images_seen / max(now - t_log, 1e-9)}
-            pending, images_seen, t_log = {}, 0, now
+            done = step + 1
+            if done % loop.log_every == 0 or done == end_step:
+                now = time.perf_counter()
+                means = all_mean({k: sum(v) / len(v) for k, v in pending.items()})  # over ranks: the global batch's
+                last_record = {"step": done, "epoch": epoch, **means,
+                               "images_per_s": images_seen / max(now - t_log, 1e-9)}
+                pending, images_seen, t_log = {}, 0, now
+                write_record(last_record)
+                if is_main():
+                    log.debug("step %d: %s", done, ", ".join(f"{k} {v:.4g}" for k, v in means.items()))
+                bar.set_postfix({k: f"{v:.3g}" for k, v in last_record.items() if k in ("loss", "images_per_s")})
+            if spe is not None and done % spe == 0 and is_main():
+                method.end_epoch(epoch, run_dir)
             if is_main():
-                runs.append_jsonl(run_dir / "metrics.jsonl", last_record)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in last_record.items() if k in ("loss", "images_per_s")})
-        if spe is not None and done % spe == 0 and is_main():
-            method.end_epoch(epoch, run_dir)
-        if is_main():
-            method.after_step(done, run_dir)
-        if done % loop.checkpoint_every == 0 or done == end_step:
-            save(done)
-    if end_step >= loop.total_steps:
-        for evaluator in evaluators:
-            log_evaluation(evaluator, loop.total_steps)
-    bar.close()
+                method.after_step(done, run_dir)
+            if done % loop.checkpoint_every == 0 or done == end_step:
+                save(done)
+        if end_step >= loop.total_steps:
+            for evaluator in evaluators:
+                log_evaluation(evaluator, loop.total_steps)
+            if is_main():
+                tracker.image("filters/conv1", conv1_filter_grid(method.published_trunk()), loop.total_steps)
+    finally:  # also when stopped or interrupted: the bar's line ends, the event files are flushed
+        bar.close()
+        tracker.close()
     return {"step": max(end_step, start_step), "finished": end_step >= loop.total_steps, "metrics": last_record}

@@ -3,13 +3,16 @@
 Every command is one small module of this package (`monossl.cli.<command>`) with
 `configure(parser)` (adds its options) and `run(args)` (parses what argparse cannot, calls
 the library's typed entry point, prints). All argparse code lives in this package. This file
-wires the commands together and turns `UserError` into a one-line message with exit code 2.
+wires the commands together, turns `UserError` into a one-line message with exit code 2, and shows
+the library's log (`logging`, logger "monossl") as plain lines: info on stdout, where the library
+printed before, warnings and errors on stderr; `-q` keeps warnings and errors only, `-v` adds debug.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import math
 import shlex
 import sys
@@ -53,6 +56,43 @@ def positive(kind=int):
     return parse
 
 
+class _TerminalHandler(logging.Handler):
+    """Log records as plain lines: below WARNING on stdout, WARNING and above on stderr ("WARNING: ..."),
+    through tqdm.write so that a progress bar on the terminal is not torn. The stream is looked up at
+    each record, so a redirected sys.stdout (pytest's capsys) gets the lines."""
+
+    def __init__(self):
+        super().__init__()
+        self.plain = logging.Formatter("%(message)s")
+        self.labelled = logging.Formatter("%(levelname)s: %(message)s")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            warning = record.levelno >= logging.WARNING
+            stream = sys.stderr if warning else sys.stdout
+            tqdm.write((self.labelled if warning else self.plain).format(record), file=stream)
+            stream.flush()
+        except Exception:  # logging's rule: a broken stream must not break the program
+            self.handleError(record)
+
+
+def _show_log(level: int):
+    """Show the library's log at `level` until the returned function is called (main() may run many times
+    in one Python process: each call leaves the logger as it found it)."""
+    logger = logging.getLogger("monossl")
+    handler, before = _TerminalHandler(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+    def restore():
+        logger.removeHandler(handler)
+        logger.setLevel(before)
+
+    return restore
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors are user errors too: one line, exit 2
         raise UserError(message)
@@ -61,6 +101,12 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
     parser = _Parser(prog="monossl", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"monossl {__version__}")
+    # dest names of their own: several commands have a --quiet of their own (no progress bars)
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", dest="log_quiet", action="store_true",
+                          help="show warnings and errors only (given before the command)")
+    loudness.add_argument("-v", "--verbose", dest="log_verbose", action="store_true",
+                          help="show debug messages too (given before the command)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, help_text in commands.items():
         module = importlib.import_module(f"monossl.cli.{name}")
@@ -75,11 +121,14 @@ def main(argv=None) -> int:
     # Import only the module of the command asked for (fast start, and a broken
     # optional dependency of one command does not break the others).
     commands = COMMANDS
-    if argv and argv[0] in COMMANDS:
-        commands = {argv[0]: COMMANDS[argv[0]]}
-    args = None
+    named = next((a for a in argv if not a.startswith("-")), None)  # the global flags take no values
+    if named in COMMANDS:
+        commands = {named: COMMANDS[named]}
+    args, restore_log = None, None
     try:
         args = build_parser(commands).parse_args(argv)
+        restore_log = _show_log(logging.WARNING if args.log_quiet else logging.DEBUG if args.log_verbose
+                                else logging.INFO)
         result = args._run(args)
         dist = sys.modules.get("torch.distributed")
         if dist is not None and dist.is_available() and dist.is_initialized():
@@ -100,6 +149,8 @@ def main(argv=None) -> int:
         print(f"monossl: interrupted; to resume, run: {shlex.join(command)}", file=sys.stderr)
         return 130
     finally:
+        if restore_log is not None:
+            restore_log()
         runs = sys.modules.get("monossl.runs")  # not imported: no run directory was claimed
         if runs is not None:
             runs.unlock_run_dirs()  # a Python session that ran a command must not keep its runs locked

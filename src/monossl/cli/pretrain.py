@@ -55,6 +55,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-data", default="cifar10", help="labelled dataset of the --probe-every curves (default cifar10)")
     p.add_argument("--probe-split", default="5000,1000", metavar="TRAIN,VAL",
                    help="sizes of the curves' class-balanced train/validation parts (default 5000,1000)")
+    p.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log the run's numbers to this Weights & Biases project (needs the wandb package)")
     p.add_argument("--stop-after", type=positive(), default=None, help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -101,7 +103,7 @@ def config_from(args) -> PretrainConfig:
         crop_scale=parse_range("--crop-scale", args.crop_scale), clusters=args.clusters,
         whiten_conv1=args.whiten_conv1, seed=args.seed, device=args.device, sync_bn=args.sync_bn,
         resume=args.resume, stop_after=args.stop_after, method_options=method_options,
-        progress=False if args.quiet else None)
+        progress=False if args.quiet else None, wandb=args.wandb)
 
 
 def run(args) -> int:

@@ -19,6 +19,7 @@ checked before anything is written. A training run that cannot go on raises
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ from monossl.methods.supervised import SupervisedConfig
 from monossl.models import load_trunk, save_trunk
 from monossl.pretrain import default_lr, defaults_of
 from monossl.train import LoopConfig, steps_per_epoch, train
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FREEZE = ("conv1", "conv2")
 
@@ -144,17 +147,17 @@ def finetune(config: FinetuneConfig) -> ProbeResult | None:
 
     probe_dir = out / probe_dir_name(protocol.name, config.data)
     if (probe_dir / "results.json").exists():
-        print(f"fine-tuned and probed before: {probe_dir / 'results.json'}")
+        log.info(f"fine-tuned and probed before: {probe_dir / 'results.json'}")
         return runs.read_json(probe_dir / "results.json", "probe result")
     if not quiet and is_main():
-        print(f"finetune {config.run_dir}: {', '.join(frozen)} frozen, {', '.join(settings['reinitialised'])} "
-              f"re-initialised (seed {config.seed}); {total_steps} steps of {batch_size} on {config.data} -> {out}")
+        log.info(f"finetune {config.run_dir}: {', '.join(frozen)} frozen, {', '.join(settings['reinitialised'])} "
+                 f"re-initialised (seed {config.seed}); {total_steps} steps of {batch_size} on {config.data} -> {out}")
     loop = LoopConfig(total_steps=total_steps, batch_size=batch_size, seed=config.seed,
                       checkpoint_every=max(1, min(100, total_steps // 10)), stop_after=config.stop_after)
     trained = train(method, source, loop, out, device, progress=config.progress)
     if not trained["finished"]:
         if is_main():
-            print(f"stopped after {trained['step']} of {total_steps} steps; rerun with --resume to continue")
+            log.info(f"stopped after {trained['step']} of {total_steps} steps; rerun with --resume to continue")
         return None
     meta = {"method": "finetune", "frozen": frozen, "source_run": str(config.run_dir), "source_meta": source_meta,
             "data": config.data, "seed": config.seed, "total_steps": total_steps}
@@ -165,5 +168,5 @@ def finetune(config: FinetuneConfig) -> ProbeResult | None:
     if is_main():
         write_results(probe_dir, result)
         if not quiet:
-            print(f"fine-tuned -> {out / 'trunk.pt'}; probes -> {probe_dir / 'results.json'}")
+            log.info(f"fine-tuned -> {out / 'trunk.pt'}; probes -> {probe_dir / 'results.json'}")
     return result

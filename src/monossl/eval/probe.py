@@ -24,6 +24,7 @@ Library use (what `monossl compare` calls):
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
 import time
@@ -51,6 +52,8 @@ from monossl.eval.protocols import ProbeProtocol, check_trunk, get_protocol
 from monossl.eval.results import EpochRecord, ProbeResult, TapResult, results_markdown, write_results
 from monossl.runs import environment
 from monossl.seeds import derive_seed
+
+log = logging.getLogger(__name__)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -120,7 +123,7 @@ def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", s
         timings["extract_s"] = round(time.perf_counter() - t0, 2)
         quiet_bars = not (progress and sys.stderr.isatty())  # then log a line per epoch instead
         if verbose and quiet_bars and (use_cache or fixed):
-            print(f"  features{'' if use_cache else ' statistics'}: {timings['extract_s']:.0f} s", flush=True)
+            log.info(f"  features{'' if use_cache else ' statistics'}: {timings['extract_s']:.0f} s")
 
         history, timings["train_s"], timings["eval_s"] = _train(
             runner, probes, cached, standardized=use_cache and fixed, matmul_dtype=matmul_dtype,
@@ -147,14 +150,14 @@ def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", s
     if knn_result is not None:
         result["knn"], result["knn_dims"], result["knn_s"] = knn_result
     if verbose:
-        print(results_markdown(result), end="")
+        log.info(results_markdown(result).rstrip("\n"))
         t = timings
-        print(f"  time: {t['total_s']:.0f} s (features{' and statistics' if fixed and not use_cache else ''} "
-              f"{t['extract_s']:.0f} s, probe training {t['train_s']:.0f} s incl. evaluation {t['eval_s']:.0f} s)")
+        log.info(f"  time: {t['total_s']:.0f} s (features{' and statistics' if fixed and not use_cache else ''} "
+                 f"{t['extract_s']:.0f} s, probe training {t['train_s']:.0f} s incl. evaluation {t['eval_s']:.0f} s)")
     if out_dir is not None and is_main():
         write_results(out_dir, result)
         if verbose:
-            print(f"  wrote {Path(out_dir) / 'results.json'} and results.md")
+            log.info(f"  wrote {Path(out_dir) / 'results.json'} and results.md")
     return (result, probes) if return_probes else result
 
 
@@ -183,16 +186,16 @@ def _matmul_dtype(requested: str | torch.dtype, device: torch.device) -> torch.d
 
 def _announce(protocol, train, test, dataset, num_classes, device, seed, use_cache, shapes) -> None:
     """The protocol, the data and each tap's pooling, before anything runs."""
-    print(f"probe {protocol.summary()}")
-    print(f"  data: {dataset or getattr(train, 'source', '?')}: {len(train)} train / {len(test)} test, "
-          f"{num_classes} classes; device {device}; seed {seed}; "
-          f"{'cached' if use_cache else 'streamed'} features; BatchNorm statistics: {protocol.bn_stats}")
+    log.info(f"probe {protocol.summary()}")
+    log.info(f"  data: {dataset or getattr(train, 'source', '?')}: {len(train)} train / {len(test)} test, "
+             f"{num_classes} classes; device {device}; seed {seed}; "
+             f"{'cached' if use_cache else 'streamed'} features; BatchNorm statistics: {protocol.bn_stats}")
     for k, s in shapes.items():
-        print(f"  {k}: {'x'.join(map(str, s['shape']))} -> {protocol.pools[k].describe()} -> "
-              f"{'x'.join(map(str, s['pooled_shape']))} = {s['pooled_size']} values")
+        log.info(f"  {k}: {'x'.join(map(str, s['shape']))} -> {protocol.pools[k].describe()} -> "
+                 f"{'x'.join(map(str, s['pooled_shape']))} = {s['pooled_size']} values")
     if use_cache:
         mb = (len(train) + len(test)) * sum(s["pooled_size"] for s in shapes.values()) * 2 / 2**20
-        print(f"  feature cache (fp16): {mb:.0f} MiB")
+        log.info(f"  feature cache (fp16): {mb:.0f} MiB")
 
 
 def _prepare_features(runner: FeatureRunner, probes: LinearProbes, shapes, use_cache, fixed, matmul_dtype,
@@ -291,9 +294,9 @@ def _train(runner: FeatureRunner, probes: LinearProbes, cached, standardized: bo
                 record["top5"] = {k: round(a[1], 2) for k, a in acc.items()}
                 bar.set_postfix_str(f"epoch {epoch} top-1 " + "/".join(f"{a[0]:.1f}" for a in acc.values()))
                 if log_epochs:
-                    print(f"  epoch {epoch}/{protocol.epochs} lr {lr:g}: top-1 "
-                          + " ".join(f"{k} {a[0]:.1f}" for k, a in acc.items())
-                          + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+                    log.info(f"  epoch {epoch}/{protocol.epochs} lr {lr:g}: top-1 "
+                             + " ".join(f"{k} {a[0]:.1f}" for k, a in acc.items())
+                             + f" ({time.perf_counter() - t0:.0f} s)")
             history.append(record)
     if fused is not None:
         fused.store(probes)

@@ -20,6 +20,7 @@ Budgets (`BUDGETS`, see docs/bigan.md for how `quick` was sized):
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from monossl import paper, runs
@@ -30,6 +31,8 @@ from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, cell
                                        seen_text)
 from monossl.models import load_trunk, random_trunk, save_trunk, trunk_config_from
 from monossl.pretrain import WHITEN_CONV1_ARCHS, PretrainConfig, defaults_of
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT = "cifar10-augmentations"
 SSL_METHODS = ("bigan", "rotnet", "deepcluster", "simclr", "moco", "dino")
@@ -135,8 +138,8 @@ def augmentation_table(config: ReproduceConfig) -> Table:
     # only now: bad input leaves no empty directory behind
     out = runs.lock_run_dir(config.out or f"runs/reproduce-{s['method']}-{config.budget}")
     check_table_settings(out, s, "reproduce.json")
-    print(f"reproduce {EXPERIMENT}: --method {s['method']}, budget {s['budget']} ({s['budget_note']}); "
-          f"{len(s['rows'])} rows -> {out}")
+    log.info(f"reproduce {EXPERIMENT}: --method {s['method']}, budget {s['budget']} ({s['budget_note']}); "
+             f"{len(s['rows'])} rows -> {out}")
 
     def make(row: str):
         def probe_row():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import statistics
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from monossl.errors import UserError
 from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, check_table_settings, parse_rows,
                                        pretrained, run_rows)
 from monossl.pretrain import PretrainConfig
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT = "distillation"
 PRESET_ROWS = ("none", "jitter", "rotation", "scale", "rotation+jitter", "rotation+scale", "jitter+scale", "all")
@@ -93,7 +96,7 @@ def distillation_table(config: ReproduceConfig) -> Table:
     s = settings(config)
     out = runs.lock_run_dir(config.out or f"runs/reproduce-{EXPERIMENT}-{s['budget']}")
     check_table_settings(out, s, "reproduce.json")
-    print(f"reproduce {EXPERIMENT}: budget {s['budget']} ({s['budget_note']}) -> {out}")
+    log.info(f"reproduce {EXPERIMENT}: budget {s['budget']} ({s['budget_note']}) -> {out}")
     teacher_dir = out / "teacher"
     progress = None if config.progress else False
 

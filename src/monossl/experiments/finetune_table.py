@@ -18,6 +18,7 @@ GPU; training lengths chosen here, the paper's are not all known).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from monossl import paper, runs
@@ -26,6 +27,8 @@ from monossl.eval.results import probe_dir_name
 from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, cell_rows, cells, cells_csv,
                                        check_table_settings, parse_rows, pretrained, run_rows)
 from monossl.pretrain import PretrainConfig
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT = "imagenet-finetune"
 ROWS = ("supervised", "bigan", "rotnet", "deepcluster")
@@ -122,8 +125,8 @@ def finetune_table(config: ReproduceConfig) -> Table:
     s = settings(config)
     out = runs.lock_run_dir(config.out or f"runs/reproduce-{EXPERIMENT}-{s['budget']}")
     check_table_settings(out, s, "reproduce.json")
-    print(f"reproduce {EXPERIMENT}: {s['arch']}, budget {s['budget']} ({s['budget_note']}); {len(s['rows'])} rows "
-          f"-> {out}")
+    log.info(f"reproduce {EXPERIMENT}: {s['arch']}, budget {s['budget']} ({s['budget_note']}); {len(s['rows'])} rows "
+             f"-> {out}")
 
     def make(row: str):
         def finetune_row():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from pathlib import Path
 
 from monossl import runs
@@ -32,6 +33,8 @@ from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, chec
                                        pretrained, run_rows, samples_seen, seen_text)
 from monossl.models import load_trunk, random_trunk, save_trunk, trunk_config_from
 from monossl.pretrain import PretrainConfig, defaults_of
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT = "methods"
 METHODS = ("rotnet", "deepcluster", "bigan", "simclr", "moco", "dino")
@@ -154,8 +157,8 @@ def methods_table(config: ReproduceConfig) -> Table:
     sets = _eval_sets(s, protocol.input_size)
     out = runs.lock_run_dir(config.out or f"runs/reproduce-methods-{config.budget}")
     check_table_settings(out, s, "reproduce.json")
-    print(f"reproduce {EXPERIMENT}: budget {s['budget']} ({s['budget_note']}); {len(s['rows'])} rows x "
-          f"{len(sets)} evaluation set(s) -> {out}")
+    log.info(f"reproduce {EXPERIMENT}: budget {s['budget']} ({s['budget_note']}); {len(s['rows'])} rows x "
+             f"{len(sets)} evaluation set(s) -> {out}")
 
     def trunk_of(row: str):
         row_dir = out / row

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from monossl import runs
 from monossl.errors import TrainingStopped, UserError
 from monossl.eval.results import write_results
 from monossl.pretrain import PretrainConfig, pretrain
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -177,15 +180,15 @@ def run_rows(rows: list[Row]) -> RowResults:
         if results_json.exists():
             done.results[row.name] = runs.read_json(results_json, "probe result")
             done.seconds[row.name] = done.results[row.name].get("row_seconds")
-            print(f"{where} done before: {results_json}")
+            log.info(f"{where} done before: {results_json}")
             continue
-        print(f"{where} {row.label}")
+        log.info(f"{where} {row.label}")
         t0 = time.perf_counter()
         try:
             result = row.make()
         except TrainingStopped as exc:
             done.stopped[row.name] = str(exc)
-            print(f"{where} {exc}")
+            log.warning(f"{where} {exc}")
             continue
         # the row's wall clock, kept beside its probe so that a rerun that skips the row still reports it
         result["row_seconds"] = round(time.perf_counter() - t0, 1)

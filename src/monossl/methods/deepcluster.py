@@ -31,7 +31,7 @@ outputs before its weights load) travel via `extra_state`, the head optimiser vi
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from dataclasses import dataclass
 
@@ -222,11 +222,12 @@ class DeepCluster(Method):
         self._new_head(self.k, torch.Generator().manual_seed(_seed(seed, epoch, 4)))
         collapsed = log["largest_cluster_frac"] > self.config.collapse_fraction or log["clusters_nonempty"] < 2
         log["collapse"] = float(collapsed)
-        if collapsed and is_main():
-            print(f"WARNING: deepcluster epoch {epoch}: the clustering collapsed: the largest cluster holds "
-                  f"{100 * log['largest_cluster_frac']:.1f}% of the {source.length} samples and "
-                  f"{log['clusters_nonempty']} of {log['k']} clusters are non-empty. Try fewer --clusters, more "
-                  f"--num-patches or a lower --lr.", file=sys.stderr, flush=True)
+        if collapsed and is_main():  # the module's logger by name: `log` here is the clustering's record
+            logging.getLogger(__name__).warning(
+                f"deepcluster epoch {epoch}: the clustering collapsed: the largest cluster holds "
+                f"{100 * log['largest_cluster_frac']:.1f}% of the {source.length} samples and "
+                f"{log['clusters_nonempty']} of {log['k']} clusters are non-empty. Try fewer --clusters, more "
+                f"--num-patches or a lower --lr.")
         return {"order": order, "log": {k: float(v) for k, v in log.items()}}
 
     # -- a step ---------------------------------------------------------------------------
