@@ -171,13 +171,13 @@ def patches_from_config(config: dict, n: int = 64) -> torch.Tensor:
     """The first n training patches of a run (its config.json): the same patches it trained on
     (the stream is a pure function of images, patch config and seed)."""
     from monossl.data.patch_config import PatchConfig
-    from monossl.data.patches import PatchStream
+    from monossl.data.procedural_stream import open_stream
 
     images = config.get("image")
     if not images or "patch_config" not in config:
         raise UserError("this run was not trained on the patches of an image (no image/patch_config in config.json)")
     images = [images] if isinstance(images, str) else list(images)
-    stream = PatchStream(images, PatchConfig.from_dict(config["patch_config"]), seed=int(config.get("seed", 0)))
+    stream = open_stream(images, PatchConfig.from_dict(config["patch_config"]), seed=int(config.get("seed", 0)))
     return stream.batch(range(n))
 
 
