@@ -22,12 +22,12 @@ A perturbed system (Nakamura et al., "Scaling Backwards: Minimal Synthetic Pre-t
 2024: one fractal, its parameters perturbed per image) adds uniform noise in [-delta, delta] to each
 of the 6N parameters; a map the noise made expanding is scaled back to s_k1 = 0.99.
 
-Rendering: P walkers per image start at the fixed point of map 0 (a point of the attractor, so no
-point is ever off it), take BURN_IN steps to spread out, then mark one point per step. The points
-are scaled (one scale for both axes) and centred so that their bounding box fills the image less a
-one-pixel margin: every point lands inside by construction. A pixel's colour is the mean colour of
-the maps whose points fell in it (each map of each image has its own random colour, bright enough to
-stand out); pixels with no point are black, FractalDB's background.
+Rendering: P walkers per image start at the fixed point of the most probable map (a map's fixed point
+lies on the attractor, so no point is ever off it), take BURN_IN steps to spread out, then mark one
+point per step. The points are scaled (one scale for both axes) and centred so that their bounding box fills the image less a
+one-pixel margin: every point lands inside by construction. Each map of each image has its own
+random colour, bright enough to stand out; a pixel takes the colour of the highest-numbered map with
+a point in it (a painter's order by map); pixels with no point are black, FractalDB's background.
 
 Randomness: everything about image i comes from its counter-based key (data/counter_rng.py): the
 system's parameters from `system_keys`' slots, the walkers' map choices from the same hash in torch.
@@ -47,8 +47,8 @@ from monossl.data.counter_rng import counter_offsets, key_uniforms, torch_bits, 
 
 MIN_MAPS, MAX_MAPS = 2, 8
 SIGMA_MAX = 0.99  # the largest singular value any map may have: strictly contractive
-BURN_IN = 8  # steps before the first marked point: walkers that started together spread out
-MARKED_STEPS = 16  # points marked per walker
+BURN_IN = 4  # steps before the first marked point: walkers that started together spread out
+MARKED_STEPS = 32  # points marked per walker: more steps and fewer walkers, less work per point
 TABLE = 256  # entries of the map-choice table: one byte of a hash per step
 MARGIN = 1.0  # pixels between the points' bounding box and the image's border
 
@@ -144,8 +144,8 @@ def choice_tables(systems: Systems) -> np.ndarray:
     short = spare - counts.sum(1)  # handed out by largest remainder
     rank = np.argsort(np.argsort(2.0 * ~systems.used() - (share - counts), axis=1, kind="stable"), axis=1)
     counts += (rank < short[:, None]).astype(np.int64) + systems.used()
-    ends = np.cumsum(counts, axis=1)
-    return (np.arange(TABLE)[None, :, None] >= ends[:, None, :]).sum(2)
+    # every row's counts sum to TABLE, so repeating each map index by its count gives the rows in turn
+    return np.repeat(np.tile(np.arange(MAX_MAPS), len(counts)), counts.reshape(-1)).reshape(-1, TABLE)
 
 
 def fixed_points(coef: np.ndarray) -> np.ndarray:
@@ -171,30 +171,38 @@ def chaos_game(systems: Systems, sample_keys: np.ndarray, walkers: int, device) 
     each (MARKED_STEPS, B, walkers)."""
     n = len(systems)
     dev = torch.device(device)
-    coef = torch.from_numpy(systems.coef.reshape(-1, 6).T.astype(np.float32).copy()).to(dev)  # (6, B*K)
-    tables = torch.from_numpy((choice_tables(systems) + (np.arange(n) * MAX_MAPS)[:, None]).reshape(-1)).to(dev)
+    tables = torch.from_numpy((choice_tables(systems) + (np.arange(n) * MAX_MAPS)[:, None]).reshape(-1)
+                              .astype(np.int32)).to(dev)
+    # one row per coefficient, B * MAX_MAPS long: small enough to stay in cache for the gathers
+    coef = torch.from_numpy(systems.coef.reshape(-1, 6).T.astype(np.float32).copy()).to(dev)
     table_rows = (torch.arange(n, device=dev) * TABLE).view(n, 1)
-    start = torch.from_numpy(fixed_points(systems.coef)[:, 0].astype(np.float32)).to(dev)
-    x = start[:, :1].expand(n, walkers).contiguous()
-    y = start[:, 1:].expand(n, walkers).contiguous()
+    # every walker starts at the fixed point of the most probable map: on the attractor, where its
+    # measure is (a rare map's fixed point can sit far out, and the bounding box would follow it)
+    c = systems.coef
+    first_map = np.argmax(np.abs(c[..., 0] * c[..., 3] - c[..., 1] * c[..., 2]) * systems.used(), axis=1)
+    start = fixed_points(c)[np.arange(n), first_map].astype(np.float32)  # (B, 2)
+    x = torch.from_numpy(start[:, :1]).to(dev).expand(n, walkers).contiguous()
+    y = torch.from_numpy(np.ascontiguousarray(start[:, 1:])).to(dev).expand(n, walkers).contiguous()
     keys = torch_keys(sample_keys, dev).view(n, 1)
     walker_ids = torch.arange(walkers, device=dev, dtype=torch.int64)
-    steps = BURN_IN + MARKED_STEPS
     xs = torch.empty(MARKED_STEPS, n, walkers, device=dev)
     ys = torch.empty_like(xs)
-    maps = torch.empty(MARKED_STEPS, n, walkers, device=dev, dtype=torch.int64)
+    maps = torch.empty(MARKED_STEPS, n, walkers, device=dev, dtype=torch.int32)  # half the memory traffic
     bits = None
-    for step in range(steps):
+    for step in range(BURN_IN + MARKED_STEPS):
         if step % 8 == 0:  # one hash per walker drives the next 8 steps, a byte each
             group = WALKER_COUNTER_BASE + walkers * (step // 8)
             bits = torch_bits(keys, counter_offsets(walker_ids + group))
+        entry = (table_rows + ((bits >> (8 * (step % 8))) & (TABLE - 1))).view(-1)
+        marked = step - BURN_IN
         # index_select, not tensor[index]: several times faster on small gathers
-        g = torch.index_select(tables, 0, (table_rows + ((bits >> (8 * (step % 8))) & (TABLE - 1))).view(-1))
+        g = torch.index_select(tables, 0, entry, out=maps[marked].view(-1) if marked >= 0 else None)
         a, b, c, d, e, f = (torch.index_select(coef[i], 0, g).view(n, walkers) for i in range(6))
-        g = g.view(n, walkers)
-        x, y = a * x + b * y + e, c * x + d * y + f
-        if step >= BURN_IN:
-            xs[step - BURN_IN], ys[step - BURN_IN], maps[step - BURN_IN] = x, y, g
+        x_out = xs[marked] if marked >= 0 else None
+        y_out = ys[marked] if marked >= 0 else None
+        new_x = torch.addcmul(e, a, x, out=x_out).addcmul_(b, y)  # a x + b y + e
+        y = torch.addcmul(f, c, x, out=y_out).addcmul_(d, y)  # c x + d y + f
+        x = new_x
     return xs, ys, maps
 
 
@@ -213,18 +221,18 @@ def pixel_coordinates(xs: torch.Tensor, ys: torch.Tensor, size: int) -> tuple[to
 
 
 def splat(col: torch.Tensor, row: torch.Tensor, maps: torch.Tensor, colours: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, 3, S, S) images: each pixel the mean colour of the maps of the points in it (black if none).
-    colours: (B * MAX_MAPS, 3) in [0, 1], rounded to 8 bits here, so every sum is of integers (exact in
-    float32 below 2^24) and the pixels do not depend on the order points are added in, on any device."""
+    """(B, 3, S, S) images of the points col, row, maps ((steps, B, walkers), as `chaos_game` gives them):
+    each pixel the colour of the highest-numbered map with a point in it (a
+    painter's order by map; black if no point). colours: (B * MAX_MAPS, 3). A maximum of integers, so
+    the pixels do not depend on the order points are added in, on any device."""
     n = colours.shape[0] // MAX_MAPS
-    bins = ((maps // MAX_MAPS) * (size * size) + row * size + col).reshape(-1)
-    flat_maps = maps.reshape(-1)
-    levels = torch.round(colours * 255.0)
-    count = torch.bincount(bins, minlength=n * size * size).float()
-    image = torch.stack([torch.bincount(bins, torch.index_select(levels[:, c].contiguous(), 0, flat_maps),
-                                        minlength=n * size * size).float() for c in range(3)])
-    image = image / (count.clamp_min(1.0) * 255.0)  # the mean colour
-    return image.view(3, n, size, size).transpose(0, 1).contiguous()
+    first_bin = torch.arange(n, device=maps.device).view(1, n, 1) * (size * size)  # the sample's image
+    bins = (row * size).add_(col).add_(first_bin).reshape(-1)
+    top = torch.full((n * size * size,), -1, dtype=maps.dtype, device=maps.device)
+    top.scatter_reduce_(0, bins, maps.reshape(-1), "amax")
+    palette = torch.cat([colours.new_zeros(1, 3), colours])  # row 0: the background
+    image = torch.index_select(palette, 0, top + 1)  # (B * S * S, 3)
+    return image.view(n, size * size, 3).transpose(1, 2).reshape(n, 3, size, size)
 
 
 def render(systems: Systems, sample_keys: np.ndarray, size: int, density: float, device="cpu") -> torch.Tensor:

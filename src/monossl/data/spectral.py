@@ -7,7 +7,7 @@ its own exponent and colours:
 
 * three independent fields, each with amplitude |F(f)| = 1 / max(f, 1 / S)^a at spatial frequency f
   (cycles per pixel; the floor keeps the lowest frequency finite), no DC term, and a uniform random
-  phase per Fourier coefficient (the inverse real FFT keeps the Hermitian part), each scaled to zero
+  phase per Fourier coefficient (one of 4096 levels) (the inverse real FFT keeps the Hermitian part), each scaled to zero
   mean and unit standard deviation over its S x S pixels;
 * a drawn uniformly from [amin, amax] (default [0.5, 2.5], around natural images' 1 to 2: smaller is
   finer grain, larger is smoother blobs);
@@ -25,13 +25,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from monossl.data.counter_rng import bits_to_unit, counter_offsets, key_uniforms, torch_bits, torch_keys
+from monossl.data.counter_rng import counter_offsets, key_uniforms, torch_bits, torch_keys
 
 DEFAULT_EXPONENTS = (0.5, 2.5)
 STD_RANGE = (0.08, 0.3)
 MEAN_RANGE = (0.2, 0.8)
 SLOT_EXPONENT, SLOT_MIX, SLOT_STD, SLOT_MEAN = 0, 1, 10, 13  # sample slots: mix 1..9, std 10..12, mean 13..15
 PHASE_COUNTER_BASE = 1 << 20  # phases use counters from here on: clear of the slots above
+PHASE_BITS, PHASES_PER_HASH = 12, 5  # 4096 phase levels (a step of 0.09 degrees); 60 of a hash's 64 bits
 
 
 def amplitude(size: int, exponent: torch.Tensor) -> torch.Tensor:
@@ -63,9 +64,13 @@ class SpectralNoise:
     def __init__(self, size: int, exponents=DEFAULT_EXPONENTS, device="cpu"):
         self.size, self.exponents, self.device = int(size), tuple(float(a) for a in exponents), torch.device(device)
         self._count = 3 * self.size * (self.size // 2 + 1)  # coefficients per sample
-        # one 64-bit hash gives two phases (24 bits each): half the hashing, most of the cost at 32 px
-        counters = torch.arange((self._count + 1) // 2, device=self.device, dtype=torch.int64) + PHASE_COUNTER_BASE
+        # one 64-bit hash gives PHASES_PER_HASH phases of PHASE_BITS bits each: hashing and cos/sin were
+        # most of the time, so phases are looked up in a table of e^(i 2 pi k / 2^PHASE_BITS)
+        hashes = -(-self._count // PHASES_PER_HASH)
+        counters = torch.arange(hashes, device=self.device, dtype=torch.int64) + PHASE_COUNTER_BASE
         self._offsets = counter_offsets(counters).view(1, -1)
+        angle = torch.arange(1 << PHASE_BITS, device=self.device, dtype=torch.float64) * (2 * np.pi / (1 << PHASE_BITS))
+        self._unit_circle = torch.stack([torch.cos(angle), torch.sin(angle)], 1).float().contiguous()
 
     def render(self, sample_keys: np.ndarray) -> torch.Tensor:
         """(B, 3, S, S) float32 in [0, 1], one sample per key."""
@@ -76,14 +81,18 @@ class SpectralNoise:
         exponent = low + (high - low) * key_uniforms(sample_keys, [SLOT_EXPONENT])[:, 0]
         amp = amplitude(S, torch.from_numpy(exponent.astype(np.float32)).to(dev))
         bits = torch_bits(torch_keys(sample_keys, dev).view(n, 1), self._offsets)
-        units = torch.cat([bits_to_unit(bits), bits_to_unit(bits << 24)], dim=1)[:, :self._count]
-        phase = (units * (2 * np.pi)).view(n, 3, S, S // 2 + 1)
-        fields = torch.fft.irfft2(torch.polar(amp.expand(n, 3, -1, -1), phase), s=(S, S)).view(n, 3, S * S)
+        mask = (1 << PHASE_BITS) - 1
+        phase = torch.cat([(bits >> (PHASE_BITS * j)) & mask for j in range(PHASES_PER_HASH)], dim=1)
+        rotation = torch.index_select(self._unit_circle, 0, phase[:, :self._count].reshape(-1))
+        spectrum = torch.view_as_complex(rotation).view(n, 3, S, S // 2 + 1) * amp
+        fields = torch.fft.irfft2(spectrum, s=(S, S)).view(n, 3, S * S)
         mix, std, mean = colour_statistics(sample_keys)
         # unit-variance fields, mixed, scaled and shifted in one batched multiply-add: field j's
         # 1 / std folds into column j of the mixing matrix
         mix = torch.from_numpy((mix * std[:, :, None]).astype(np.float32)).to(dev)
-        mix = mix / fields.std(dim=2).clamp_min(1e-12).view(n, 1, 3)
+        # the fields have zero mean (no DC term), so their standard deviation is their RMS
+        rms = torch.linalg.vector_norm(fields, dim=2) / S
+        mix = mix / rms.clamp_min(1e-12).view(n, 1, 3)
         mean = torch.from_numpy(mean.astype(np.float32)).to(dev).view(n, 3, 1)
         image = torch.baddbmm(mean, mix, fields).view(n, 3, S, S)
         return image.clamp_(0.0, 1.0)
