@@ -205,3 +205,12 @@ def test_every_method_trains_a_step_on_every_source(method, tmp_path, random_tea
             stream = open_stream([spec], make_config("all", size=config["patch_config"]["size"]), seed=0)
             expected = first_samples(StreamSource(stream, length=config["source"]["length"]), 4)
             assert torch.equal(training_images(out, 4), expected)
+
+
+def test_the_sources_contact_sheet_is_drawn(tmp_path, one_thread):
+    from conftest import is_drawn_figure
+    from monossl.viz.figures import save_figure
+    from monossl.viz.plots import sources_figure
+
+    out = save_figure(sources_figure(["procedural:fractal:one", "procedural:spectral"], size=16, count=8), tmp_path / "s.png")
+    assert is_drawn_figure(out, min_side=150)
