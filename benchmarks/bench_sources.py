@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
+import torch
 
-from monossl.data.patch_config import make_config  # noqa: E402
-from monossl.data.procedural_stream import open_stream  # noqa: E402
+from monossl.data.patch_config import make_config
+from monossl.data.procedural_stream import open_stream
 
 BASELINE = "builtin:astronaut"
 SOURCES = ["procedural:fractal", "procedural:fractal:one", "procedural:fractal:100", "procedural:spectral",

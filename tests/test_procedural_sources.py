@@ -14,7 +14,13 @@ import torch
 
 from monossl.cli import main
 from monossl.data import fractals
-from monossl.data.counter_rng import counter_offsets, key_uniforms, patch_keys, torch_bits, torch_keys
+from monossl.data.counter_rng import (
+    counter_offsets,
+    key_uniforms,
+    patch_keys,
+    torch_bits,
+    torch_keys,
+)
 from monossl.data.patch_config import make_config
 from monossl.data.procedural_stream import ProceduralStream, open_stream, parse
 from monossl.data.sources import load_image
@@ -209,6 +215,7 @@ def test_every_method_trains_a_step_on_every_source(method, tmp_path, random_tea
 
 def test_the_sources_contact_sheet_is_drawn(tmp_path, one_thread):
     from conftest import is_drawn_figure
+
     from monossl.viz.figures import save_figure
     from monossl.viz.plots import sources_figure
 

@@ -9,6 +9,7 @@ The slot constants say which random number of a patch drives what (data/patch_pa
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 _G = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -66,20 +67,18 @@ def _shift_right(z, bits: int):
     return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def torch_keys(keys: np.ndarray, device) -> "torch.Tensor":
+def torch_keys(keys: np.ndarray, device) -> torch.Tensor:
     """The uint64 keys of `patch_keys` as an int64 tensor with the same bits."""
-    import torch
-
     return torch.from_numpy(keys.astype(np.uint64).view(np.int64).copy()).to(device)
 
 
-def counter_offsets(counters: "torch.Tensor") -> "torch.Tensor":
+def counter_offsets(counters: torch.Tensor) -> torch.Tensor:
     """(counter + 1) G for int64 counters: the part of `torch_bits`' input that does not depend on the key,
     so a caller drawing the same counters for every batch computes it once."""
     return (counters + 1) * _G_SIGNED
 
 
-def torch_bits(keys: "torch.Tensor", offsets: "torch.Tensor") -> "torch.Tensor":
+def torch_bits(keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """64 random bits (int64) per (key, counter): mix(key + (counter + 1) G), broadcast over the shapes of
     `keys` and `offsets` (from `counter_offsets`); the same bits as `key_uniforms` hashes."""
     z = keys + offsets
@@ -88,8 +87,6 @@ def torch_bits(keys: "torch.Tensor", offsets: "torch.Tensor") -> "torch.Tensor":
     return z ^ _shift_right(z, 31)
 
 
-def bits_to_unit(bits: "torch.Tensor", dtype=None) -> "torch.Tensor":
+def bits_to_unit(bits: torch.Tensor, dtype=None) -> torch.Tensor:
     """Uniforms in [0, 1) from the top 24 bits (float32's mantissa) of random bits."""
-    import torch
-
     return _shift_right(bits, 40).to(dtype or torch.float32) * (2.0 ** -24)

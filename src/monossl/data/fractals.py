@@ -43,7 +43,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from monossl.data.counter_rng import counter_offsets, key_uniforms, torch_bits, torch_keys
+from monossl.data.counter_rng import (
+    counter_offsets,
+    key_uniforms,
+    torch_bits,
+    torch_keys,
+)
 
 MIN_MAPS, MAX_MAPS = 2, 8
 SIGMA_MAX = 0.99  # the largest singular value any map may have: strictly contractive

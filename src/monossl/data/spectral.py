@@ -25,7 +25,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from monossl.data.counter_rng import counter_offsets, key_uniforms, torch_bits, torch_keys
+from monossl.data.counter_rng import (
+    counter_offsets,
+    key_uniforms,
+    torch_bits,
+    torch_keys,
+)
 
 DEFAULT_EXPONENTS = (0.5, 2.5)
 STD_RANGE = (0.08, 0.3)
