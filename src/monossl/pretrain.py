@@ -170,14 +170,13 @@ def build_source(config: PretrainConfig, trunk, device=None):
         return source, {"data": config.data, "num_classes": len(train_set.classes)}
 
     from monossl.data.patch_config import make_config
-    from monossl.data.patches import PatchStream
-    from monossl.data.sources import load_images
+    from monossl.data.procedural_stream import open_stream
 
     patch_config = make_config(config.preset, size=size, **config.patch_overrides)
     # patches are made where the training runs (on the GPU when there is one), unless asked otherwise
     stream_device = resolve_device(config.patch_device) if config.patch_device else (device or "cpu")
-    stream = PatchStream(load_images(config.images), patch_config, seed=config.seed, device=stream_device,
-                         names=config.images)
+    # the patch stream of the images, or a per-sample procedural source (procedural:fractal, ...)
+    stream = open_stream(config.images, patch_config, seed=config.seed, device=stream_device, names=config.images)
     length = config.num_patches or defaults_of(config.method).num_patches
     info = {"image": config.images, "preset": config.preset, "patch_config": asdict(patch_config)}
     return StreamSource(stream, length=length, seed=config.seed), info

@@ -17,7 +17,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "(a local state-dict file; never downloaded)")
     p.add_argument("--out", required=True, help="run directory of the student (rerun with --resume to continue)")
     p.add_argument("--image", action="append", default=None,
-                   help="source image: a path, builtin:NAME or procedural:dead-leaves|noise; repeat for several; "
+                   help="source image: a path, builtin:NAME or procedural:KIND (dead-leaves, noise, fractal[:one|:N], "
+                        "spectral: docs/procedural.md); repeat for several; "
                         "omit to distil through --data's images")
     p.add_argument("--data", default=None, help="distil through this dataset's training images (labels unused)")
     p.add_argument("--eval-data", default="cifar10", help="labelled test split the student is scored on (default cifar10)")

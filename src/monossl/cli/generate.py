@@ -21,7 +21,8 @@ from monossl.errors import UserError
 
 def configure(parser) -> None:
     parser.add_argument("--image", action="append", metavar="SPEC",
-                        help="source image: a file or builtin:NAME (see `monossl images`); repeat it "
+                        help="source image: a file, builtin:NAME (see `monossl images`) or procedural:KIND "
+                             "(docs/procedural.md); repeat it "
                              "or give a comma list for several images (each patch picks one). "
                              "Default: builtin:astronaut")
     parser.add_argument("--preset", default="all",

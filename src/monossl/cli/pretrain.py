@@ -20,7 +20,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sobel", action=argparse.BooleanOptionalAction, default=None,
                    help="fixed Sobel front-end (greyscale + gradients); default on for deepcluster, off otherwise")
     p.add_argument("--image", action="append", default=None,
-                   help="source image (path or builtin:NAME); repeat for several; omit to use --data's images")
+                   help="source image (path, builtin:NAME or procedural:KIND, docs/procedural.md); repeat for several; "
+                        "omit to use --data's images")
     p.add_argument("--preset", default="all", help="augmentation preset of the patch stream (default all)")
     p.add_argument("--patch", action="append", default=[], metavar="KEY=VALUE",
                    help="override a patch-stream parameter, e.g. --patch rotation_degrees=10")

@@ -9,6 +9,7 @@ The slot constants say which random number of a patch drives what (data/patch_pa
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 _G = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -46,3 +47,46 @@ def key_uniforms(keys: np.ndarray, slots) -> np.ndarray:
 def uniforms(seed: int, indices, slots) -> np.ndarray:
     """The raw random numbers of patches `indices` (for tests and tools)."""
     return key_uniforms(patch_keys(int(seed), np.asarray(indices, dtype=np.int64)), slots)
+
+
+# ---------------------------------------------------------------------------- the same hash in torch
+# The procedural sources (data/fractals.py, data/spectral.py) need far more random numbers per sample
+# than a patch (one per walker step, one per Fourier coefficient), so they draw them where the pixels
+# are made: the same SplitMix64 finaliser on int64 tensors, whose multiplication wraps like uint64's
+# (two's complement) and whose right shifts are made logical by a mask.
+
+def _signed(value: np.uint64) -> int:
+    return int(value) - (1 << 64) if int(value) >= 1 << 63 else int(value)
+
+
+_G_SIGNED, _M1_SIGNED, _M2_SIGNED = _signed(_G), _signed(_M1), _signed(_M2)
+
+
+def _shift_right(z, bits: int):
+    """Logical right shift of int64 tensors holding uint64 bit patterns."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def torch_keys(keys: np.ndarray, device) -> torch.Tensor:
+    """The uint64 keys of `patch_keys` as an int64 tensor with the same bits."""
+    return torch.from_numpy(keys.astype(np.uint64).view(np.int64).copy()).to(device)
+
+
+def counter_offsets(counters: torch.Tensor) -> torch.Tensor:
+    """(counter + 1) G for int64 counters: the part of `torch_bits`' input that does not depend on the key,
+    so a caller drawing the same counters for every batch computes it once."""
+    return (counters + 1) * _G_SIGNED
+
+
+def torch_bits(keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """64 random bits (int64) per (key, counter): mix(key + (counter + 1) G), broadcast over the shapes of
+    `keys` and `offsets` (from `counter_offsets`); the same bits as `key_uniforms` hashes."""
+    z = keys + offsets
+    z = (z ^ _shift_right(z, 30)) * _M1_SIGNED
+    z = (z ^ _shift_right(z, 27)) * _M2_SIGNED
+    return z ^ _shift_right(z, 31)
+
+
+def bits_to_unit(bits: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Uniforms in [0, 1) from the top 24 bits (float32's mantissa) of random bits."""
+    return _shift_right(bits, 40).to(dtype or torch.float32) * (2.0 ** -24)

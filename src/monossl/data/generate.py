@@ -39,6 +39,7 @@ from monossl import runs
 from monossl.data import sources
 from monossl.data.patch_config import PatchConfig
 from monossl.data.patches import PatchStream
+from monossl.data.procedural_stream import ProceduralStream, open_stream
 from monossl.device import resolve_device
 from monossl.errors import UserError
 
@@ -231,7 +232,8 @@ def write_patches(images: list[str], config: PatchConfig, out, count: int, seed:
     """Write patches 0..count-1 of (images, config, seed) into the directory `out`; return the
     metadata written to `out/patches.json`.
 
-    images: specs for `load_images` (files or builtin:NAME). fmt: png, jpg (at `quality`) or npy.
+    images: specs for `load_images` (files or builtin:NAME), or one per-sample procedural source
+    (`procedural:fractal`, ..., data/procedural_stream.py: rendered at the config's size). fmt: png, jpg (at `quality`) or npy.
     device: cpu (bit-reproducible files), cuda or auto. workers: processes rendering and encoding
     files on CPU (0: one per core; 1: all in this process). preview: a PNG path for a contact sheet
     of the first patches. progress(n) is called as n more patches are done. preset: recorded only.
@@ -254,10 +256,10 @@ def write_patches(images: list[str], config: PatchConfig, out, count: int, seed:
     if workers < 0:
         raise UserError(f"--workers must be >= 0, not {workers}")
     config = config.validate()
-    loaded = sources.load_images(images)
-    described = [sources.describe_source(s) for s in images]
     device = resolve_device(device)
-    stream = PatchStream(loaded, config, seed=seed, device=device, names=list(images))
+    stream = open_stream(list(images), config, seed=seed, device=device, names=list(images))
+    described = [stream.describe() if isinstance(stream, ProceduralStream) else sources.describe_source(s)
+                 for s in images]
 
     out = Path(out)
     meta = {

@@ -3,6 +3,10 @@
     procedural:dead-leaves[:key=value...]   discs of random colour and size occluding one another
     procedural:noise[:key=value...]         every pixel's colour uniform in [0, 1] (a lower bound)
 
+These two are one image each, which the patch stream crops like a photograph. The per-sample sources
+`procedural:fractal` and `procedural:spectral` (a new image for every sample, data/procedural_stream.py)
+are named here too, so that every `procedural:` spec is checked in one place.
+
 Dead leaves (Matheron 1968; Lee, Mumford & Huang 2001; the synthetic pretraining data of Baradad
 et al. 2021): discs fall one after the other and a later disc lies *under* the earlier ones, so
 each pixel shows the first disc that covered it. Radii follow p(r) ~ r^-alpha on [rmin, rmax]
@@ -25,15 +29,35 @@ from monossl.errors import UserError
 
 PROCEDURAL_PREFIX = "procedural:"
 KINDS = ("dead-leaves", "noise")
+PER_SAMPLE_KINDS = ("fractal", "spectral")  # data/procedural_stream.py renders these
 _KEYS = {"dead-leaves": {"size": int, "seed": int, "rmin": float, "rmax": float, "alpha": float, "discs": int},
          "noise": {"size": int, "seed": int}}
+
+
+def kind_of(spec) -> str | None:
+    """'procedural:fractal:100' -> 'fractal'; None for a spec that is not procedural."""
+    spec = str(spec)
+    return spec[len(PROCEDURAL_PREFIX):].split(":")[0] if spec.startswith(PROCEDURAL_PREFIX) else None
+
+
+def is_per_sample(spec) -> bool:
+    """Whether `spec` is a source with a new image per sample (no one image to crop)."""
+    return kind_of(spec) in PER_SAMPLE_KINDS
+
+
+def unknown_kind(kind: str, spec: str) -> UserError:
+    return UserError(f"unknown procedural image {kind!r} in {spec!r}; choose from "
+                     f"{', '.join(KINDS)} (one image each) or {', '.join(PER_SAMPLE_KINDS)} (a new image per sample)")
 
 
 def parse(spec: str) -> tuple[str, dict]:
     """'procedural:dead-leaves:size=256:seed=3' -> ('dead-leaves', {...every key resolved...})."""
     kind, *items = spec[len(PROCEDURAL_PREFIX):].split(":")
+    if kind in PER_SAMPLE_KINDS:
+        raise UserError(f"{spec} draws a new image for every sample: it is a training source (--image of "
+                        "pretrain, distill, generate, compare, reproduce), not one image")
     if kind not in KINDS:
-        raise UserError(f"unknown procedural image {kind!r} in {spec!r}; choose from {', '.join(KINDS)}")
+        raise unknown_kind(kind, spec)
     params = {}
     for item in items:
         key, sep, text = item.partition("=")

@@ -115,10 +115,10 @@ def training_images(run_dir, n: int = WHITENING_SAMPLES) -> torch.Tensor:
     recorded = config.get("source") or {}
     if config.get("image") and config.get("patch_config"):
         from monossl.data.patch_config import PatchConfig
-        from monossl.data.patches import PatchStream
+        from monossl.data.procedural_stream import open_stream
 
         images = [config["image"]] if isinstance(config["image"], str) else list(config["image"])
-        stream = PatchStream(images, PatchConfig.from_dict(config["patch_config"]), seed=seed, names=images)
+        stream = open_stream(images, PatchConfig.from_dict(config["patch_config"]), seed=seed, names=images)
         source = StreamSource(stream, length=recorded.get("length"), seed=seed)
     else:
         from monossl.data.datasets import load_dataset
@@ -147,10 +147,10 @@ def data_images(spec: str, n: int = WHITENING_SAMPLES, size: int = 32, seed: int
         source = dataset_source(load_dataset(spec, "train"), False, size, seed=seed)
     else:
         from monossl.data.patch_config import make_config
-        from monossl.data.patches import PatchStream
+        from monossl.data.procedural_stream import open_stream
         from monossl.data.sources import split_specs
 
         images = split_specs([spec])
-        stream = PatchStream(images, make_config("all", size=size), seed=seed, names=images)
+        stream = open_stream(images, make_config("all", size=size), seed=seed, names=images)
         source = StreamSource(stream, seed=seed)
     return first_samples(source, n)

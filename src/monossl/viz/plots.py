@@ -171,13 +171,13 @@ def patches_from_config(config: dict, n: int = 64) -> torch.Tensor:
     """The first n training patches of a run (its config.json): the same patches it trained on
     (the stream is a pure function of images, patch config and seed)."""
     from monossl.data.patch_config import PatchConfig
-    from monossl.data.patches import PatchStream
+    from monossl.data.procedural_stream import open_stream
 
     images = config.get("image")
     if not images or "patch_config" not in config:
         raise UserError("this run was not trained on the patches of an image (no image/patch_config in config.json)")
     images = [images] if isinstance(images, str) else list(images)
-    stream = PatchStream(images, PatchConfig.from_dict(config["patch_config"]), seed=int(config.get("seed", 0)))
+    stream = open_stream(images, PatchConfig.from_dict(config["patch_config"]), seed=int(config.get("seed", 0)))
     return stream.batch(range(n))
 
 
@@ -239,3 +239,20 @@ def learning_curves_figure(records: list[dict], title: str | None = None, ylabel
 def write_learning_curves(records: list[dict], out, title: str | None = None,
                           ylabel: str = "validation top-1 (%)") -> Path:
     return save_figure(learning_curves_figure(records, title, ylabel), out)
+
+
+def sources_figure(specs, size: int = 32, count: int = 16, seed: int = 0, columns: int = 8):
+    """A contact sheet per source: the first `count` samples (or patches) each of `specs` would give
+    a run at `size` px with `--seed seed` (preset all for images), one panel per source, titled."""
+    from monossl.data.patch_config import make_config
+    from monossl.data.procedural_stream import open_stream
+
+    fig = new_figure((columns * 0.62, len(specs) * (count / columns) * 0.62 + 0.35 * len(specs)))
+    axes = fig.subplots(len(specs), 1, squeeze=False)[:, 0]
+    for ax, spec in zip(axes, specs):
+        samples = open_stream([spec], make_config("all", size=size), seed=seed).batch(range(count)).cpu()
+        grid = make_grid(samples.clamp(0, 1), nrow=columns, padding=1, pad_value=1.0)
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(spec, fontsize=8)
+    return fig
