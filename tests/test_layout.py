@@ -44,7 +44,8 @@ def _imports(path: Path, name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative import
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
             if base.startswith("monossl"):
                 found.add(base)
                 found |= {f"{base}.{a.name}" for a in node.names}  # `from monossl import runs` imports a module

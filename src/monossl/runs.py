@@ -35,7 +35,6 @@ from pathlib import Path
 
 from monossl.errors import UserError, first_line
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -286,7 +285,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     try:
         import torchvision

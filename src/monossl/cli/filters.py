@@ -27,7 +27,8 @@ BIG_TRUNK_SAMPLES = 256
 def configure(parser) -> None:
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="run directories or trunk.pt files (or random / random:SEED)")
-    parser.add_argument("--out", default="filters.png", help="figure to write: .png, .pdf or .svg (default filters.png)")
+    parser.add_argument("--out", default="filters.png",
+                        help="figure to write: .png, .pdf or .svg (default filters.png)")
     parser.add_argument("--random", action="store_true", help="add a randomly initialised trunk (first panel)")
     parser.add_argument("--arch", default="cifar", help="architecture of random trunks (default cifar)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --random trunk (default 0)")
@@ -85,7 +86,8 @@ def run(args) -> int:
     write_filters(nets, args.out, args.scale, args.cols, args.title, patterns)
     for n, pattern in zip(nets, patterns):
         f = conv1_filters(n.trunk)
-        line = f"{n.label}: {f.shape[0]} filters {f.shape[2]}x{f.shape[3]}, spatial coherence {spatial_coherence(f):.3f}"
+        line = (f"{n.label}: {f.shape[0]} filters {f.shape[2]}x{f.shape[3]}, "
+                f"spatial coherence {spatial_coherence(f):.3f}")
         if pattern is not None:
             line += (f"; activation patterns on {n.pattern_data} ({len(n.pattern_images)} images): "
                      f"spatial coherence {spatial_coherence(pattern):.3f}")

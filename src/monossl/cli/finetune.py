@@ -12,21 +12,24 @@ import argparse
 from monossl.cli import positive
 from monossl.data.datasets import SPEC_HELP
 from monossl.eval.finetune import FinetuneConfig, finetune
-from monossl.pretrain import DEFAULT_BATCH, DEFAULT_STEPS
 from monossl.eval.protocols import PROTOCOLS
 from monossl.methods.supervised import SupervisedConfig
+from monossl.pretrain import DEFAULT_BATCH, DEFAULT_STEPS
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="the pretrained run (a directory holding trunk.pt, or the file)")
     p.add_argument("--freeze", default="conv1,conv2",
-                   help="comma-separated layers kept as pretrained (weights and BatchNorm statistics); default conv1,conv2")
+                   help="comma-separated layers kept as pretrained (weights and BatchNorm statistics); "
+                        "default conv1,conv2")
     p.add_argument("--data", required=True, help=f"labelled dataset to fine-tune and probe on: {SPEC_HELP}")
     p.add_argument("--out", default=None, help="output directory (default RUN/finetune-<layers>)")
-    p.add_argument("--steps", type=positive(), default=None, help=f"fine-tuning steps (default {DEFAULT_STEPS['supervised']})")
+    p.add_argument("--steps", type=positive(), default=None,
+                   help=f"fine-tuning steps (default {DEFAULT_STEPS['supervised']})")
     p.add_argument("--epochs", type=positive(), default=None, help="fine-tuning epochs over --data's training images "
                    "(instead of --steps)")
-    p.add_argument("--batch-size", type=positive(), default=None, help=f"images per step (default {DEFAULT_BATCH['supervised']})")
+    p.add_argument("--batch-size", type=positive(), default=None,
+                   help=f"images per step (default {DEFAULT_BATCH['supervised']})")
     p.add_argument("--lr", type=positive(float), default=None,
                    help=f"base learning rate (default {SupervisedConfig.lr}; AlexNet 0.01)")
     p.add_argument("--image-size", type=positive(), default=None,

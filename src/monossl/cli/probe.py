@@ -25,7 +25,8 @@ def configure(parser) -> None:
     parser.add_argument("--data", default="cifar10", help=f"labelled dataset: {SPEC_HELP} (default: cifar10)")
     parser.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
                         help="probe protocol (default: cifar for the cifar trunk, asano-max for AlexNets)")
-    parser.add_argument("--epochs", type=positive(), default=None, help="override the protocol's epochs (milestones scale)")
+    parser.add_argument("--epochs", type=positive(), default=None,
+                        help="override the protocol's epochs (milestones scale)")
     parser.add_argument("--lr", type=positive(float), default=None, help="override the protocol's learning rate")
     parser.add_argument("--batch-size", type=positive(), default=None, help="override the protocol's batch size")
     parser.add_argument("--weight-decay", type=float, default=None, help="override the protocol's weight decay")

@@ -131,7 +131,7 @@ def load_pair(spec: str, download: bool = False):
 
 def _has_image(d: Path, exts) -> bool:
     """Whether `d` holds at least one image file (searched recursively, as ImageFolder does)."""
-    for dirpath, _dirs, files in os.walk(d, followlinks=True):
+    for _dirpath, _dirs, files in os.walk(d, followlinks=True):
         if any(f.lower().endswith(exts) for f in files):
             return True
     return False

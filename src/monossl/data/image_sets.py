@@ -74,7 +74,8 @@ class TensorImages(Dataset):
                             self.transform)
 
     def __repr__(self):
-        return f"TensorImages({len(self)} images {tuple(self.images.shape[1:])}, {len(self.classes)} classes, {self.source})"
+        return (f"TensorImages({len(self)} images {tuple(self.images.shape[1:])}, "
+                f"{len(self.classes)} classes, {self.source})")
 
 
 class _ToFloat:

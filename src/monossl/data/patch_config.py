@@ -63,7 +63,7 @@ class PatchConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PatchConfig":
+    def from_dict(cls, d: dict) -> PatchConfig:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise UserError(f"unknown patch parameter(s): {', '.join(sorted(unknown))}")
@@ -73,7 +73,7 @@ class PatchConfig:
                 d[key] = tuple(d[key])
         return cls(**d).validate()
 
-    def validate(self) -> "PatchConfig":
+    def validate(self) -> PatchConfig:
         """Raise UserError (one line) for a value that makes no sense; return self."""
 
         def num(name, value):

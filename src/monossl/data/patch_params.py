@@ -16,8 +16,23 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from monossl.data.counter_rng import (
-    SLOT_ANGLE, SLOT_ATTEMPTS, SLOT_BRIGHT, SLOT_CONTRAST, SLOT_CROP_X, SLOT_CROP_Y, SLOT_HFLIP, SLOT_HUE,
-    SLOT_JITTER, SLOT_POS_X, SLOT_POS_Y, SLOT_SAT, SLOT_SHEAR, SLOT_SOURCE, SLOT_VFLIP, key_uniforms, patch_keys,
+    SLOT_ANGLE,
+    SLOT_ATTEMPTS,
+    SLOT_BRIGHT,
+    SLOT_CONTRAST,
+    SLOT_CROP_X,
+    SLOT_CROP_Y,
+    SLOT_HFLIP,
+    SLOT_HUE,
+    SLOT_JITTER,
+    SLOT_POS_X,
+    SLOT_POS_Y,
+    SLOT_SAT,
+    SLOT_SHEAR,
+    SLOT_SOURCE,
+    SLOT_VFLIP,
+    key_uniforms,
+    patch_keys,
 )
 from monossl.data.patch_config import PatchConfig
 
@@ -74,7 +89,7 @@ class PatchParams:
     def __len__(self) -> int:
         return len(self.index)
 
-    def subset(self, sel) -> "PatchParams":
+    def subset(self, sel) -> PatchParams:
         return PatchParams(**{f.name: getattr(self, f.name)[sel] for f in dataclasses.fields(self)})
 
 

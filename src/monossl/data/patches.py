@@ -22,8 +22,8 @@ How it is computed here:
 
 * **Deterministic by (seed, index).** Every random number of patch i is a counter-based
   hash (SplitMix64 finaliser) of (seed, i, slot) (data/counter_rng.py); no global RNG state,
-  no per-process state. The draw (data/patch_params.py) is vectorised over a batch in numpy float64, so the parameters are
-  bit-identical in every process, batch, worker and device. Pixels are bit-identical
+  no per-process state. The draw (data/patch_params.py) is vectorised over a batch in numpy float64, so the parameters
+  are bit-identical in every process, batch, worker and device. Pixels are bit-identical
   across batch sizes and worker counts on one device (the only reduction, the patch mean
   for contrast, is made exact by summing integers); CPU and CUDA agree to float rounding.
 * **One resampling.** Steps 1-5 compose into one affine map from output pixels to source
@@ -322,7 +322,7 @@ class PatchStream:
             return self.batch(range(*index.indices(index.stop)))
         return self.batch([int(index)])[0]
 
-    def dataset(self, length: int, offset: int = 0) -> "PatchDataset":
+    def dataset(self, length: int, offset: int = 0) -> PatchDataset:
         """A torch Dataset of `length` patches: item i is (stream[offset + i], i)."""
         return PatchDataset(self, length, offset)
 

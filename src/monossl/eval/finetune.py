@@ -71,7 +71,8 @@ def parse_freeze(text: str, taps) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in taps]
     if unknown or not names:
-        raise UserError(f"--freeze {text!r}: {'unknown layer(s) ' + ', '.join(unknown) if unknown else 'names no layer'}"
+        raise UserError(f"--freeze {text!r}: "
+                        f"{'unknown layer(s) ' + ', '.join(unknown) if unknown else 'names no layer'}"
                         f"; this trunk has {', '.join(taps)}")
     return [t for t in taps if t in names]
 

@@ -26,8 +26,7 @@ from monossl import __version__, runs
 from monossl.errors import UserError
 from monossl.eval.results import ProbeResult
 from monossl.models import load_trunk
-from monossl.models.export import (
-    check_exportable, check_format, export_state_dict, library_version, loading_snippet)
+from monossl.models.export import check_exportable, check_format, export_state_dict, library_version, loading_snippet
 from monossl.models.trunks import MEAN, STD
 
 EXPORT_FORMAT = "monossl.export/1"

@@ -82,7 +82,8 @@ def results_markdown(result: ProbeResult) -> str:
     ms = ",".join(map(str, p["milestones"])) or "none"
     lines = [
         f"Linear probes, protocol `{p['name']}` ({p['epochs']} epochs, lr {p['lr']:g} x{p['gamma']:g} after {ms}, "
-        f"wd {p['weight_decay']:g}, batch {p['batch_size']}, train aug {p['train_aug']}, test crops {p['test_crops']}); "
+        f"wd {p['weight_decay']:g}, batch {p['batch_size']}, train aug {p['train_aug']}, "
+        f"test crops {p['test_crops']}); "
         f"trunk {tr['arch']}{' (' + source + ')' if source else ''}; data {result['dataset']} "
         f"({result['n_train']} train / {result['n_test']} test); seed {result['seed']}. "
         f"Top-1/top-5 at the final epoch; best top-1 over epochs is extra (optimistic).",

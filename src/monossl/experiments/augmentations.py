@@ -24,9 +24,21 @@ from pathlib import Path
 
 from monossl import paper, runs
 from monossl.errors import UserError
-from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, cell_rows, cells, cells_csv,
-                                       check_table_settings, parse_rows, pretrained, run_rows, samples_seen,
-                                       seen_text)
+from monossl.experiments.table import (
+    Budget,
+    ReproduceConfig,
+    Row,
+    Table,
+    cell_rows,
+    cells,
+    cells_csv,
+    check_table_settings,
+    parse_rows,
+    pretrained,
+    run_rows,
+    samples_seen,
+    seen_text,
+)
 from monossl.models import load_trunk, random_trunk, save_trunk, trunk_config_from
 from monossl.pretrain import DEFAULT_BATCH, WHITEN_CONV1_ARCHS, PretrainConfig
 

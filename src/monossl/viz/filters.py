@@ -43,7 +43,6 @@ from monossl.models.whitening import conv1_input_patches, random_patches
 from monossl.viz.figures import new_figure, save_figure
 from monossl.viz.networks import Network
 
-
 # ---------------------------------------------------------------------------- filters
 
 
@@ -248,7 +247,8 @@ def filters_figure(networks: list[Network], scale: int = 4, ncols: int | None = 
     per_row = 2 * PAIRS_PER_ROW if len(panels) > len(networks) else len(panels)
     n_rows = math.ceil(len(panels) / per_row)
     height = max(g.shape[0] for g, _ in panels)
-    widths = [max(panels[i][0].shape[1] for i in range(c, len(panels), per_row)) for c in range(min(per_row, len(panels)))]
+    widths = [max(panels[i][0].shape[1] for i in range(c, len(panels), per_row))
+              for c in range(min(per_row, len(panels)))]
     inch = 2.6 / max(height, 1)  # every grid about 2.6 in tall
     fig = new_figure((max(sum(widths) * inch + 0.4 * len(widths), 3), 3.3 * n_rows))
     axes = fig.subplots(n_rows, len(widths), gridspec_kw={"width_ratios": widths}, squeeze=False)

@@ -79,7 +79,8 @@ def layer_bars_figure(table: dict, paper: dict | None = None, title: str | None 
             py = [float(v) for v in pp if v is not None]
             values += py
             ax.plot(px, py, linestyle="none", marker="D", markersize=6, markerfacecolor="black",
-                    markeredgecolor="white", label="paper" if "paper" not in ax.get_legend_handles_labels()[1] else None)
+                    markeredgecolor="white",
+                    label="paper" if "paper" not in ax.get_legend_handles_labels()[1] else None)
     ax.set_xticks(x, taps)
     ax.set_ylabel(ylabel)
     if values:  # bars start at 0 (honest lengths)
@@ -88,7 +89,8 @@ def layer_bars_figure(table: dict, paper: dict | None = None, title: str | None 
     ax.set_axisbelow(True)
     handles, names = ax.get_legend_handles_labels()
     order = [i for i, k in enumerate(names) if k != "paper"] + [i for i, k in enumerate(names) if k == "paper"]
-    ax.legend([handles[i] for i in order], [names[i] for i in order], fontsize=8, ncol=min(3, n + 1), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
+    ax.legend([handles[i] for i in order], [names[i] for i in order], fontsize=8, ncol=min(3, n + 1),
+              loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
     return fig

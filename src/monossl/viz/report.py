@@ -128,7 +128,8 @@ def table_from_results(data: dict, source: str) -> Table:
     for row, cells in data["table"].items():
         if not isinstance(cells, dict):
             raise UserError(f"{source}: row {row!r} of `table` is not a mapping tap -> value")
-        meta = (rows_info.get(row) or {}).get("trunk", {}).get("meta", {}) if isinstance(rows_info.get(row), dict) else {}
+        meta = ((rows_info.get(row) or {}).get("trunk", {}).get("meta", {})
+                if isinstance(rows_info.get(row), dict) else {})
         t.ours[row] = {}
         given_paper = {}
         for tap, value in cells.items():

@@ -9,8 +9,8 @@ where F_l is the activation of tap l (after its ReLU, `trunk.taps`), G_l = F F^T
 Gram matrix, w_l = 1 / (number of style taps), |.| the Frobenius norm. Both losses are
 *relative* errors, so they mean the same for every trunk whatever the scale of its activations
 (a random trunk's and a trained one's differ by orders of magnitude), and the default weights
-carry over: the style loss of the content image itself is typically 0.3 to 1. L-BFGS on the pixels, in rounds of 20 iterations
-with the pixels clamped to [0, 1] between rounds.
+carry over: the style loss of the content image itself is typically 0.3 to 1. L-BFGS on the pixels, in rounds of 20
+iterations with the pixels clamped to [0, 1] between rounds.
 
 The trunk is copied, put in eval mode (BatchNorm uses its running statistics) and frozen;
 by default its max-pools are replaced by average pools of the same size (Gatys et al.'s
