@@ -67,7 +67,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.seeds is not None and args.seed != 0:
         raise UserError("give --seed or --seeds, not both")

@@ -50,7 +50,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     result = distill(DistillationConfig(
         teacher=args.teacher, out=args.out, images=args.image, data=args.data, eval_data=args.eval_data,
         preset=args.preset, patch_size=args.patch_size, arch=args.arch, widths=args.widths, steps=args.steps,

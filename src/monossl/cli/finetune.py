@@ -52,7 +52,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     # a stopped run (stop_after) has printed how to resume it; either way the command succeeded
     finetune(FinetuneConfig(
         run_dir=args.run_dir, data=args.data, freeze=args.freeze, out=args.out, steps=args.steps,

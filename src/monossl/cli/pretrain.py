@@ -83,7 +83,7 @@ def parse_sizes(option: str, text: str) -> tuple[int, int]:
     return a, b
 
 
-def config_from(args) -> PretrainConfig:
+def config_from(args: argparse.Namespace) -> PretrainConfig:
     from monossl.data.patch_config import parse_overrides
 
     patch_overrides = parse_overrides(args.patch, "--patch")
@@ -100,7 +100,7 @@ def config_from(args) -> PretrainConfig:
         progress=False if args.quiet else None)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from monossl.distributed import is_main
 
     config = config_from(args)

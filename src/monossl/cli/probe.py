@@ -7,6 +7,7 @@ calls `monossl.eval.probe.probe`, which prints the table and writes OUT/results.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from monossl.cli import positive
@@ -15,7 +16,7 @@ from monossl.errors import UserError
 from monossl.eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS, check_trunk, get_protocol
 
 
-def configure(parser) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", nargs="?", help="a run directory (its trunk.pt) or a trunk checkpoint file")
     parser.add_argument("--random", action="store_true", help="probe a randomly initialised trunk (from --seed)")
     parser.add_argument("--arch", default=None, help="trunk architecture: for --random (default: the protocol's), "
@@ -61,7 +62,7 @@ def parse_ks(text: str | None) -> tuple[int, ...]:
     return ks
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from monossl.data.datasets import load_pair, subset
     from monossl.device import resolve_device
     from monossl.distributed import is_main, setup

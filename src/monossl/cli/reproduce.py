@@ -63,7 +63,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dc-patches", type=positive(), default=None, help=argparse.SUPPRESS)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     table = EXPERIMENTS[args.experiment](ReproduceConfig(
         method=args.method, budget=args.budget, images=args.image, data=args.data,
         eval_data=args.eval_data.split(",") if args.eval_data else None,

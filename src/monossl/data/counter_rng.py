@@ -9,6 +9,7 @@ The slot constants say which random number of a patch drives what (data/patch_pa
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 _G = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -35,7 +36,7 @@ def patch_keys(seed: int, indices: np.ndarray) -> np.ndarray:
         return mix(key ^ mix(indices.astype(np.uint64) + _G))
 
 
-def key_uniforms(keys: np.ndarray, slots) -> np.ndarray:
+def key_uniforms(keys: np.ndarray, slots: npt.ArrayLike) -> np.ndarray:
     """(len(keys), len(slots)) float64 uniforms in [0, 1), 53 random bits each."""
     slots = np.asarray(slots, dtype=np.uint64)
     with np.errstate(over="ignore"):
@@ -43,6 +44,6 @@ def key_uniforms(keys: np.ndarray, slots) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * (2.0 ** -53)
 
 
-def uniforms(seed: int, indices, slots) -> np.ndarray:
+def uniforms(seed: int, indices: npt.ArrayLike, slots: npt.ArrayLike) -> np.ndarray:
     """The raw random numbers of patches `indices` (for tests and tools)."""
     return key_uniforms(patch_keys(int(seed), np.asarray(indices, dtype=np.int64)), slots)

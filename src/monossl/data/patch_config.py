@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from monossl.errors import UserError
@@ -76,17 +77,17 @@ class PatchConfig:
     def validate(self) -> PatchConfig:
         """Raise UserError (one line) for a value that makes no sense; return self."""
 
-        def num(name, value):
+        def num(name: str, value: object):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise UserError(f"{name} must be a finite number, not {value!r}")
             return float(value)
 
-        def prob(name):
+        def prob(name: str):
             v = num(name, getattr(self, name))
             if not 0.0 <= v <= 1.0:
                 raise UserError(f"{name} must be a probability in [0, 1], not {v}")
 
-        def pair(name, low_ok):
+        def pair(name: str, low_ok: bool):
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)) or len(value) != 2:
                 raise UserError(f"{name} must be two numbers (min, max), not {value!r}")
@@ -155,7 +156,7 @@ _PRESET_SWITCHES = {
 }
 
 
-def _preset_overrides(switches_on) -> dict:
+def _preset_overrides(switches_on: Collection[str]) -> dict:
     out = {}
     for switch, off in _SWITCH_OFF.items():
         if switch not in switches_on:
@@ -203,7 +204,7 @@ def parse_overrides(items: list[str], option: str) -> dict:
     return out
 
 
-def _parse_value(option: str, key: str, text: str, default):
+def _parse_value(option: str, key: str, text: str, default: object):
     """One override value typed like the field's default: bools as true/false (yes/no, on/off,
     1/0), pairs as `lo,hi` (also `(lo, hi)` or JSON's `[lo, hi]`), numbers as decimals or
     fractions such as 1/500."""

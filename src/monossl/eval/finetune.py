@@ -66,7 +66,7 @@ class FinetuneConfig:
     stop_after: int | None = None  # stop (checkpointed) after this many steps: tests and debugging
 
 
-def parse_freeze(text: str, taps) -> list[str]:
+def parse_freeze(text: str, taps: Sequence[str]) -> list[str]:
     """'conv1,conv2' -> ['conv1', 'conv2'], checked against the trunk's taps (in the trunk's order)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in taps]

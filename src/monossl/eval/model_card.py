@@ -79,7 +79,7 @@ def _probes(run: Path) -> list[dict]:
 
 
 def _facts(run: Path, fmt: str, arch: str, meta: dict, config: dict, probes: list[dict]) -> dict:
-    def fact(key, *alternatives):
+    def fact(key: str, *alternatives: str):
         for source, name in [(config, key), (meta, key), *((config, a) for a in alternatives),
                              *((meta, a) for a in alternatives)]:
             if source.get(name) is not None:

@@ -5,6 +5,7 @@ so every reader (reports, tables, resumed runs) keeps working; the types documen
 (No `from __future__ import annotations` here: `NotRequired` must be seen at runtime.)
 """
 
+from pathlib import Path
 from typing import NotRequired, TypedDict
 
 from monossl.runs import ensure_writable_dir, markdown_table, write_json, write_text
@@ -99,7 +100,7 @@ def results_markdown(result: ProbeResult) -> str:
     return text
 
 
-def write_results(out_dir, result: ProbeResult) -> None:
+def write_results(out_dir: str | Path, result: ProbeResult) -> None:
     """OUT_DIR/results.json and results.md, each written atomically."""
     out = ensure_writable_dir(out_dir)
     write_json(out / "results.json", result)

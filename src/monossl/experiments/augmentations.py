@@ -191,7 +191,7 @@ def findings(values: dict) -> list[dict]:
     """The paper's four findings (issue 5) checked on {row: {tap: top1}}; a finding whose rows are
     missing has holds=None."""
 
-    def get(row, tap):
+    def get(row: str, tap: str):
         return values.get(row, {}).get(tap)
 
     out = []
@@ -221,7 +221,7 @@ def findings(values: dict) -> list[dict]:
     return out
 
 
-def _mark(holds) -> str:
+def _mark(holds: bool | None) -> str:
     return {True: "holds", False: "does NOT hold", None: "not checked (rows missing)"}[holds]
 
 

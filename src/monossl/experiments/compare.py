@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -240,7 +241,8 @@ def _compare_seed(config: CompareConfig, seed: int, out: Path, rows: list[str]) 
     return Table(out, md, {}, ("table.md", "table.csv", "results.json", "table.png", "filters.png"))
 
 
-def _reference_run(config: CompareConfig, row: str, row_config, out: Path) -> Path:
+def _reference_run(config: CompareConfig, row: str, row_config: Callable[[str, Path], PretrainConfig],
+                   out: Path) -> Path:
     """A converged reference's run directory under `reference_dir`, named by everything that defines it:
     trained once (with learning curves, resumed when interrupted) and reused by every later table."""
     from monossl.eval.curves import CurveProbe

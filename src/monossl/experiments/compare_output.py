@@ -11,6 +11,7 @@ weights), then its mean ± sample sd over seeds is reported, with every seed's v
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from monossl import runs
@@ -45,7 +46,7 @@ def split_gains(table: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[
     return out
 
 
-def _splits_markdown(splits: dict, taps: list[str], fmt) -> str:
+def _splits_markdown(splits: dict, taps: list[str], fmt: Callable[[float], str]) -> str:
     """One seed's split as a Markdown table under its caption ("" without splits)."""
     if not splits:
         return ""

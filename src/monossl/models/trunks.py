@@ -34,12 +34,12 @@ class Sobel(nn.Module):
         self.register_buffer("grey", grey)
         self.register_buffer("kernels", torch.stack([sx, sx.t()]).unsqueeze(1))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor):
         g = F.conv2d(x, self.grey)
         return F.conv2d(g, self.kernels, padding=1)
 
 
-def conv_block(cin, cout, kernel, stride=1, padding=None):
+def conv_block(cin: int, cout: int, kernel: int, stride: int = 1, padding: int | None = None):
     padding = kernel // 2 if padding is None else padding
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False),
@@ -72,11 +72,11 @@ class Trunk(nn.Module):
         """The first convolution (for filter visualisation)."""
         return self.stages["conv1"][0]
 
-    def _input(self, x):
+    def _input(self, x: torch.Tensor):
         x = (x - self.mean) / self.std
         return self.sobel(x) if self.sobel is not None else x
 
-    def taps(self, x, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def taps(self, x: torch.Tensor, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         names = list(self.tap_names if names is None else names)
         unknown = [n for n in names if n not in self.stages]
         if unknown:
@@ -92,7 +92,7 @@ class Trunk(nn.Module):
                 break
         return out
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor):
         h = self._input(x)
         for stage in self.stages.values():
             h = stage(h)
@@ -110,7 +110,7 @@ class CifarTrunk(Trunk):
     arch = "cifar"
     input_size = 32
 
-    def __init__(self, widths=(32, 64, 128, 256), conv1_kernel: int = 3, sobel: bool = False):
+    def __init__(self, widths: Sequence[int] = (32, 64, 128, 256), conv1_kernel: int = 3, sobel: bool = False):
         cin = 2 if sobel else 3
         w1, w2, w3, w4 = widths
         stages = [

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid
 
 from monossl.errors import UserError
+from monossl.models.trunks import Sobel, Trunk
 from monossl.models.whitening import conv1_input_patches, random_patches
 from monossl.viz.figures import new_figure, save_figure
 from monossl.viz.networks import Network
@@ -58,7 +59,7 @@ def bn_shift(bn: nn.BatchNorm2d) -> torch.Tensor:
     return (beta - bn.running_mean * bn_scale(bn)).detach()
 
 
-def conv1_bn(trunk) -> nn.BatchNorm2d | None:
+def conv1_bn(trunk: Trunk) -> nn.BatchNorm2d | None:
     """The BatchNorm that follows conv1 (None if the trunk has none)."""
     stage = trunk.stages["conv1"]
     for m in list(stage)[1:]:
@@ -69,7 +70,7 @@ def conv1_bn(trunk) -> nn.BatchNorm2d | None:
     return None
 
 
-def sobel_effective(weight: torch.Tensor, sobel) -> torch.Tensor:
+def sobel_effective(weight: torch.Tensor, sobel: Sobel) -> torch.Tensor:
     """Compose conv1 weights (C, 2, k, k) acting on Sobel gradients with the Sobel front-end.
 
     The front-end is grey = sum_c g_c x_c (1x1), then two 3x3 cross-correlations K_j; conv1
@@ -84,7 +85,7 @@ def sobel_effective(weight: torch.Tensor, sobel) -> torch.Tensor:
     return eff * grey
 
 
-def conv1_filters(trunk, fold_bn: bool = True) -> torch.Tensor:
+def conv1_filters(trunk: Trunk, fold_bn: bool = True) -> torch.Tensor:
     """conv1's filters as (C, 3, k, k) RGB kernels on the trunk's normalised input.
 
     fold_bn: multiply each filter by its BatchNorm scale gamma / sqrt(running_var + eps).
@@ -160,7 +161,7 @@ def filter_grid(filters: torch.Tensor, scale: int = 4, pad: int = 1, ncols: int 
 
 
 @torch.no_grad()
-def patch_covariance(trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0,
+def patch_covariance(trunk: Trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0,
                      rgb: bool = False) -> torch.Tensor:
     """Covariance (D x D, float64; centred, divided by N) of up to `n_patches` random k x k patches of
     `images` (B, 3, H, W) in [0, 1] as conv1 sees them (after the input normalisation and the Sobel
@@ -194,7 +195,7 @@ def activation_patterns(filters: torch.Tensor, covariance: torch.Tensor) -> torc
     return (covariance.double() @ flat.T).T.to(filters.dtype).reshape(filters.shape)
 
 
-def conv1_patterns(trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0) -> torch.Tensor:
+def conv1_patterns(trunk: Trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0) -> torch.Tensor:
     """The activation patterns of `conv1_filters(trunk)` on `images` (same shape): in the space they
     are drawn in, so a Sobel trunk's are RGB (k + 2) x (k + 2) patterns (`patch_covariance(rgb=True)`)."""
     return activation_patterns(conv1_filters(trunk), patch_covariance(trunk, images, n_patches, seed, rgb=True))
@@ -263,7 +264,7 @@ def filters_figure(networks: list[Network], scale: int = 4, ncols: int | None = 
     return fig
 
 
-def write_filters(networks: list[Network], out, scale: int = 4, ncols: int | None = None,
+def write_filters(networks: list[Network], out: str | Path, scale: int = 4, ncols: int | None = None,
                   title: str | None = None, patterns: list | None = None) -> Path:
     """Write `filters_figure` (with activation patterns for networks that carry `pattern_images`)."""
     if not networks:

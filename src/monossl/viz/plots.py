@@ -8,6 +8,7 @@ numbers are black markers, so no information is carried by colour alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,12 +97,13 @@ def layer_bars_figure(table: dict, paper: dict | None = None, title: str | None 
     return fig
 
 
-def write_layer_bars(table: dict, out, paper: dict | None = None, title: str | None = None,
+def write_layer_bars(table: dict, out: str | Path, paper: dict | None = None, title: str | None = None,
                      row_labels: dict | None = None, errors: dict | None = None) -> Path:
     return save_figure(layer_bars_figure(table, paper, title, row_labels, errors=errors), out)
 
 
-def methods_figure(values: dict, methods, title: str | None = None, ylabel: str = "linear-probe top-1 (%)",
+def methods_figure(values: dict, methods: Sequence[str], title: str | None = None,
+                   ylabel: str = "linear-probe top-1 (%)",
                    data_label: str = "dataset"):
     """One panel per tap; in each, every method's one-image row (filled circle) beside the same method
     on the dataset (`<method>-data`, open square), with the random trunk (dashed) and supervision
@@ -162,7 +164,7 @@ def ranked_bars_figure(values: dict[str, tuple[float, float | None]], xlabel: st
     return fig
 
 
-def read_run_config(run_dir) -> dict:
+def read_run_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir}: no config.json (not a run directory)")
@@ -204,7 +206,7 @@ def run_patch_title(config: dict, n: int) -> str:
             f"{cfg.get('size', '?')} px, seed {config.get('seed', 0)}")
 
 
-def write_contact_sheet(run_dir, out, n: int = 64, ncols: int | None = None) -> Path:
+def write_contact_sheet(run_dir: str | Path, out: str | Path, n: int = 64, ncols: int | None = None) -> Path:
     """Contact sheet of a run's first n training patches (from its config.json)."""
     config = read_run_config(run_dir)
     patches = patches_from_config(config, n)
@@ -238,6 +240,6 @@ def learning_curves_figure(records: list[dict], title: str | None = None, ylabel
     return fig
 
 
-def write_learning_curves(records: list[dict], out, title: str | None = None,
+def write_learning_curves(records: list[dict], out: str | Path, title: str | None = None,
                           ylabel: str = "validation top-1 (%)") -> Path:
     return save_figure(learning_curves_figure(records, title, ylabel), out)
