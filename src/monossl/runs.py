@@ -173,7 +173,7 @@ def write_jsonl(path: str | Path, records: list[dict]) -> None:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read metrics.jsonl, ignoring a last line cut short by a crash."""
-    records = []
+    records: list[dict] = []
     if not Path(path).exists():
         return records
     for line in Path(path).read_text().splitlines():

@@ -53,7 +53,7 @@ Every problem with what is found raises `UserError` with one line naming where a
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection
 from functools import partial
 from pathlib import Path
 
@@ -138,7 +138,7 @@ def _has_image(d: Path, exts: tuple[str, ...]) -> bool:
     return False
 
 
-def _list(items: Sequence[str], limit: int = 5) -> str:
+def _list(items: Collection[str], limit: int = 5) -> str:
     items = sorted(items)
     return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 

@@ -100,7 +100,7 @@ def remove_partial_files(folder: Path) -> set[str]:
     return left
 
 
-_WORKER = {}
+_WORKER: dict = {}
 
 
 def _worker_init(stream: PatchStream, folder: Path, fmt: str, quality: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from monossl.errors import UserError
@@ -87,7 +87,7 @@ class PatchConfig:
             if not 0.0 <= v <= 1.0:
                 raise UserError(f"{name} must be a probability in [0, 1], not {v}")
 
-        def pair(name: str, low_ok: bool):
+        def pair(name: str, low_ok: Callable[[float, float], bool]):
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)) or len(value) != 2:
                 raise UserError(f"{name} must be two numbers (min, max), not {value!r}")
@@ -157,7 +157,7 @@ _PRESET_SWITCHES = {
 
 
 def _preset_overrides(switches_on: Collection[str]) -> dict:
-    out = {}
+    out: dict = {}
     for switch, off in _SWITCH_OFF.items():
         if switch not in switches_on:
             out.update(off)

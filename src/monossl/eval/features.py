@@ -168,7 +168,7 @@ class FeatureRunner:
                        dtype: torch.dtype = torch.float32):
         # Reused gather buffers: fresh multi-MB tensors every step cost page faults (sys time) on CPU.
         # Reusing them is safe: the previous step's backward is done before the next gather.
-        bufs = {}
+        bufs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for idx in batches:
             feats = {}
             for k, v in cache.items():

@@ -70,6 +70,7 @@ class ProbeResult(TypedDict):
     # added by the table runners to a row's results.json
     row_seconds: NotRequired[float]
     row_seconds_note: NotRequired[str]
+    seen: NotRequired[dict | None]  # table.samples_seen: how much data the row's trunk saw
 
 
 def results_markdown(result: ProbeResult) -> str:

@@ -210,7 +210,7 @@ def run_rows(rows: list[Row]) -> RowResults:
 def cells(results: dict, rows: list[str], taps: Sequence[str], paper_of: Callable[[str], dict]) -> dict:
     """{row: {tap: {"ours", "paper", "diff"}}} for the rows with results; paper_of(row) -> {tap: the
     paper's top-1}."""
-    table = {}
+    table: dict = {}
     for row in rows:
         if row not in results:
             continue

@@ -27,6 +27,9 @@ STD = (0.229, 0.224, 0.225)
 class Sobel(nn.Module):
     """Fixed greyscale + Sobel x/y front-end: 3 RGB channels -> 2 gradient channels."""
 
+    grey: torch.Tensor
+    kernels: torch.Tensor
+
     def __init__(self):
         super().__init__()
         grey = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
@@ -53,6 +56,8 @@ class Trunk(nn.Module):
 
     arch: str = "trunk"
     input_size: int = 32
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, stages: list[tuple[str, nn.Module]], head: nn.Module, feature_dim: int, sobel: bool):
         super().__init__()

@@ -40,7 +40,7 @@ def zca_matrix(patches: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
 
 
 @torch.no_grad()
-def random_patches(x: torch.Tensor, kernel_size: int | tuple[int, int], n_patches: int = 100_000,
+def random_patches(x: torch.Tensor, kernel_size: int | tuple[int, ...], n_patches: int = 100_000,
                    seed: int = 0) -> torch.Tensor:
     """Up to `n_patches` random kernel_size patches (stride 1, no padding) of `x` (B, C, H, W), as rows
     (N, C * kh * kw) flattened like a conv weight: the rows of `F.unfold(x)` (all B * L patches) picked

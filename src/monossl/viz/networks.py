@@ -31,7 +31,7 @@ class Network:
     """A trunk with what identifies it: label for figures, meta, run directory (if any)."""
 
     label: str
-    trunk: torch.nn.Module
+    trunk: Trunk
     meta: dict = field(default_factory=dict)
     run_dir: Path | None = None
     config: dict = field(default_factory=dict)

@@ -147,7 +147,7 @@ def stylize(trunk: Trunk, content: str | Path | torch.Tensor, style: str | Path 
         c = (feats[content_tap] - target_content).pow(2).sum() / content_norm
         return s, c
 
-    history = []
+    history: list[tuple[int, float, float]] = []
     optimizer = torch.optim.LBFGS([x], lr=1.0, max_iter=ROUND, history_size=50,
                                   tolerance_grad=0.0, tolerance_change=0.0)
 
