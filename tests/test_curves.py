@@ -24,7 +24,9 @@ def test_validation_split_is_disjoint_balanced_and_from_train(cifar_subset_dir):
     a, b = validation_split(train, 200, 100, seed=0)
     assert len(a) == 200 and len(b) == 100
     assert torch.bincount(b.labels, minlength=10).tolist() == [10] * 10
-    rows = lambda d: {bytes(img.numpy()) for img in d.images}
+    def rows(d):
+        return {bytes(img.numpy()) for img in d.images}
+
     assert not rows(a) & rows(b)  # no image in both parts
     assert rows(a) | rows(b) <= rows(train)  # both from the training images
     a2, b2 = validation_split(train, 200, 100, seed=0)

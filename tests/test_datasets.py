@@ -100,7 +100,8 @@ def test_search_cache_dir(tmp_path, no_search):
 
 
 def test_missing_dataset_cli(capsys, tmp_path, no_search):
-    line = cli_error(capsys, ["probe", "--random", "--arch", "cifar", "--data", "cifar10", "--out", str(tmp_path / "o")])
+    line = cli_error(capsys, ["probe", "--random", "--arch", "cifar", "--data", "cifar10",
+                              "--out", str(tmp_path / "o")])
     assert "CIFAR-10 not found" in line and str(no_search) in line and "MONOSSL_DATA" in line
     assert "cifar10:PATH" in line
     line = cli_error(capsys, ["probe", "--random", "--out", str(tmp_path / "o"), "--data", f"cifar10:{tmp_path}/nope"])

@@ -220,7 +220,8 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
     assert torch.equal(whole.labels, resumed.labels)
 
     def log(run):
-        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in read_jsonl(tmp_path / run / "metrics.jsonl")]
+        return [{k: v for k, v in r.items() if not k.endswith("_s")}
+                for r in read_jsonl(tmp_path / run / "metrics.jsonl")]
 
     log_a, log_b = log("a"), log("b")
     assert log_a == log_b

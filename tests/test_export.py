@@ -13,8 +13,8 @@ import torch
 import torchvision
 
 from monossl.cli import main
-from monossl.eval.model_card import export
 from monossl.errors import UserError
+from monossl.eval.model_card import export
 from monossl.models import build_trunk, save_trunk
 from monossl.models.trunks import MEAN, STD
 from monossl.runs import write_json

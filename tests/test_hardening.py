@@ -376,7 +376,8 @@ def test_11_ctrl_c_without_resume_option_prints_the_same_command(tmp_path, capsy
 def test_12_an_image_name_with_a_comma(tmp_path):
     image = tmp_path / "holiday, day 2.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(image)
-    assert main(["generate", "--image", str(image), "--count", "2", "--workers", "1", "--out", str(tmp_path / "g")]) == 0
+    assert main(["generate", "--image", str(image), "--count", "2", "--workers", "1",
+                 "--out", str(tmp_path / "g")]) == 0
     assert main(pretrain_argv(tmp_path / "r")[:4] + [str(image)] + pretrain_argv(tmp_path / "r")[5:]) == 0
 
 

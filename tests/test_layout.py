@@ -17,10 +17,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "monossl"
 LAYERS = {
     "__init__": 0, "errors": 0, "seeds": 0, "paper": 0, "runs": 0, "device": 0, "distributed": 0,
     "data": 1, "models": 1,
-    "methods": 2, "train": 2, "tracking": 2, "pretrain": 2,
-    "eval": 3, "viz": 3,
-    "experiments": 4,
-    "cli": 5,
+    "methods": 2,
+    "train": 3, "tracking": 3,
+    "pretrain": 4,
+    "eval": 5, "viz": 5,
+    "experiments": 6,
+    "cli": 7,
 }
 MAX_LINES = 400
 
@@ -44,7 +46,8 @@ def _imports(path: Path, name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative import
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
             if base.startswith("monossl"):
                 found.add(base)
                 found |= {f"{base}.{a.name}" for a in node.names}  # `from monossl import runs` imports a module

@@ -19,7 +19,6 @@ from monossl.viz.networks import Network
 
 from conftest import is_drawn_figure
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

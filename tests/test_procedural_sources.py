@@ -214,10 +214,11 @@ def test_every_method_trains_a_step_on_every_source(method, tmp_path, random_tea
 
 
 def test_the_sources_contact_sheet_is_drawn(tmp_path, one_thread):
-    from conftest import is_drawn_figure
-
     from monossl.viz.figures import save_figure
     from monossl.viz.plots import sources_figure
 
-    out = save_figure(sources_figure(["procedural:fractal:one", "procedural:spectral"], size=16, count=8), tmp_path / "s.png")
+    from conftest import is_drawn_figure
+
+    figure = sources_figure(["procedural:fractal:one", "procedural:spectral"], size=16, count=8)
+    out = save_figure(figure, tmp_path / "s.png")
     assert is_drawn_figure(out, min_side=150)

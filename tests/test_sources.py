@@ -100,7 +100,7 @@ def test_split_specs():
 def test_images_command_lists_builtins(capsys):
     assert cli.main(["images"]) == 0
     out = capsys.readouterr().out
-    for name, info in BUILTINS.items():
+    for name in BUILTINS:
         assert f"builtin:{name}" in out
     assert f"builtin:{DEFAULT_IMAGE}*" in out
     assert "512x512" in out and "public domain" in out

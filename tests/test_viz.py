@@ -44,7 +44,7 @@ def test_filter_grid_size_and_normalisation():
     assert grid.min() >= 0 and grid.max() <= 1
     assert (grid[0] == 1).all() and (grid[:, 0] == 1).all() and (grid[16] == 1).all()  # white gaps
     # each cell holds its filter, min-max normalised on its own and enlarged 3x (nearest)
-    for i, (row, col) in enumerate([(0, 0), (0, 2), (1, 1), (2, 1)]):
+    for row, col in [(0, 0), (0, 2), (1, 1), (2, 1)]:
         k = 4 * row + col
         cell = torch.from_numpy(grid[1 + row * 16:1 + row * 16 + 15, 1 + col * 16:1 + col * 16 + 15].copy())
         lo, hi = f[k].min(), f[k].max()
@@ -53,7 +53,8 @@ def test_filter_grid_size_and_normalisation():
     assert (grid[1 + 2 * 16:, 1 + 2 * 16:] == 1).all()  # the last row's cells after filter 9 stay empty
     flat = filters.filter_grid(f, scale=1, pad=0, ncols=10)
     assert flat.shape == (5, 50, 3)
-    torch.testing.assert_close(torch.from_numpy(flat[:, 45:50].copy()), filters.normalise_filters(f)[9].permute(1, 2, 0))
+    torch.testing.assert_close(torch.from_numpy(flat[:, 45:50].copy()),
+                               filters.normalise_filters(f)[9].permute(1, 2, 0))
 
 
 def test_filters_figure_labels_from_meta(tiny_run):
@@ -257,7 +258,8 @@ def test_report_numbers_equal_the_results_files(tiny_run, tmp_path):
                     assert line[header.index(f"{tap} (paper)")] == ""
 
     check(ours, table, {"random": "Random features", "supervised": "Fully supervised"})
-    probe_cells = {"bigan, coffee, rotation+scale": {t: v["top1"] for t, v in json.loads(probe.read_text())["taps"].items()}}
+    probe_taps = json.loads(probe.read_text())["taps"]
+    probe_cells = {"bigan, coffee, rotation+scale": {t: v["top1"] for t, v in probe_taps.items()}}
     check(probes, probe_cells, {"bigan, coffee, rotation+scale": "Rot. & scale"})
     assert probes[1][0][0].startswith("bigan, coffee, rotation+scale")
     # the paper's table is reproduced as in PAPER.md

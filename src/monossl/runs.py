@@ -31,10 +31,10 @@ import os
 import platform
 import re
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 from monossl.errors import UserError, first_line
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -54,7 +54,7 @@ def _disk_full(exc: BaseException | None) -> int | None:
 
 
 @contextlib.contextmanager
-def writing(path, partial=None):
+def writing(path: str | Path, partial: str | Path | None = None):
     """Turn a full disk inside the block into a one-line UserError naming `path`, after removing
     `partial` (the half-written file, if any); every other error passes through."""
     try:
@@ -70,7 +70,7 @@ def writing(path, partial=None):
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,28 +88,28 @@ def atomic_path(path):
         raise
 
 
-def write_bytes(path, data: bytes) -> None:
+def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
-def write_text(path, text: str) -> None:
+def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
-def write_json(path, obj) -> None:
+def write_json(path: str | Path, obj: object) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def save_torch(path, obj) -> None:
+def save_torch(path: str | Path, obj: object) -> None:
     import torch
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)  # through a Python file, so that a full disk surfaces as its OSError
 
 
-def load_torch(path, what: str = "checkpoint"):
+def load_torch(path: str | Path, what: str = "checkpoint"):
     """A `torch.save`d file, loaded without running code from it (weights_only=True: tensors and
     plain values only). A missing, corrupt, truncated or code-carrying file is a one-line UserError
     that says what the file is not (torch's own text suggests weights_only=False: never shown)."""
@@ -137,7 +137,7 @@ def load_torch(path, what: str = "checkpoint"):
         raise UserError(f"{path} is not a readable {what} (truncated or corrupt)") from None
 
 
-def read_json(path, what: str = "file"):
+def read_json(path: str | Path, what: str = "file"):
     """A JSON object written by `write_json`; a corrupt or truncated file is a one-line UserError."""
     path = Path(path)
     try:
@@ -151,7 +151,7 @@ def read_json(path, what: str = "file"):
     return obj
 
 
-def _json_default(obj):
+def _json_default(obj: object):
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "tolist"):
@@ -161,19 +161,19 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def append_jsonl(path, record: dict) -> None:
+def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one line; a line is written with one call so a crash can cut at most that line."""
     with writing(path), open(path, "a") as f:
         f.write(json.dumps(record, default=_json_default) + "\n")
 
 
-def write_jsonl(path, records: list[dict]) -> None:
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
 
 
-def read_jsonl(path) -> list[dict]:
+def read_jsonl(path: str | Path) -> list[dict]:
     """Read metrics.jsonl, ignoring a last line cut short by a crash."""
-    records = []
+    records: list[dict] = []
     if not Path(path).exists():
         return records
     for line in Path(path).read_text().splitlines():
@@ -190,7 +190,7 @@ def curve_records(records: list[dict], event: str = "probe") -> list[dict]:
     return sorted((r for r in records if r.get("event") == event), key=lambda r: r["step"])
 
 
-def changed_settings(previous: dict, current: dict, ignore=()) -> list[str]:
+def changed_settings(previous: dict, current: dict, ignore: Collection[str] = ()) -> list[str]:
     """The keys of `current` whose value differs from `previous` (compared as JSON, so tuples and
     lists alike; nested dicts name their differing keys as `outer.inner`). Keys `previous` does not
     hold (written by an older version) and keys in `ignore` are not compared."""
@@ -206,7 +206,8 @@ def changed_settings(previous: dict, current: dict, ignore=()) -> list[str]:
     return changed
 
 
-def check_settings(path, settings: dict, refusal: str, ignore=(), what: str = "settings") -> bool:
+def check_settings(path: str | Path, settings: dict, refusal: str, ignore: Collection[str] = (),
+                   what: str = "settings") -> bool:
     """The one check that a directory's outputs come from one set of settings.
 
     If `path` exists, raise UserError(`refusal` with {changed} replaced by the differing keys) when
@@ -222,7 +223,7 @@ def check_settings(path, settings: dict, refusal: str, ignore=(), what: str = "s
     return True
 
 
-def ensure_writable_dir(path) -> Path:
+def ensure_writable_dir(path: str | Path) -> Path:
     """Create `path` (and parents) or fail with a one-line error naming it."""
     path = Path(path)
     try:
@@ -238,7 +239,7 @@ def ensure_writable_dir(path) -> Path:
 _LOCKS: dict[str, int] = {}  # run directory -> open .lock file descriptor
 
 
-def lock_run_dir(path) -> Path:
+def lock_run_dir(path: str | Path) -> Path:
     """Create the run directory `path` (as `ensure_writable_dir`) and claim it for this process,
     until `unlock_run_dirs()` (the CLI calls it when a command ends) or the process exits.
 
@@ -286,7 +287,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     try:
         import torchvision
@@ -300,7 +301,7 @@ def environment() -> dict:
 def markdown_table(header: list[str], rows: list[list]) -> str:
     """A GitHub-flavoured Markdown table; floats printed with one decimal."""
 
-    def cell(v):
+    def cell(v: object):
         if isinstance(v, float):
             return f"{v:.1f}"
         return "" if v is None else str(v)

@@ -52,7 +52,7 @@ def scalars(record: dict) -> dict[str, float]:
 
 
 @torch.no_grad()
-def conv1_filter_grid(trunk, scale: int = 4) -> torch.Tensor:
+def conv1_filter_grid(trunk: torch.nn.Module, scale: int = 4) -> torch.Tensor:
     """conv1's filters (the effective weight, U Z for a whitened conv1) tiled into one (3, H, W) image in
     [0, 1], each filter min-max normalised on its own; a conv1 that does not read RGB (a Sobel trunk's
     two gradient channels) is drawn in grey as its channels' sum. viz/filters.py draws the careful
@@ -79,7 +79,7 @@ class Tracker:
     `start(step)` opens the writers where the loop starts (0, or the step it resumes from); `log(record)`
     takes metrics.jsonl records; `image(tag, chw, step)`; `close()`. Only the main process writes."""
 
-    def __init__(self, run_dir, wandb_project: str | None = None, run_config: dict | None = None):
+    def __init__(self, run_dir: str | Path, wandb_project: str | None = None, run_config: dict | None = None):
         self.run_dir = Path(run_dir)
         self.wandb = import_wandb() if wandb_project else None  # refused before the run starts
         self.wandb_project, self.run_config = wandb_project, run_config or {}

@@ -39,7 +39,7 @@ COMMANDS = {
 }
 
 
-def positive(kind=int):
+def positive(kind: type[int] | type[float] = int):
     """The argparse type of every count, size and rate option: a number > 0 (finite), else a
     one-line error. Zero is refused, never read as "the default"."""
     noun = "integer" if kind is int else "number"
@@ -94,11 +94,11 @@ def _show_log(level: int):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors are user errors too: one line, exit 2
+    def error(self, message: str):  # argparse's own errors are user errors too: one line, exit 2
         raise UserError(message)
 
 
-def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
+def build_parser(commands: dict[str, str] = COMMANDS) -> argparse.ArgumentParser:
     parser = _Parser(prog="monossl", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"monossl {__version__}")
     # dest names of their own: several commands have a --quiet of their own (no progress bars)
@@ -116,7 +116,7 @@ def build_parser(commands=COMMANDS) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Import only the module of the command asked for (fast start, and a broken
     # optional dependency of one command does not break the others).

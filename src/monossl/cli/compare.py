@@ -38,7 +38,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated rows among {', '.join(MAIN_ROWS)} (and {', '.join(REFERENCE_ROWS)} "
                         "with --references; default: all of them)")
     p.add_argument("--widths", default=None, help="CIFAR trunk channels, e.g. 64,128,256,512 (default: the trunk's)")
-    p.add_argument("--conv1-kernel", type=positive(), default=None, help="CIFAR trunk conv1 kernel (default: the trunk's)")
+    p.add_argument("--conv1-kernel", type=positive(), default=None,
+                   help="CIFAR trunk conv1 kernel (default: the trunk's)")
     p.add_argument("--no-whiten-conv1", dest="whiten_conv1", action="store_false", default=None,
                    help="train conv1 in plain pixel coordinates (default: whitened by each row's own data)")
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
@@ -66,7 +67,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.seeds is not None and args.seed != 0:
         raise UserError("give --seed or --seeds, not both")

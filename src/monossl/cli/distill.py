@@ -13,7 +13,8 @@ from monossl.models import ARCHS
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True,
-                   help="a finished `monossl pretrain --method supervised` run, or torchvision:ARCH:WEIGHTS.pth[:size=S] "
+                   help="a finished `monossl pretrain --method supervised` run, "
+                        "or torchvision:ARCH:WEIGHTS.pth[:size=S] "
                         "(a local state-dict file; never downloaded)")
     p.add_argument("--out", required=True, help="run directory of the student (rerun with --resume to continue)")
     p.add_argument("--image", action="append", default=None,
@@ -21,7 +22,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "spectral: docs/procedural.md); repeat for several; "
                         "omit to distil through --data's images")
     p.add_argument("--data", default=None, help="distil through this dataset's training images (labels unused)")
-    p.add_argument("--eval-data", default="cifar10", help="labelled test split the student is scored on (default cifar10)")
+    p.add_argument("--eval-data", default="cifar10",
+                   help="labelled test split the student is scored on (default cifar10)")
     p.add_argument("--preset", default="all", help="augmentation preset of the patch stream (default all)")
     p.add_argument("--arch", default="cifar", help=f"student trunk: {', '.join(ARCHS)} (default cifar)")
     p.add_argument("--widths", default=None, help="CIFAR trunk: channels of conv1..conv4")
@@ -36,9 +38,11 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "unmixed images are mixed in the boxes' proportions")
     p.add_argument("--whiten-conv1", action=argparse.BooleanOptionalAction, default=None,
                    help="student conv1 in the source's whitened coordinates (default: pretrain's)")
-    p.add_argument("--eval-every", type=positive(), default=None, help="steps between evaluations (default: 10 per run)")
+    p.add_argument("--eval-every", type=positive(), default=None,
+                   help="steps between evaluations (default: 10 per run)")
     p.add_argument("--eval-subset", type=positive(), default=None,
-                   help="evaluations during training on a class-balanced subset of N test images (the final one uses all)")
+                   help="evaluations during training on a class-balanced subset of N test images "
+                        "(the final one uses all)")
     p.add_argument("--probe-every", type=positive(), default=None, help="also probe curves of every tap (as pretrain)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -47,7 +51,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     result = distill(DistillationConfig(
         teacher=args.teacher, out=args.out, images=args.image, data=args.data, eval_data=args.eval_data,
         preset=args.preset, patch_size=args.patch_size, arch=args.arch, widths=args.widths, steps=args.steps,

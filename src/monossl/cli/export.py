@@ -3,18 +3,20 @@ resnet18, with MODEL_CARD.md and export.json (monossl.eval.model_card)."""
 
 from __future__ import annotations
 
+import argparse
+
 from monossl.eval.model_card import export
 from monossl.models.export import FORMATS, loading_snippet
 
 
-def configure(parser) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="a run directory holding trunk.pt (resnet18 or resnet18-cifar)")
     parser.add_argument("--format", required=True, metavar="FORMAT",
                         help=f"the library to load into: {' or '.join(FORMATS)}")
     parser.add_argument("--out", default=None, help="output directory (default: RUN/export-FORMAT)")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     result = export(args.run, args.format, args.out)
     print(f"exported {result.facts['arch']} ({result.facts['method'] or 'unrecorded method'}) for "
           f"{args.format} -> {result.out}: weights.pth, MODEL_CARD.md, export.json")

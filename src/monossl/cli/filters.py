@@ -11,23 +11,26 @@ records it; otherwise `--pattern-data SPEC` (random trunks, a trunk.pt without i
 
 from __future__ import annotations
 
+import argparse
+
 from monossl.cli import positive
 from monossl.data.datasets import SPEC_HELP
 from monossl.errors import UserError
 from monossl.pretrain import WHITENING_SAMPLES
 from monossl.viz.figures import figure_format
 from monossl.viz.filters import conv1_filters, network_patterns, spatial_coherence, write_filters
-from monossl.viz.networks import data_images, networks, records_training_data, sample_side, training_images
+from monossl.viz.networks import Network, data_images, networks, records_training_data, sample_side, training_images
 
 # images per network for its patterns without --pattern-samples: WHITENING_SAMPLES (what pretrain whitens
 # conv1 with) of 32 px; AlexNet's 256-px samples are 64 times larger (4096 would be 3 GB), so fewer
 BIG_TRUNK_SAMPLES = 256
 
 
-def configure(parser) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="*", metavar="RUN",
                         help="run directories or trunk.pt files (or random / random:SEED)")
-    parser.add_argument("--out", default="filters.png", help="figure to write: .png, .pdf or .svg (default filters.png)")
+    parser.add_argument("--out", default="filters.png",
+                        help="figure to write: .png, .pdf or .svg (default filters.png)")
     parser.add_argument("--random", action="store_true", help="add a randomly initialised trunk (first panel)")
     parser.add_argument("--arch", default="cifar", help="architecture of random trunks (default cifar)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --random trunk (default 0)")
@@ -48,7 +51,7 @@ def configure(parser) -> None:
                              f"pretrain whitens conv1 with; {BIG_TRUNK_SAMPLES} for AlexNet)")
 
 
-def attach_pattern_images(nets, data: str | None, for_all: bool, samples: int | None) -> None:
+def attach_pattern_images(nets: list[Network], data: str | None, for_all: bool, samples: int | None) -> None:
     """Give each network the images of its patterns: its own training data, else (or with `for_all`) `data`."""
     made = {}  # (side, count) -> images of `data`, shared by networks of the same input
     for n in nets:
@@ -72,7 +75,7 @@ def attach_pattern_images(nets, data: str | None, for_all: bool, samples: int | 
                             f"give --pattern-data SPEC (e.g. cifar10 or builtin:astronaut)")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     figure_format(args.out)  # refuse a bad --out before loading anything
     if args.pattern_data_for_all and not args.pattern_data:
         raise UserError("--pattern-data-for-all needs --pattern-data SPEC")
@@ -85,7 +88,8 @@ def run(args) -> int:
     write_filters(nets, args.out, args.scale, args.cols, args.title, patterns)
     for n, pattern in zip(nets, patterns):
         f = conv1_filters(n.trunk)
-        line = f"{n.label}: {f.shape[0]} filters {f.shape[2]}x{f.shape[3]}, spatial coherence {spatial_coherence(f):.3f}"
+        line = (f"{n.label}: {f.shape[0]} filters {f.shape[2]}x{f.shape[3]}, "
+                f"spatial coherence {spatial_coherence(f):.3f}")
         if pattern is not None:
             line += (f"; activation patterns on {n.pattern_data} ({len(n.pattern_images)} images): "
                      f"spatial coherence {spatial_coherence(pattern):.3f}")

@@ -12,21 +12,24 @@ import argparse
 from monossl.cli import positive
 from monossl.data.datasets import SPEC_HELP
 from monossl.eval.finetune import FinetuneConfig, finetune
-from monossl.pretrain import defaults_of
 from monossl.eval.protocols import PROTOCOLS
 from monossl.methods.supervised import SupervisedConfig
+from monossl.pretrain import defaults_of
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="the pretrained run (a directory holding trunk.pt, or the file)")
     p.add_argument("--freeze", default="conv1,conv2",
-                   help="comma-separated layers kept as pretrained (weights and BatchNorm statistics); default conv1,conv2")
+                   help="comma-separated layers kept as pretrained (weights and BatchNorm statistics); "
+                        "default conv1,conv2")
     p.add_argument("--data", required=True, help=f"labelled dataset to fine-tune and probe on: {SPEC_HELP}")
     p.add_argument("--out", default=None, help="output directory (default RUN/finetune-<layers>)")
-    p.add_argument("--steps", type=positive(), default=None, help=f"fine-tuning steps (default {defaults_of('supervised').steps})")
+    p.add_argument("--steps", type=positive(), default=None,
+                   help=f"fine-tuning steps (default {defaults_of('supervised').steps})")
     p.add_argument("--epochs", type=positive(), default=None, help="fine-tuning epochs over --data's training images "
                    "(instead of --steps)")
-    p.add_argument("--batch-size", type=positive(), default=None, help=f"images per step (default {defaults_of('supervised').batch_size})")
+    p.add_argument("--batch-size", type=positive(), default=None,
+                   help=f"images per step (default {defaults_of('supervised').batch_size})")
     p.add_argument("--lr", type=positive(float), default=None,
                    help=f"base learning rate (default {SupervisedConfig.lr}; AlexNet 0.01)")
     p.add_argument("--image-size", type=positive(), default=None,
@@ -49,7 +52,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     # a stopped run (stop_after) has printed how to resume it; either way the command succeeded
     finetune(FinetuneConfig(
         run_dir=args.run_dir, data=args.data, freeze=args.freeze, out=args.out, steps=args.steps,

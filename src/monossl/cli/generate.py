@@ -10,6 +10,7 @@ Overrides: `--set KEY=VALUE` (repeatable) sets any PatchConfig field, e.g.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from monossl.data.patch_config import FILL_MODES, PRESETS, make_config, parse_ov
 from monossl.errors import UserError
 
 
-def configure(parser) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", action="append", metavar="SPEC",
                         help="source image: a file, builtin:NAME (see `monossl images`) or procedural:KIND "
                              "(docs/procedural.md); repeat it "
@@ -49,7 +50,7 @@ def configure(parser) -> None:
                              "1: all in this process)")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set, "--set")
     if "size" in overrides:
         raise UserError("give the patch size with --size, not --set size=...")

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+
 from monossl.data.sources import builtin_table
 
 
-def configure(parser) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--check", action="store_true",
         help="also load every image (verifies the bundled files are present and readable)",
     )
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     rows = [[row["name"] + ("*" if row["default"] else ""), f"{row['width']}x{row['height']}",
              row["licence"], row["description"]] for row in builtin_table(check=args.check)]
     header = ["name", "size", "licence", "description"]

@@ -25,14 +25,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="all", help="augmentation preset of the patch stream (default all)")
     p.add_argument("--patch", action="append", default=[], metavar="KEY=VALUE",
                    help="override a patch-stream parameter, e.g. --patch rotation_degrees=10")
-    p.add_argument("--patch-size", type=positive(), default=None, help="patch side S (default 32 for cifar, 256 for AlexNet)")
+    p.add_argument("--patch-size", type=positive(), default=None,
+                   help="patch side S (default 32 for cifar, 256 for AlexNet)")
     p.add_argument("--patch-device", default=None, help="where to make patches: cpu or cuda (default: --device)")
     p.add_argument("--num-patches", type=positive(), default=None,
                    help="use the stream's first N patches as a fixed training set (epochs); default: unlimited "
                         "(DeepCluster: 32768)")
     p.add_argument("--data", default=None, help=f"labelled dataset: {SPEC_HELP}")
     p.add_argument("--steps", type=positive(), default=None, help="training steps (default depends on the method)")
-    p.add_argument("--epochs", type=positive(), default=None, help="training epochs over a finite set (instead of --steps)")
+    p.add_argument("--epochs", type=positive(), default=None,
+                   help="training epochs over a finite set (instead of --steps)")
     p.add_argument("--batch-size", type=positive(), default=None, help="images per step (RotNet: x4 samples)")
     p.add_argument("--lr", type=positive(float), default=None, help="base learning rate (default: the method's)")
     p.add_argument("--crop-scale", default=None, metavar="MIN,MAX",
@@ -53,7 +55,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-every", type=positive(), default=None, metavar="N",
                    help="every N steps (and at steps 0 and the last), probe every tap on a validation split of "
                         "--probe-data's training images; logged in metrics.jsonl, drawn in learning_curves.png")
-    p.add_argument("--probe-data", default="cifar10", help="labelled dataset of the --probe-every curves (default cifar10)")
+    p.add_argument("--probe-data", default="cifar10",
+                   help="labelled dataset of the --probe-every curves (default cifar10)")
     p.add_argument("--probe-split", default="5000,1000", metavar="TRAIN,VAL",
                    help="sizes of the curves' class-balanced train/validation parts (default 5000,1000)")
     p.add_argument("--wandb", default=None, metavar="PROJECT",
@@ -86,9 +89,8 @@ def parse_sizes(option: str, text: str) -> tuple[int, int]:
     return a, b
 
 
-def config_from(args) -> PretrainConfig:
+def config_from(args: argparse.Namespace) -> PretrainConfig:
     from monossl.data.patch_config import parse_overrides
-
     from monossl.pretrain import method_class
 
     patch_overrides = parse_overrides(args.patch, "--patch")
@@ -107,7 +109,7 @@ def config_from(args) -> PretrainConfig:
         progress=False if args.quiet else None, wandb=args.wandb)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from monossl.distributed import is_main
 
     config = config_from(args)

@@ -9,6 +9,7 @@ written over without --overwrite.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from monossl.cli import positive
@@ -17,7 +18,7 @@ from monossl.errors import UserError
 from monossl.eval.protocols import DEFAULT_PROTOCOL, PROTOCOLS, check_trunk, get_protocol
 
 
-def configure(parser) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", nargs="?", help="a run directory (its trunk.pt) or a trunk checkpoint file")
     parser.add_argument("--random", action="store_true", help="probe a randomly initialised trunk (from --seed)")
     parser.add_argument("--arch", default=None, help="trunk architecture: for --random (default: the protocol's), "
@@ -27,7 +28,8 @@ def configure(parser) -> None:
     parser.add_argument("--data", default="cifar10", help=f"labelled dataset: {SPEC_HELP} (default: cifar10)")
     parser.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
                         help="probe protocol (default: cifar for the cifar trunk, asano-max for AlexNets)")
-    parser.add_argument("--epochs", type=positive(), default=None, help="override the protocol's epochs (milestones scale)")
+    parser.add_argument("--epochs", type=positive(), default=None,
+                        help="override the protocol's epochs (milestones scale)")
     parser.add_argument("--lr", type=positive(float), default=None, help="override the protocol's learning rate")
     parser.add_argument("--batch-size", type=positive(), default=None, help="override the protocol's batch size")
     parser.add_argument("--weight-decay", type=float, default=None, help="override the protocol's weight decay")
@@ -65,7 +67,7 @@ def parse_ks(text: str | None) -> tuple[int, ...]:
     return ks
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from monossl.data.datasets import load_pair, subset
     from monossl.device import resolve_device
     from monossl.distributed import is_main, setup

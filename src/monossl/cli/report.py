@@ -3,6 +3,7 @@ tables and figures (monossl.viz.report)."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from monossl.cli import positive
@@ -10,7 +11,7 @@ from monossl.errors import UserError
 from monossl.viz.report import build_report
 
 
-def configure(parser) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="RUN_OR_TABLE",
                         help="results.json files, run directories, compare/probe output directories")
     parser.add_argument("--out", required=True, help="output directory (report.md, report.html, PNGs)")
@@ -19,7 +20,7 @@ def configure(parser) -> None:
     parser.add_argument("--scale", type=positive(), default=4, help="enlargement of conv1 filter pixels (default 4)")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.patches < 0:
         raise UserError(f"--patches must be >= 0, got {args.patches}")
     result = build_report(args.inputs, args.out, args.title, args.patches, args.scale)

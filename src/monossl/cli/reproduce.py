@@ -48,8 +48,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     # overrides of the budget (tests, quick experiments); recorded in results.json
-    p.add_argument("--steps", type=positive(), default=None, help="override the budget: training steps of every trained row")
-    p.add_argument("--batch-size", type=positive(), default=None, help="override the budget: batch size of every trained row")
+    p.add_argument("--steps", type=positive(), default=None,
+                   help="override the budget: training steps of every trained row")
+    p.add_argument("--batch-size", type=positive(), default=None,
+                   help="override the budget: batch size of every trained row")
     p.add_argument("--probe-epochs", type=positive(), default=None, help="override the budget: probe epochs")
     p.add_argument("--subset", type=positive(), default=None, help="override the budget: probe training images")
     p.add_argument("--test-subset", type=positive(), default=None, help="override the budget: probe test images")
@@ -61,7 +63,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dc-patches", type=positive(), default=None, help=argparse.SUPPRESS)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     table = EXPERIMENTS[args.experiment](ReproduceConfig(
         method=args.method, budget=args.budget, images=args.image, data=args.data,
         eval_data=args.eval_data.split(",") if args.eval_data else None,

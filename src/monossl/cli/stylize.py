@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from monossl.cli import positive
@@ -12,7 +14,7 @@ from monossl.viz.networks import networks
 from monossl.viz.style import compare_figure, image_format, stylize, write_image
 
 
-def configure(parser) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--content", default="builtin:astronaut", help="content image (path or builtin:NAME; "
                         "default builtin:astronaut)")
     parser.add_argument("--style", default="builtin:coffee", help="style image (default builtin:coffee)")
@@ -40,7 +42,7 @@ def configure(parser) -> None:
     parser.add_argument("--title", default=None, help="figure title (--compare)")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     specs = ([args.run] if args.run else []) + list(args.compare or [])
     if args.compare is None and (bool(args.run) + bool(args.random)) != 1:
         raise UserError("give one network (--run RUN or --random), or several with --compare RUN [RUN ...]")

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
+from monossl.data.image_sets import FolderImages, LabelledImages
+from monossl.data.patches import PatchStream
 from monossl.errors import UserError
 from monossl.seeds import derive_seed
 
@@ -31,7 +34,7 @@ def permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class StreamSource:
-    def __init__(self, stream, length: int | None = None, seed: int = 0):
+    def __init__(self, stream: PatchStream, length: int | None = None, seed: int = 0):
         self.stream = stream
         self.length = length
         self.seed = seed
@@ -68,7 +71,7 @@ class TensorSource:
         return {"kind": "images", "length": self.length, "labelled": self.labels is not None}
 
 
-def load_square(path, size: int) -> torch.Tensor:
+def load_square(path: str | Path, size: int) -> torch.Tensor:
     """One image file -> uint8 (3, size, size): short side resized to `size` (bilinear, antialiased),
     then the centre crop. Deterministic: the same file always gives the same tensor."""
     from torchvision.transforms.v2 import functional as TF
@@ -87,7 +90,8 @@ class FolderSource:
     for the CIFAR trunk. Images are decoded by a few threads (PIL releases the GIL while decoding).
     """
 
-    def __init__(self, dataset, size: int, labelled: bool = False, seed: int = 0, threads: int | None = None):
+    def __init__(self, dataset: FolderImages, size: int, labelled: bool = False, seed: int = 0,
+                 threads: int | None = None):
         if size < 1:
             raise UserError(f"image size must be positive, got {size}")
         self.dataset = dataset
@@ -118,7 +122,7 @@ class FolderSource:
                 "labelled": self.labelled, "size": self.size}
 
 
-def dataset_source(dataset, labelled: bool, size: int, seed: int = 0):
+def dataset_source(dataset: LabelledImages, labelled: bool, size: int, seed: int = 0):
     """The source for a dataset of `monossl.data.datasets`: in-memory sets (CIFAR-10/100, STL-10) as they are,
     ImageFolder trees read from disk at `size` x `size`."""
     if hasattr(dataset, "images"):

@@ -15,8 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from monossl.data.dataset_files import (Layout, check_arrays, class_names, read_npz_xy, read_pickle,
-                                        require_file, to_tensor_images)
+from monossl.data.dataset_files import (
+    Layout,
+    check_arrays,
+    class_names,
+    read_npz_xy,
+    read_pickle,
+    require_file,
+    to_tensor_images,
+)
 from monossl.data.image_sets import TensorImages
 from monossl.errors import UserError
 

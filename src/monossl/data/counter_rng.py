@@ -9,6 +9,7 @@ The slot constants say which random number of a patch drives what (data/patch_pa
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 _G = np.uint64(0x9E3779B97F4A7C15)
@@ -36,7 +37,7 @@ def patch_keys(seed: int, indices: np.ndarray) -> np.ndarray:
         return mix(key ^ mix(indices.astype(np.uint64) + _G))
 
 
-def key_uniforms(keys: np.ndarray, slots) -> np.ndarray:
+def key_uniforms(keys: np.ndarray, slots: npt.ArrayLike) -> np.ndarray:
     """(len(keys), len(slots)) float64 uniforms in [0, 1), 53 random bits each."""
     slots = np.asarray(slots, dtype=np.uint64)
     with np.errstate(over="ignore"):
@@ -44,7 +45,7 @@ def key_uniforms(keys: np.ndarray, slots) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * (2.0 ** -53)
 
 
-def uniforms(seed: int, indices, slots) -> np.ndarray:
+def uniforms(seed: int, indices: npt.ArrayLike, slots: npt.ArrayLike) -> np.ndarray:
     """The raw random numbers of patches `indices` (for tests and tools)."""
     return key_uniforms(patch_keys(int(seed), np.asarray(indices, dtype=np.int64)), slots)
 
@@ -62,12 +63,12 @@ def _signed(value: np.uint64) -> int:
 _G_SIGNED, _M1_SIGNED, _M2_SIGNED = _signed(_G), _signed(_M1), _signed(_M2)
 
 
-def _shift_right(z, bits: int):
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
     """Logical right shift of int64 tensors holding uint64 bit patterns."""
     return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def torch_keys(keys: np.ndarray, device) -> torch.Tensor:
+def torch_keys(keys: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """The uint64 keys of `patch_keys` as an int64 tensor with the same bits."""
     return torch.from_numpy(keys.astype(np.uint64).view(np.int64).copy()).to(device)
 
@@ -87,6 +88,6 @@ def torch_bits(keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return z ^ _shift_right(z, 31)
 
 
-def bits_to_unit(bits: torch.Tensor, dtype=None) -> torch.Tensor:
+def bits_to_unit(bits: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Uniforms in [0, 1) from the top 24 bits (float32's mantissa) of random bits."""
     return _shift_right(bits, 40).to(dtype or torch.float32) * (2.0 ** -24)

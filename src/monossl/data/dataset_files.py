@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -174,13 +174,13 @@ def check_arrays(x: np.ndarray, y: np.ndarray, where: str, num_classes: int, sid
         raise UserError(f"{where}: labels must lie in 0..{num_classes - 1}, found {lo}..{hi}")
 
 
-def to_tensor_images(x_hwc: np.ndarray, y: np.ndarray, classes, source: str) -> TensorImages:
+def to_tensor_images(x_hwc: np.ndarray, y: np.ndarray, classes: Sequence[str], source: str) -> TensorImages:
     """(N, H, W, 3) uint8 + (N,) labels -> TensorImages with images (N, 3, H, W)."""
     images = torch.from_numpy(np.ascontiguousarray(x_hwc)).permute(0, 3, 1, 2).contiguous()
     return TensorImages(images, torch.from_numpy(y.astype(np.int64)), classes, source)
 
 
-def class_names(names, count: int, default):
+def class_names(names: Sequence[str | bytes] | None, count: int, default: Sequence[str]):
     """`names` (bytes or str) when there are `count` of them, else `default`."""
     if names is not None and len(names) == count:
         return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
@@ -205,7 +205,7 @@ class _DataUnpickler(pickle.Unpickler):
         ("_codecs", "encode"),  # bytes pickled with protocol 2 by Python 3
     }
 
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
             raise _NotAllowed(f"{module}.{name}")
         return super().find_class(module, name)

@@ -53,6 +53,7 @@ Every problem with what is found raises `UserError` with one line naming where a
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from functools import partial
 from pathlib import Path
 
@@ -61,7 +62,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from monossl.data.cifar import CIFAR10, CIFAR100, load_cifar_split
 from monossl.data.dataset_files import describe_dir, find
-from monossl.data.image_sets import FolderImages
+from monossl.data.image_sets import FolderImages, LabelledImages
 from monossl.data.stl10 import STL10_LAYOUT, load_stl10_split
 from monossl.errors import UserError
 
@@ -129,20 +130,20 @@ def load_pair(spec: str, download: bool = False):
 # ----------------------------------------------------------------------------- ImageFolder trees
 
 
-def _has_image(d: Path, exts) -> bool:
+def _has_image(d: Path, exts: tuple[str, ...]) -> bool:
     """Whether `d` holds at least one image file (searched recursively, as ImageFolder does)."""
-    for dirpath, _dirs, files in os.walk(d, followlinks=True):
+    for _dirpath, _dirs, files in os.walk(d, followlinks=True):
         if any(f.lower().endswith(exts) for f in files):
             return True
     return False
 
 
-def _list(items, limit=5) -> str:
+def _list(items: Collection[str], limit: int = 5) -> str:
     items = sorted(items)
     return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
-def _check_split(root: Path, split: str, exts) -> list[str]:
+def _check_split(root: Path, split: str, exts: tuple[str, ...]) -> list[str]:
     d = root / split
     class_dirs, loose = [], []
     for entry in os.scandir(d):
@@ -194,7 +195,7 @@ def check_folder(root: Path) -> Path:
 # ----------------------------------------------------------------------------- subsets
 
 
-def balanced_indices(dataset, n: int, seed: int = 0) -> torch.Tensor:
+def balanced_indices(dataset: LabelledImages, n: int, seed: int = 0) -> torch.Tensor:
     """Sorted indices of a class-balanced draw of `n` items (n // K per class, the remainder to the
     first classes)."""
     labels = dataset.labels
@@ -214,14 +215,14 @@ def balanced_indices(dataset, n: int, seed: int = 0) -> torch.Tensor:
     return torch.sort(torch.cat(chosen)).values
 
 
-def subset(dataset, n: int, seed: int = 0):
+def subset(dataset: LabelledImages, n: int, seed: int = 0):
     """A class-balanced subset of `n` items (n // K per class, the remainder to the first classes)."""
     if n > 0 and n >= len(dataset.labels):
         return dataset
     return dataset.restricted(balanced_indices(dataset, n, seed))  # refuses n <= 0
 
 
-def validation_split(dataset, n_train: int, n_val: int, seed: int = 0):
+def validation_split(dataset: LabelledImages, n_train: int, n_val: int, seed: int = 0):
     """Two disjoint class-balanced parts of one labelled set: (n_train items, n_val items).
 
     For choosing recipes and for learning curves on a dataset's *training* images, so that the

@@ -24,8 +24,8 @@ of the 6N parameters; a map the noise made expanding is scaled back to s_k1 = 0.
 
 Rendering: P walkers per image start at the fixed point of the most probable map (a map's fixed point
 lies on the attractor, so no point is ever off it), take BURN_IN steps to spread out, then mark one
-point per step. The points are scaled (one scale for both axes) and centred so that their bounding box fills the image less a
-one-pixel margin: every point lands inside by construction. Each map of each image has its own
+point per step. The points are scaled (one scale for both axes) and centred so that their bounding box fills the
+image less a one-pixel margin: every point lands inside by construction. Each map of each image has its own
 random colour, bright enough to stand out; a pixel takes the colour of the highest-numbered map with
 a point in it (a painter's order by map); pixels with no point are black, FractalDB's background.
 
@@ -171,7 +171,8 @@ def walker_count(size: int, density: float) -> int:
     return max(1, math.ceil(density * size * size / MARKED_STEPS))
 
 
-def chaos_game(systems: Systems, sample_keys: np.ndarray, walkers: int, device) -> tuple[torch.Tensor, ...]:
+def chaos_game(systems: Systems, sample_keys: np.ndarray, walkers: int,
+               device: torch.device | str) -> tuple[torch.Tensor, ...]:
     """The marked points: x, y (float32) and the map that made each (global index b * MAX_MAPS + k),
     each (MARKED_STEPS, B, walkers)."""
     n = len(systems)
@@ -240,7 +241,8 @@ def splat(col: torch.Tensor, row: torch.Tensor, maps: torch.Tensor, colours: tor
     return image.view(n, size * size, 3).transpose(1, 2).reshape(n, 3, size, size)
 
 
-def render(systems: Systems, sample_keys: np.ndarray, size: int, density: float, device="cpu") -> torch.Tensor:
+def render(systems: Systems, sample_keys: np.ndarray, size: int, density: float,
+           device: torch.device | str = "cpu") -> torch.Tensor:
     """The images (B, 3, size, size) float32 in [0, 1] of `systems`, one per sample key."""
     if len(systems) == 0:
         return torch.empty(0, 3, size, size, device=device)

@@ -28,11 +28,12 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from monossl import runs
@@ -59,7 +60,7 @@ def patch_name(index: int, fmt: str) -> str:
 
 # ---------------------------------------------------------------------------- writing
 
-def to_uint8(x) -> np.ndarray:
+def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, 3, S, S) float in [0, 1] -> (B, S, S, 3) uint8 (rounded)."""
     y = torch.round(x.detach().clamp(0.0, 1.0) * 255.0).to(torch.uint8)
     return y.permute(0, 2, 3, 1).contiguous().cpu().numpy()
@@ -77,7 +78,8 @@ def encode(arr: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def _render_and_write(stream, folder: Path, idx, fmt: str, quality: int, pool=None) -> int:
+def _render_and_write(stream: PatchStream, folder: Path, idx: np.ndarray, fmt: str, quality: int,
+                      pool: ThreadPoolExecutor | None = None) -> int:
     arrs = to_uint8(stream.batch(idx))
     jobs = [(folder / patch_name(int(i), fmt), arr) for i, arr in zip(idx, arrs)]
     if pool is None:
@@ -99,20 +101,20 @@ def remove_partial_files(folder: Path) -> set[str]:
     return left
 
 
-_WORKER = {}
+_WORKER: dict = {}
 
 
-def _worker_init(stream, folder, fmt, quality) -> None:
+def _worker_init(stream: PatchStream, folder: Path, fmt: str, quality: int) -> None:
     torch.set_num_threads(1)  # one process per core, like the released generator
     _WORKER.update(stream=stream, folder=folder, fmt=fmt, quality=quality)
 
 
-def _worker_task(idx) -> int:
+def _worker_task(idx: np.ndarray) -> int:
     w = _WORKER
     return _render_and_write(w["stream"], w["folder"], idx, w["fmt"], w["quality"])
 
 
-def write_patch_files(stream: PatchStream, folder: Path, indices, fmt: str, quality: int = 95,
+def write_patch_files(stream: PatchStream, folder: Path, indices: npt.ArrayLike, fmt: str, quality: int = 95,
                       batch_size: int = 256, workers: int = 0,
                       progress: Callable[[int], None] | None = None) -> int:
     """Render patches `indices` and write them as files `folder/patch_<i>.<fmt>`, each
@@ -225,15 +227,16 @@ def _write_npy(stream: PatchStream, out: Path, count: int, size: int, batch_size
 
 # ---------------------------------------------------------------------------- the entry point
 
-def write_patches(images: list[str], config: PatchConfig, out, count: int, seed: int = 0,
+def write_patches(images: list[str], config: PatchConfig, out: str | Path, count: int, seed: int = 0,
                   fmt: str = "png", quality: int = 95, batch_size: int = 256, device: str = "cpu",
-                  workers: int = 0, preview=None, progress: Callable[[int], None] | None = None,
+                  workers: int = 0, preview: str | Path | None = None, progress: Callable[[int], None] | None = None,
                   preset: str | None = None) -> dict:
     """Write patches 0..count-1 of (images, config, seed) into the directory `out`; return the
     metadata written to `out/patches.json`.
 
     images: specs for `load_images` (files or builtin:NAME), or one per-sample procedural source
-    (`procedural:fractal`, ..., data/procedural_stream.py: rendered at the config's size). fmt: png, jpg (at `quality`) or npy.
+    (`procedural:fractal`, ..., data/procedural_stream.py: rendered at the config's size).
+    fmt: png, jpg (at `quality`) or npy.
     device: cpu (bit-reproducible files), cuda or auto. workers: processes rendering and encoding
     files on CPU (0: one per core; 1: all in this process). preview: a PNG path for a contact sheet
     of the first patches. progress(n) is called as n more patches are done. preset: recorded only.

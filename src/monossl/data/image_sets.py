@@ -12,19 +12,25 @@ at another image size (antialiased, uint8), e.g. to probe a 32-px trunk on STL-1
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms.v2 import functional as TF
 
 from monossl.errors import UserError
 
+Transform = Callable[..., torch.Tensor]  # an image (PIL or uint8 tensor) -> the tensor an item holds
+
 
 class TensorImages(Dataset):
     """A labelled image set held in memory as one uint8 tensor (N, 3, H, W)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes, source: str = "", transform=None):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], source: str = "",
+                 transform: Transform | None = None):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise UserError(f"{source or 'images'}: expected uint8 images (N, 3, H, W), got "
                             f"{str(images.dtype).replace('torch.', '')} {tuple(images.shape)}")
@@ -39,7 +45,7 @@ class TensorImages(Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int):
         img = self.images[i]
         img = self.transform(img) if self.transform is not None else img.float().div_(255)
         return img, int(self.labels[i])
@@ -48,12 +54,12 @@ class TensorImages(Dataset):
     def image_size(self) -> int:
         return int(self.images.shape[-1])
 
-    def with_transform(self, transform) -> TensorImages:
+    def with_transform(self, transform: Transform | None) -> TensorImages:
         out = copy.copy(self)
         out.transform = transform
         return out
 
-    def restricted(self, indices) -> TensorImages:
+    def restricted(self, indices: Sequence[int] | torch.Tensor) -> TensorImages:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return TensorImages(self.images[idx], self.labels[idx], self.classes, self.source, self.transform)
 
@@ -74,20 +80,21 @@ class TensorImages(Dataset):
                             self.transform)
 
     def __repr__(self):
-        return f"TensorImages({len(self)} images {tuple(self.images.shape[1:])}, {len(self.classes)} classes, {self.source})"
+        return (f"TensorImages({len(self)} images {tuple(self.images.shape[1:])}, "
+                f"{len(self.classes)} classes, {self.source})")
 
 
 class _ToFloat:
     """PIL image -> float tensor (3, H, W) in [0, 1] (the default FolderImages transform)."""
 
-    def __call__(self, img):
+    def __call__(self, img: Image.Image):
         return TF.to_dtype(TF.to_image(img), torch.float32, scale=True)
 
 
 class FolderImages(ImageFolder):
     """A torchvision ImageFolder (root/<class>/<image>) with the monossl dataset interface."""
 
-    def __init__(self, root, source: str = "", transform=None):
+    def __init__(self, root: str | Path, source: str = "", transform: Transform | None = None):
         from monossl.data.sources import open_rgb
 
         # open_rgb: a file Pillow cannot read is a one-line error naming it, not PIL's traceback
@@ -98,12 +105,12 @@ class FolderImages(ImageFolder):
     def labels(self) -> torch.Tensor:
         return torch.as_tensor(self.targets, dtype=torch.long)
 
-    def with_transform(self, transform) -> FolderImages:
+    def with_transform(self, transform: Transform | None) -> FolderImages:
         out = copy.copy(self)
         out.transform = transform
         return out
 
-    def restricted(self, indices) -> FolderImages:
+    def restricted(self, indices: Sequence[int] | torch.Tensor) -> FolderImages:
         out = copy.copy(self)
         out.samples = [self.samples[int(i)] for i in indices]
         out.imgs = out.samples
@@ -112,3 +119,6 @@ class FolderImages(ImageFolder):
 
     def __repr__(self):
         return f"FolderImages({len(self)} images, {len(self.classes)} classes, {self.source})"
+
+
+LabelledImages = TensorImages | FolderImages  # what every dataset loader returns

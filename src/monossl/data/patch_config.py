@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from monossl.errors import UserError
@@ -63,7 +64,7 @@ class PatchConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PatchConfig":
+    def from_dict(cls, d: dict) -> PatchConfig:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise UserError(f"unknown patch parameter(s): {', '.join(sorted(unknown))}")
@@ -73,20 +74,20 @@ class PatchConfig:
                 d[key] = tuple(d[key])
         return cls(**d).validate()
 
-    def validate(self) -> "PatchConfig":
+    def validate(self) -> PatchConfig:
         """Raise UserError (one line) for a value that makes no sense; return self."""
 
-        def num(name, value):
+        def num(name: str, value: object):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise UserError(f"{name} must be a finite number, not {value!r}")
             return float(value)
 
-        def prob(name):
+        def prob(name: str):
             v = num(name, getattr(self, name))
             if not 0.0 <= v <= 1.0:
                 raise UserError(f"{name} must be a probability in [0, 1], not {v}")
 
-        def pair(name, low_ok):
+        def pair(name: str, low_ok: Callable[[float, float], bool]):
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)) or len(value) != 2:
                 raise UserError(f"{name} must be two numbers (min, max), not {value!r}")
@@ -155,8 +156,8 @@ _PRESET_SWITCHES = {
 }
 
 
-def _preset_overrides(switches_on) -> dict:
-    out = {}
+def _preset_overrides(switches_on: Collection[str]) -> dict:
+    out: dict = {}
     for switch, off in _SWITCH_OFF.items():
         if switch not in switches_on:
             out.update(off)
@@ -224,7 +225,7 @@ def _parse_untyped(option: str, key: str, text: str) -> object:
         return text.strip("\"'")
 
 
-def _parse_value(option: str, key: str, text: str, default):
+def _parse_value(option: str, key: str, text: str, default: object):
     """One override value typed like the field's default: bools as true/false (yes/no, on/off,
     1/0), pairs as `lo,hi` (also `(lo, hi)` or JSON's `[lo, hi]`), numbers as decimals or
     fractions such as 1/500."""

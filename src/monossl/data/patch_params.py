@@ -16,8 +16,23 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from monossl.data.counter_rng import (
-    SLOT_ANGLE, SLOT_ATTEMPTS, SLOT_BRIGHT, SLOT_CONTRAST, SLOT_CROP_X, SLOT_CROP_Y, SLOT_HFLIP, SLOT_HUE,
-    SLOT_JITTER, SLOT_POS_X, SLOT_POS_Y, SLOT_SAT, SLOT_SHEAR, SLOT_SOURCE, SLOT_VFLIP, key_uniforms, patch_keys,
+    SLOT_ANGLE,
+    SLOT_ATTEMPTS,
+    SLOT_BRIGHT,
+    SLOT_CONTRAST,
+    SLOT_CROP_X,
+    SLOT_CROP_Y,
+    SLOT_HFLIP,
+    SLOT_HUE,
+    SLOT_JITTER,
+    SLOT_POS_X,
+    SLOT_POS_Y,
+    SLOT_SAT,
+    SLOT_SHEAR,
+    SLOT_SOURCE,
+    SLOT_VFLIP,
+    key_uniforms,
+    patch_keys,
 )
 from monossl.data.patch_config import PatchConfig
 
@@ -74,7 +89,7 @@ class PatchParams:
     def __len__(self) -> int:
         return len(self.index)
 
-    def subset(self, sel) -> "PatchParams":
+    def subset(self, sel: np.ndarray | slice) -> PatchParams:
         return PatchParams(**{f.name: getattr(self, f.name)[sel] for f in dataclasses.fields(self)})
 
 
@@ -98,7 +113,7 @@ def draw_params(cfg: PatchConfig, seed: int, idx: np.ndarray, image_sizes: np.nd
     vflip = u[:, SLOT_VFLIP] < cfg.vflip_prob
     jitter = u[:, SLOT_JITTER] < cfg.jitter_prob
 
-    def factor(slot, strength):
+    def factor(slot: int, strength: float):
         lo = max(0.0, 1.0 - strength)
         return np.where(jitter, lo + u[:, slot] * (1.0 + strength - lo), 1.0)
 

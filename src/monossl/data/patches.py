@@ -22,8 +22,8 @@ How it is computed here:
 
 * **Deterministic by (seed, index).** Every random number of patch i is a counter-based
   hash (SplitMix64 finaliser) of (seed, i, slot) (data/counter_rng.py); no global RNG state,
-  no per-process state. The draw (data/patch_params.py) is vectorised over a batch in numpy float64, so the parameters are
-  bit-identical in every process, batch, worker and device. Pixels are bit-identical
+  no per-process state. The draw (data/patch_params.py) is vectorised over a batch in numpy float64, so the parameters
+  are bit-identical in every process, batch, worker and device. Pixels are bit-identical
   across batch sizes and worker counts on one device (the only reduction, the patch mean
   for contrast, is made exact by summing integers); CPU and CUDA agree to float rounding.
 * **One resampling.** Steps 1-5 compose into one affine map from output pixels to source
@@ -52,8 +52,10 @@ How it is computed here:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
@@ -66,7 +68,7 @@ from monossl.errors import UserError
 GREY = (0.2989, 0.587, 0.114)
 
 
-def colour_matrices(brightness, saturation, hue) -> np.ndarray:
+def colour_matrices(brightness: npt.ArrayLike, saturation: npt.ArrayLike, hue: npt.ArrayLike) -> np.ndarray:
     """(B, 3, 3): hue_rotation(hue) @ saturation_blend(s) @ brightness(b), float64.
 
     Hue is a rotation by 2 pi hue about the grey axis (1, 1, 1)/sqrt(3) (positive turns red
@@ -90,7 +92,7 @@ def colour_matrices(brightness, saturation, hue) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- the stream
 
-def _as_indices(indices) -> np.ndarray:
+def _as_indices(indices: npt.ArrayLike | torch.Tensor) -> np.ndarray:
     if isinstance(indices, torch.Tensor):
         indices = indices.detach().cpu().numpy()
     elif isinstance(indices, range):
@@ -114,8 +116,9 @@ class PatchStream:
     names: what to call each image in error messages (its file or built-in name).
     """
 
-    def __init__(self, images, config: PatchConfig | None = None, seed: int = 0,
-                 device="cpu", chunk_pixels: int = 1 << 18, names=None):
+    def __init__(self, images: torch.Tensor | Sequence[torch.Tensor] | Sequence[str],
+                 config: PatchConfig | None = None, seed: int = 0,
+                 device: str | torch.device = "cpu", chunk_pixels: int = 1 << 18, names: Sequence[str] | None = None):
         from monossl.data.sources import load_images
 
         config = (config or PatchConfig()).validate()
@@ -162,7 +165,7 @@ class PatchStream:
         self._v = centres.view(1, s, 1)  # and y
 
     # ------------------------------------------------------------------ parameters
-    def params(self, indices) -> PatchParams:
+    def params(self, indices: npt.ArrayLike | torch.Tensor) -> PatchParams:
         """The sampled parameters of patches `indices` (numpy float64, deterministic)."""
         return draw_params(self.config, self.seed, _as_indices(indices), self.image_sizes, self.crop_sides)
 
@@ -269,7 +272,8 @@ class PatchStream:
         d = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
         return zip(np.nonzero(d == 1)[0], np.nonzero(d == -1)[0])
 
-    def _apply_fill(self, buf, order, needs_fill, Q, q) -> None:
+    def _apply_fill(self, buf: torch.Tensor, order: np.ndarray, needs_fill: np.ndarray, Q: np.ndarray,
+                    q: np.ndarray) -> None:
         """Zero the pixels whose pre-image lies outside the R x R resized crop, as PIL's
         affine transform does (a sample point outside [0, R) is fill)."""
         S, R = self.config.size, self.config.resize_side
@@ -282,7 +286,7 @@ class PatchStream:
             inside = (pre[..., 0] >= -half) & (pre[..., 0] < half) & (pre[..., 1] >= -half) & (pre[..., 1] < half)
             buf[a:b].mul_(inside.unsqueeze(1))
 
-    def _jitter(self, buf, order, p: PatchParams) -> None:
+    def _jitter(self, buf: torch.Tensor, order: np.ndarray, p: PatchParams) -> None:
         """Colour jitter as one 3x3 matrix plus offset per patch, clamped once."""
         dev = self.device
         S = self.config.size
@@ -311,7 +315,7 @@ class PatchStream:
                 torch.clamp(v, 0.0, 1.0, out=x[:, ch])
 
     # ------------------------------------------------------------------ public faces
-    def batch(self, indices) -> torch.Tensor:
+    def batch(self, indices: npt.ArrayLike | torch.Tensor) -> torch.Tensor:
         """Patches `indices`: (B, 3, S, S) float32 in [0, 1] on the stream's device."""
         return self.render(self.params(indices))
 
@@ -322,7 +326,7 @@ class PatchStream:
             return self.batch(range(*index.indices(index.stop)))
         return self.batch([int(index)])[0]
 
-    def dataset(self, length: int, offset: int = 0) -> "PatchDataset":
+    def dataset(self, length: int, offset: int = 0) -> PatchDataset:
         """A torch Dataset of `length` patches: item i is (stream[offset + i], i)."""
         return PatchDataset(self, length, offset)
 
@@ -347,11 +351,11 @@ class PatchDataset(torch.utils.data.Dataset):
             raise IndexError(f"patch {i} out of range for a dataset of {self.length}")
         return i % self.length if self.length else i
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int):
         i = self._check(int(i))
         return self.stream[self.offset + i], i
 
-    def __getitems__(self, indices):
+    def __getitems__(self, indices: Sequence[int]):
         idx = [self._check(int(i)) for i in indices]
         x = self.stream.batch(np.asarray(idx, dtype=np.int64) + self.offset)
         return [(x[j], i) for j, i in enumerate(idx)]

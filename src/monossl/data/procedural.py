@@ -34,13 +34,13 @@ _KEYS = {"dead-leaves": {"size": int, "seed": int, "rmin": float, "rmax": float,
          "noise": {"size": int, "seed": int}}
 
 
-def kind_of(spec) -> str | None:
+def kind_of(spec: object) -> str | None:
     """'procedural:fractal:100' -> 'fractal'; None for a spec that is not procedural."""
     spec = str(spec)
     return spec[len(PROCEDURAL_PREFIX):].split(":")[0] if spec.startswith(PROCEDURAL_PREFIX) else None
 
 
-def is_per_sample(spec) -> bool:
+def is_per_sample(spec: object) -> bool:
     """Whether `spec` is a source with a new image per sample (no one image to crop)."""
     return kind_of(spec) in PER_SAMPLE_KINDS
 

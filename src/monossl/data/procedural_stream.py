@@ -24,12 +24,15 @@ do for every source.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 from monossl.data import fractals, procedural
 from monossl.data.counter_rng import key_uniforms, patch_keys
-from monossl.data.patches import PatchDataset, _as_indices
+from monossl.data.patch_config import PatchConfig
+from monossl.data.patches import PatchDataset, PatchStream, _as_indices
 from monossl.data.spectral import DEFAULT_EXPONENTS, SpectralNoise
 from monossl.errors import UserError
 
@@ -89,7 +92,8 @@ class ProceduralStream:
     """Sample i of a per-sample procedural source (see the module docstring) on demand, in batches, on
     any device: the same faces as `PatchStream` (`batch`, `[i]`, `dataset`)."""
 
-    def __init__(self, spec: str, size: int, seed: int = 0, device="cpu", chunk_pixels: int | None = None):
+    def __init__(self, spec: str, size: int, seed: int = 0, device: torch.device | str = "cpu",
+                 chunk_pixels: int | None = None):
         self.kind, self.params = parse(spec)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise UserError(f"seed must be a non-negative integer, not {seed!r}")
@@ -119,7 +123,7 @@ class ProceduralStream:
             return self._noise.render(keys)
         return fractals.render(self.systems(keys), keys, self.size, self.params["density"], self.device)
 
-    def batch(self, indices) -> torch.Tensor:
+    def batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """Samples `indices`: (B, 3, S, S) float32 in [0, 1] on the stream's device."""
         idx = _as_indices(indices)
         if len(idx) <= self.chunk:
@@ -147,10 +151,10 @@ class ProceduralStream:
         return PatchDataset(self, length, offset)
 
 
-def open_stream(specs, config, seed: int = 0, device="cpu", names=None):
+def open_stream(specs: str | Sequence[str], config: PatchConfig, seed: int = 0, device: torch.device | str = "cpu",
+                names: Sequence[str] | None = None) -> ProceduralStream | PatchStream:
     """The stream of `--image` specs at `config`'s patch size: a `ProceduralStream` for one per-sample
     source, else the `PatchStream` of the images (files, built-ins, one-image procedural sources)."""
-    from monossl.data.patches import PatchStream
     from monossl.data.sources import load_images
 
     specs = [specs] if isinstance(specs, str) else list(specs)

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from monossl.data import procedural
 from monossl.data.procedural import PROCEDURAL_PREFIX
@@ -149,7 +151,7 @@ def _open_fully(path: Path):
     return img
 
 
-def open_rgb(path):
+def open_rgb(path: str | Path):
     """One image file of a dataset as an RGB PIL image (as torchvision's loader gives it); a file
     Pillow cannot read, or will not decode for its size, is a one-line UserError naming it."""
     from PIL import Image
@@ -161,7 +163,7 @@ def open_rgb(path):
         raise UserError(f"{path}: not a readable image ({first_line(exc)})") from None
 
 
-def pil_to_tensor(img) -> torch.Tensor:
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """A PIL image (any mode) -> float32 (3, H, W) in [0, 1]; alpha composited over white."""
     from PIL import ImageOps
 
@@ -191,7 +193,7 @@ def pil_to_tensor(img) -> torch.Tensor:
     return tensor.float().contiguous()
 
 
-def load_image(spec) -> torch.Tensor:
+def load_image(spec: str | Path) -> torch.Tensor:
     """Load `spec` (a file path, `builtin:NAME` or `procedural:KIND[:key=value...]`, see
     data/procedural.py) as a float32 (3, H, W) tensor in [0, 1].
 
@@ -209,7 +211,7 @@ def load_image(spec) -> torch.Tensor:
         raise UserError(f"cannot convert image {path} to RGB: {exc}") from None
 
 
-def load_images(specs) -> list[torch.Tensor]:
+def load_images(specs: str | Path | Iterable[str | Path]) -> list[torch.Tensor]:
     """Load several images (the paper's 10-image "deka" variant); see `load_image`."""
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
@@ -219,7 +221,7 @@ def load_images(specs) -> list[torch.Tensor]:
     return [load_image(s) for s in specs]
 
 
-def split_specs(values) -> list[str]:
+def split_specs(values: Iterable[str] | None) -> list[str]:
     """`--image a.png --image b.png,builtin:coffee` -> ['a.png', 'b.png', 'builtin:coffee'].
     A value naming a file as given is one image, even with a comma in its name."""
     out = []
@@ -231,7 +233,7 @@ def split_specs(values) -> list[str]:
     return out
 
 
-def describe_source(spec) -> dict:
+def describe_source(spec: str | Path) -> dict:
     """What identifies a source image in a result file: spec, resolved path, size and sha256
     (of the file; of the rendered float32 pixels for a procedural image)."""
     if str(spec).startswith(PROCEDURAL_PREFIX):

@@ -7,8 +7,8 @@ its own exponent and colours:
 
 * three independent fields, each with amplitude |F(f)| = 1 / max(f, 1 / S)^a at spatial frequency f
   (cycles per pixel; the floor keeps the lowest frequency finite), no DC term, and a uniform random
-  phase per Fourier coefficient (one of 4096 levels) (the inverse real FFT keeps the Hermitian part), each scaled to zero
-  mean and unit standard deviation over its S x S pixels;
+  phase per Fourier coefficient (one of 4096 levels) (the inverse real FFT keeps the Hermitian part), each scaled
+  to zero   mean and unit standard deviation over its S x S pixels;
 * a drawn uniformly from [amin, amax] (default [0.5, 2.5], around natural images' 1 to 2: smaller is
   finer grain, larger is smoother blobs);
 * colour statistics: the three fields are mixed by a random 3 x 3 matrix whose rows have unit length
@@ -66,7 +66,8 @@ class SpectralNoise:
     """Renders samples of one size on one device; holds what every batch shares (the coefficients'
     counters)."""
 
-    def __init__(self, size: int, exponents=DEFAULT_EXPONENTS, device="cpu"):
+    def __init__(self, size: int, exponents: tuple[float, float] = DEFAULT_EXPONENTS,
+                 device: torch.device | str = "cpu"):
         self.size, self.exponents, self.device = int(size), tuple(float(a) for a in exponents), torch.device(device)
         self._count = 3 * self.size * (self.size // 2 + 1)  # coefficients per sample
         # one 64-bit hash gives PHASES_PER_HASH phases of PHASE_BITS bits each: hashing and cos/sin were

@@ -7,10 +7,15 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from monossl.methods.base import Method
 
 
 @torch.no_grad()
-def classifier_accuracy(model, dataset, device="cpu", teacher=None, batch_size: int = 500) -> dict:
+def classifier_accuracy(model: nn.Module, dataset: Dataset, device: str | torch.device = "cpu",
+                        teacher: nn.Module | None = None, batch_size: int = 500) -> dict:
     """{"top1", "top5", "agreement" (with `teacher`, else None), "n"}: percentages over `dataset`
     (items (image in [0, 1], label)); `model` and `teacher` map images to logits. Eval mode is set
     for the call and restored after it."""
@@ -38,7 +43,7 @@ class StudentEval:
 
     event = "student"
 
-    def __init__(self, test_set, every: int, device="cpu", data: str = ""):
+    def __init__(self, test_set: Dataset, every: int, device: str | torch.device = "cpu", data: str = ""):
         self.test_set, self.every, self.device, self.data = test_set, every, device, data
 
     def describe(self) -> dict:
@@ -49,7 +54,7 @@ class StudentEval:
         return (f"top-1 {record['top1']:.1f}, top-5 {record['top5']:.1f}, agreement {record['agreement']:.1f} "
                 f"({record['seconds']:.0f} s)")
 
-    def __call__(self, method) -> dict:
+    def __call__(self, method: Method) -> dict:
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):  # evaluation draws nothing, but must not move the RNG
             result = classifier_accuracy(method, self.test_set, self.device, teacher=method.teacher)

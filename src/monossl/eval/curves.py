@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from monossl.eval.probe import probe
 from monossl.eval.protocols import DEFAULT_PROTOCOL, get_protocol
+from monossl.methods.base import Method
 
 
 class CurveProbe:
@@ -29,7 +32,7 @@ class CurveProbe:
     event = "probe"
 
     def __init__(self, data: str, arch: str, every: int, n_train: int = 5000, n_val: int = 1000, seed: int = 0,
-                 epochs: int | None = None, device="cpu"):
+                 epochs: int | None = None, device: str | torch.device = "cpu"):
         from monossl.data.datasets import load_dataset, validation_split
 
         self.protocol = get_protocol(DEFAULT_PROTOCOL.get(arch, "cifar")).with_overrides(epochs=epochs)
@@ -45,10 +48,10 @@ class CurveProbe:
     def summary(record: dict) -> str:
         return "top-1 " + " ".join(f"{k} {v:.1f}" for k, v in record["top1"].items()) + f" ({record['seconds']:.0f} s)"
 
-    def __call__(self, method) -> dict:
+    def __call__(self, method: Method) -> dict:
         t0 = time.perf_counter()
-        result = probe(method.published_trunk(), self.train, self.val, self.protocol, device=self.device, seed=self.seed,
-                       progress=False, verbose=False, workers=0)
+        result = probe(method.published_trunk(), self.train, self.val, self.protocol, device=self.device,
+                       seed=self.seed, progress=False, verbose=False, workers=0)
         return {"top1": {k: v["top1"] for k, v in result["taps"].items()},
                 "seconds": round(time.perf_counter() - t0, 2)}
 

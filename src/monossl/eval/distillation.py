@@ -14,11 +14,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from monossl import runs
 from monossl.distributed import is_main
 from monossl.errors import UserError
 from monossl.pretrain import PretrainConfig, pretrain
+
+if TYPE_CHECKING:
+    from monossl.eval.curves import CurveProbe
 
 
 @dataclass
@@ -70,7 +74,8 @@ def distill(config: DistillationConfig) -> dict | None:
                         f"{config.eval_data} has {len(test_set.classes)}")
     steps = config.steps or defaults_of("distill").steps
     during = subset(test_set, config.eval_subset, seed=config.seed) if config.eval_subset else test_set
-    evaluators = [StudentEval(during, config.eval_every or max(1, steps // 10), device, config.eval_data)]
+    evaluators: list[StudentEval | CurveProbe] = [
+        StudentEval(during, config.eval_every or max(1, steps // 10), device, config.eval_data)]
     if config.probe_every:
         from monossl.eval.curves import CurveProbe
 

@@ -19,26 +19,30 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterable
 
 import torch
+from torch.utils.data import Sampler
 
+from monossl.data.image_sets import LabelledImages, Transform
 from monossl.distributed import all_sum, gather_rows, shard_range, world
 from monossl.errors import UserError
-from monossl.eval.linear_probes import score
+from monossl.eval.linear_probes import LinearProbes, score
 from monossl.eval.protocols import Pool, ProbeProtocol, test_transform, train_transform
+from monossl.models import Trunk
 from monossl.seeds import derive_seed
 
 # ----------------------------------------------------------------------------- pooled taps
 
 
-def pooled_features(trunk, x: torch.Tensor, pools: dict[str, Pool]) -> dict[str, torch.Tensor]:
+def pooled_features(trunk: Trunk, x: torch.Tensor, pools: dict[str, Pool]) -> dict[str, torch.Tensor]:
     """{tap: (B, d) pooled, flattened activation}, all taps from one forward pass."""
     acts = trunk.taps(x, list(pools))
     return {name: pool(acts[name]).flatten(1) for name, pool in pools.items()}
 
 
 @torch.no_grad()
-def pooled_shapes(trunk, protocol: ProbeProtocol, image_size: int | None = None) -> dict[str, dict]:
+def pooled_shapes(trunk: Trunk, protocol: ProbeProtocol, image_size: int | None = None) -> dict[str, dict]:
     """{tap: {"shape": (C, H, W), "pooled_shape": (C, h, w), "pooled_size": C*h*w}} from one dummy image."""
     size = image_size or protocol.input_size
     was_training = trunk.training
@@ -67,7 +71,7 @@ def _to_store(f: torch.Tensor) -> torch.Tensor:
     return f.clamp(max=65504.0).to(torch.float16)
 
 
-def _native_size(dataset) -> int | None:
+def _native_size(dataset: LabelledImages) -> int | None:
     """The image side of an in-memory dataset whose items need no transform, else None."""
     images = getattr(dataset, "images", None)
     if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[-1] == images.shape[-2]:
@@ -78,7 +82,7 @@ def _native_size(dataset) -> int | None:
 class _Batches(torch.utils.data.Sampler):
     """A DataLoader batch sampler yielding the given minibatches (the probe loop's seeded ones)."""
 
-    def __init__(self, batches):
+    def __init__(self, batches: list[torch.Tensor]):
         self.batches = batches
 
     def __iter__(self):
@@ -88,7 +92,7 @@ class _Batches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
-def progress_bar(total, desc, enabled, unit="it"):
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it"):
     """A tqdm bar, shown only when `enabled` and stderr is a terminal."""
     from tqdm import tqdm
 
@@ -102,7 +106,8 @@ def progress_bar(total, desc, enabled, unit="it"):
 class FeatureRunner:
     """The frozen trunk, the data and the protocol of one probe run; yields features and scores."""
 
-    def __init__(self, trunk, train, test, protocol, device, seed, progress, workers):
+    def __init__(self, trunk: Trunk, train: LabelledImages, test: LabelledImages, protocol: ProbeProtocol,
+                 device: torch.device, seed: int, progress: bool, workers: int):
         self.trunk, self.train, self.test = trunk, train, test
         self.protocol, self.device, self.seed = protocol, device, seed
         self.progress, self.workers = progress, workers
@@ -118,7 +123,8 @@ class FeatureRunner:
             feats = pooled_features(self.trunk, x, self.protocol.pools)
         return {k: _to_store(v.float()) for k, v in feats.items()}
 
-    def loader(self, dataset, transform, batch_sampler=None, batch_size=None, epoch=0):
+    def loader(self, dataset: LabelledImages, transform: Transform, batch_sampler: Sampler | None = None,
+               batch_size: int | None = None, epoch: int = 0):
         kw = dict(num_workers=self.workers, pin_memory=self.device.type == "cuda")
         if self.workers:  # worker seeds (hence random crops) from the seed and the epoch
             kw["generator"] = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
@@ -127,11 +133,11 @@ class FeatureRunner:
         return torch.utils.data.DataLoader(dataset.with_transform(transform), batch_size=batch_size,
                                            shuffle=False, **kw)
 
-    def _native(self, dataset) -> bool:
+    def _native(self, dataset: LabelledImages) -> bool:
         return _native_size(dataset) == self.protocol.input_size
 
     # -- cached path
-    def extract(self, dataset, dims: dict[str, int], desc: str) -> dict[str, torch.Tensor]:
+    def extract(self, dataset: LabelledImages, dims: dict[str, int], desc: str) -> dict[str, torch.Tensor]:
         """fp16 features of every image; under torchrun each rank extracts one block and all get all."""
         total = len(dataset)
         if world()[1] > 1:
@@ -140,7 +146,7 @@ class FeatureRunner:
             return {k: gather_rows(v, total) for k, v in cache.items()}
         return self._extract(dataset, dims, desc)
 
-    def _extract(self, dataset, dims: dict[str, int], desc: str) -> dict[str, torch.Tensor]:
+    def _extract(self, dataset: LabelledImages, dims: dict[str, int], desc: str) -> dict[str, torch.Tensor]:
         n = len(dataset)
         store = self.device if (self.device.type == "cuda" and _fits_on_gpu(n, dims)) else torch.device("cpu")
         cache = {k: torch.empty(n, d, dtype=torch.float16, device=store) for k, d in dims.items()}
@@ -158,10 +164,11 @@ class FeatureRunner:
                 bar.update(len(x))
         return cache
 
-    def cached_batches(self, cache, labels, batches, dtype=torch.float32):
+    def cached_batches(self, cache: dict[str, torch.Tensor], labels: torch.Tensor, batches: Iterable[torch.Tensor],
+                       dtype: torch.dtype = torch.float32):
         # Reused gather buffers: fresh multi-MB tensors every step cost page faults (sys time) on CPU.
         # Reusing them is safe: the previous step's backward is done before the next gather.
-        bufs = {}
+        bufs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for idx in batches:
             feats = {}
             for k, v in cache.items():
@@ -179,7 +186,8 @@ class FeatureRunner:
                 feats[k] = full
             yield feats, labels[idx].to(self.device)
 
-    def cached_eval(self, probes, cache, labels, standardized, dtype=torch.float32):
+    def cached_eval(self, probes: LinearProbes, cache: dict[str, torch.Tensor], labels: torch.Tensor,
+                    standardized: bool, dtype: torch.dtype = torch.float32):
         chunk = 1024
         batches = (({k: v[i:i + chunk].to(self.device, dtype) for k, v in cache.items()}, labels[i:i + chunk])
                    for i in range(0, len(labels), chunk))
@@ -187,7 +195,7 @@ class FeatureRunner:
             return score(probes, batches, len(labels), 1, self.device, standardized)
 
     # -- streaming path
-    def streamed_batches(self, batches, epoch):
+    def streamed_batches(self, batches: list[torch.Tensor], epoch: int):
         rank, size = world()
         if size > 1:  # each rank trains on its rows of every global batch; gradients are averaged
             batches = [idx[rank::size] for idx in batches]
@@ -201,7 +209,7 @@ class FeatureRunner:
                                 epoch=epoch):
             yield {k: v.float() for k, v in self.features(x).items()}, y.to(self.device)
 
-    def streamed_eval(self, probes):
+    def streamed_eval(self, probes: LinearProbes):
         n_crops = self.protocol.test_crops
         bs = max(1, self.protocol.batch_size // n_crops)
         test = self.test
@@ -262,7 +270,8 @@ def cache_stats(cache: dict[str, torch.Tensor], chunk: int = 4096):
     return m.result()
 
 
-def standardize_(cache: dict[str, torch.Tensor], stats, eps: float, dtype=torch.float16, chunk: int = 4096) -> None:
+def standardize_(cache: dict[str, torch.Tensor], stats: dict[str, tuple[torch.Tensor, torch.Tensor]], eps: float,
+                 dtype: torch.dtype = torch.float16, chunk: int = 4096) -> None:
     """cache[k] <- (cache[k] - mean) / sqrt(var + eps), i.e. what the fixed BatchNorm computes, stored
     in `dtype` (fp16, or bf16 when the probe's matmuls run in bf16: then the batches need no conversion)."""
     for k, v in cache.items():

@@ -70,12 +70,13 @@ class FinetuneConfig:
     stop_after: int | None = None  # stop (checkpointed) after this many steps: tests and debugging
 
 
-def parse_freeze(text: str, taps) -> list[str]:
+def parse_freeze(text: str, taps: Sequence[str]) -> list[str]:
     """'conv1,conv2' -> ['conv1', 'conv2'], checked against the trunk's taps (in the trunk's order)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in taps]
     if unknown or not names:
-        raise UserError(f"--freeze {text!r}: {'unknown layer(s) ' + ', '.join(unknown) if unknown else 'names no layer'}"
+        raise UserError(f"--freeze {text!r}: "
+                        f"{'unknown layer(s) ' + ', '.join(unknown) if unknown else 'names no layer'}"
                         f"; this trunk has {', '.join(taps)}")
     return [t for t in taps if t in names]
 

@@ -15,6 +15,8 @@ values (1024: conv1 32x6x6, conv4 256x2x2). docs/probes.md has what it costs in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +32,7 @@ def _normalised(features: torch.Tensor, dtype: torch.dtype, chunk: int = 4096) -
 
 
 @torch.no_grad()
-def coarser(features: torch.Tensor, pooled_shape, values: int, chunk: int = 4096) -> torch.Tensor:
+def coarser(features: torch.Tensor, pooled_shape: Sequence[int], values: int, chunk: int = 4096) -> torch.Tensor:
     """Cached (N, C*h*w) features of a (C, h, w) grid average-pooled to the smallest grid with >= `values`."""
     pool = Pool("adaptive-avg", values=values)
     shape = tuple(pooled_shape)
@@ -43,7 +45,7 @@ def coarser(features: torch.Tensor, pooled_shape, values: int, chunk: int = 4096
 
 @torch.no_grad()
 def knn_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-                 ks=(20, 200), temperature: float = 0.07, num_classes: int | None = None,
+                 ks: Sequence[int] = (20, 200), temperature: float = 0.07, num_classes: int | None = None,
                  dtype: torch.dtype = torch.float32, chunk: int = 1024) -> dict[str, float]:
     """{"k20": top-1 %, "k200": ...} of weighted k-NN; train/test are (N, D) features of any float dtype."""
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1

@@ -10,6 +10,8 @@ hand-written gradient: the fp32 path, for CPUs without bf16.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn as nn
 
@@ -73,7 +75,8 @@ def topk_correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
     return int(hit[:, 0].sum()), int(hit.any(1).sum())
 
 
-def score(probes, batches, n, n_crops, device, standardized, sharded=False) -> dict[str, tuple[float, float]]:
+def score(probes: LinearProbes, batches: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]], n: int, n_crops: int,
+          device: torch.device, standardized: bool, sharded: bool = False) -> dict[str, tuple[float, float]]:
     """Top-1 / top-5 (%) per tap over `batches` of (features, labels); `sharded`: the ranks hold
     disjoint parts of the n images and the counts are summed over ranks."""
     correct = {k: [0, 0] for k in probes.heads}
@@ -106,7 +109,8 @@ class Fp32Heads:
         single skinny product on one core, bmm runs the two blocks side by side.
     """
 
-    def __init__(self, probes: LinearProbes, device, momentum: float, weight_decay: float, max_batch: int):
+    def __init__(self, probes: LinearProbes, device: torch.device, momentum: float, weight_decay: float,
+                 max_batch: int):
         self.names = list(probes.heads)
         linears = [probes.heads[k][1] for k in self.names]
         self.dims = [lin.in_features for lin in linears]
@@ -141,8 +145,8 @@ class Fp32Heads:
                 probes.heads[name][1].weight.copy_(w)
                 probes.heads[name][1].bias.copy_(b[:, 0])
 
-    def epoch(self, caches: dict[str, torch.Tensor], labels: torch.Tensor, batches, lr: float,
-              on_step=lambda: None) -> tuple[dict[str, float], int]:
+    def epoch(self, caches: dict[str, torch.Tensor], labels: torch.Tensor, batches: Iterable[torch.Tensor], lr: float,
+              on_step: Callable[[], object] = lambda: None) -> tuple[dict[str, float], int]:
         """One epoch of SGD steps on the standardised fp16 caches over the given minibatches (index
         tensors); returns ({tap: summed cross-entropy over the epoch's images}, images seen)."""
         if any(caches[k].dtype != torch.float16 for k in self.names):
@@ -189,7 +193,7 @@ class Fp32Heads:
                          self._logits[:blocks * k * rows].view(blocks, k, rows), weight_grad))
         return blocks, self._minus_one[:b].view(blocks, 1, rows), taps
 
-    def step(self, caches: list[torch.Tensor], idx: torch.Tensor, y: torch.Tensor, lr: float, plan) -> None:
+    def step(self, caches: list[torch.Tensor], idx: torch.Tensor, y: torch.Tensor, lr: float, plan: tuple) -> None:
         """One SGD step on the rows `idx` of every tap's cache (int16 views), labels `y` (on the
         device), through the views of `_plan`; leaves each tap's summed log-probability of the labels
         in `_log_p`."""

@@ -26,8 +26,7 @@ from monossl import __version__, runs
 from monossl.errors import UserError
 from monossl.eval.results import ProbeResult
 from monossl.models import load_trunk
-from monossl.models.export import (
-    check_exportable, check_format, export_state_dict, library_version, loading_snippet)
+from monossl.models.export import check_exportable, check_format, export_state_dict, library_version, loading_snippet
 from monossl.models.trunks import MEAN, STD
 
 EXPORT_FORMAT = "monossl.export/1"
@@ -80,7 +79,7 @@ def _probes(run: Path) -> list[dict]:
 
 
 def _facts(run: Path, fmt: str, arch: str, meta: dict, config: dict, probes: list[dict]) -> dict:
-    def fact(key, *alternatives):
+    def fact(key: str, *alternatives: str):
         for source, name in [(config, key), (meta, key), *((config, a) for a in alternatives),
                              *((meta, a) for a in alternatives)]:
             if source.get(name) is not None:

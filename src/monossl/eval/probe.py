@@ -32,7 +32,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from monossl.data.image_sets import LabelledImages
 from monossl.device import resolve_device
 from monossl.distributed import all_sum, data_parallel, is_main, world
 from monossl.errors import UserError
@@ -50,6 +52,7 @@ from monossl.eval.knn import coarser, knn_accuracy
 from monossl.eval.linear_probes import Fp32Heads, LinearProbes
 from monossl.eval.protocols import ProbeProtocol, check_trunk, get_protocol
 from monossl.eval.results import EpochRecord, ProbeResult, TapResult, results_markdown, write_results
+from monossl.models import Trunk
 from monossl.runs import environment
 from monossl.seeds import derive_seed
 
@@ -66,8 +69,9 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.
     return batches
 
 
-def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", seed: int = 0,
-          out_dir=None, progress: bool = True, verbose: bool = True, meta: dict | None = None,
+def probe(trunk: Trunk, train: LabelledImages, test: LabelledImages, protocol: ProbeProtocol | str, *,
+          device: str | torch.device = "auto", seed: int = 0,
+          out_dir: str | Path | None = None, progress: bool = True, verbose: bool = True, meta: dict | None = None,
           dataset: str | None = None, cache: bool = True, workers: int | None = None,
           return_probes: bool = False, knn: tuple[int, ...] = (), knn_values: int | None = None,
           matmul_dtype: str | torch.dtype = "auto") -> ProbeResult | tuple[ProbeResult, LinearProbes]:
@@ -161,7 +165,7 @@ def probe(trunk, train, test, protocol: ProbeProtocol | str, *, device="auto", s
     return (result, probes) if return_probes else result
 
 
-def _check_inputs(trunk, train, test, protocol: ProbeProtocol) -> int:
+def _check_inputs(trunk: Trunk, train: LabelledImages, test: LabelledImages, protocol: ProbeProtocol) -> int:
     """One-line errors for a trunk, protocol or data the probes cannot use; returns the class count."""
     check_trunk(trunk, protocol)
     if protocol.bn_stats not in ("batch", "dataset"):
@@ -184,7 +188,8 @@ def _matmul_dtype(requested: str | torch.dtype, device: torch.device) -> torch.d
     return dtype
 
 
-def _announce(protocol, train, test, dataset, num_classes, device, seed, use_cache, shapes) -> None:
+def _announce(protocol: ProbeProtocol, train: LabelledImages, test: LabelledImages, dataset: str | None,
+              num_classes: int, device: torch.device, seed: int, use_cache: bool, shapes: dict[str, dict]) -> None:
     """The protocol, the data and each tap's pooling, before anything runs."""
     log.info(f"probe {protocol.summary()}")
     log.info(f"  data: {dataset or getattr(train, 'source', '?')}: {len(train)} train / {len(test)} test, "
@@ -198,8 +203,9 @@ def _announce(protocol, train, test, dataset, num_classes, device, seed, use_cac
         log.info(f"  feature cache (fp16): {mb:.0f} MiB")
 
 
-def _prepare_features(runner: FeatureRunner, probes: LinearProbes, shapes, use_cache, fixed, matmul_dtype,
-                      knn=(), knn_values=None, num_classes=None):
+def _prepare_features(runner: FeatureRunner, probes: LinearProbes, shapes: dict[str, dict], use_cache: bool,
+                      fixed: bool, matmul_dtype: torch.dtype,
+                      knn: tuple[int, ...] = (), knn_values: int | None = None, num_classes: int | None = None):
     """Cached path: extract the features (standardised with the training set's statistics when
     they are fixed) and return (train cache, train labels, test cache, test labels, k-NN result:
     ({tap: {"k20": %, ...}}, {tap: feature size}, seconds) on the raw features when `knn` is given,
@@ -243,7 +249,8 @@ def _prepare_features(runner: FeatureRunner, probes: LinearProbes, shapes, use_c
     return None
 
 
-def _train(runner: FeatureRunner, probes: LinearProbes, cached, standardized: bool, matmul_dtype,
+def _train(runner: FeatureRunner, probes: LinearProbes, cached: tuple | None, standardized: bool,
+           matmul_dtype: torch.dtype,
            log_epochs: bool) -> tuple[list[EpochRecord], float, float]:
     """The probes' SGD epochs, evaluated on test every `eval_every` epochs and at the last;
     returns (history, training seconds, evaluation seconds). `standardized`: the cache already
@@ -303,10 +310,12 @@ def _train(runner: FeatureRunner, probes: LinearProbes, cached, standardized: bo
     return history, round(time.perf_counter() - t0, 2), round(eval_s, 2)
 
 
-def _autograd_epoch(runner: FeatureRunner, probes: LinearProbes, model: torch.nn.Module, opt, cached, batches,
-                    standardized: bool, matmul_dtype, epoch: int, bar) -> tuple[dict[str, float], int]:
-    """One epoch of autograd steps (streamed features, BatchNorm in the step, or bf16 matmuls) of
-    `model` (the probes, under DDP when streamed and distributed); returns ({tap: summed cross-entropy}, images seen, summed over ranks when streamed)."""
+def _autograd_epoch(runner: FeatureRunner, probes: LinearProbes, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    cached: tuple | None, batches: list[torch.Tensor], standardized: bool,
+                    matmul_dtype: torch.dtype, epoch: int, bar: tqdm) -> tuple[dict[str, float], int]:
+    """One epoch of autograd steps (streamed features, BatchNorm in the step, or bf16 matmuls) of `model`
+    (the probes, under DDP when streamed and distributed); returns ({tap: summed cross-entropy}, images seen,
+    summed over ranks when streamed)."""
     device = runner.device
     probes.train()
     if cached is not None:

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from monossl.errors import UserError
+from monossl.models import Trunk
 
 # ----------------------------------------------------------------------------- pooling
 
@@ -209,7 +211,7 @@ def get_protocol(name: str) -> ProbeProtocol:
         raise UserError(f"unknown probe protocol {name!r}; choose from {', '.join(PROTOCOLS)}") from None
 
 
-def check_trunk(trunk, protocol: ProbeProtocol, where: str = "the trunk") -> None:
+def check_trunk(trunk: Trunk, protocol: ProbeProtocol, where: str = "the trunk") -> None:
     """One-line error when the trunk is not what the protocol is for."""
     if trunk.arch not in protocol.archs:
         hint = DEFAULT_PROTOCOL.get(trunk.arch)
@@ -226,7 +228,7 @@ def check_trunk(trunk, protocol: ProbeProtocol, where: str = "the trunk") -> Non
 class _StackCrops:
     """Tuple of crops (from TenCrop) -> one (n_crops, C, H, W) tensor."""
 
-    def __call__(self, crops):
+    def __call__(self, crops: Sequence[torch.Tensor]):
         return torch.stack([torch.as_tensor(c) for c in crops])
 
 

@@ -81,6 +81,7 @@ class ProbeResult(TypedDict):
     # added by the table runners to a row's results.json
     row_seconds: NotRequired[float]
     row_seconds_note: NotRequired[str]
+    seen: NotRequired[dict | None]  # table.samples_seen: how much data the row's trunk saw
 
 
 def results_markdown(result: ProbeResult) -> str:
@@ -94,7 +95,8 @@ def results_markdown(result: ProbeResult) -> str:
     ms = ",".join(map(str, p["milestones"])) or "none"
     lines = [
         f"Linear probes, protocol `{p['name']}` ({p['epochs']} epochs, lr {p['lr']:g} x{p['gamma']:g} after {ms}, "
-        f"wd {p['weight_decay']:g}, batch {p['batch_size']}, train aug {p['train_aug']}, test crops {p['test_crops']}); "
+        f"wd {p['weight_decay']:g}, batch {p['batch_size']}, train aug {p['train_aug']}, "
+        f"test crops {p['test_crops']}); "
         f"trunk {tr['arch']}{' (' + source + ')' if source else ''}; data {result['dataset']} "
         f"({result['n_train']} train / {result['n_test']} test); seed {result['seed']}. "
         f"Top-1/top-5 at the final epoch; best top-1 over epochs is extra (optimistic).",
@@ -110,7 +112,7 @@ def results_markdown(result: ProbeResult) -> str:
     return text
 
 
-def write_results(out_dir, result: ProbeResult) -> None:
+def write_results(out_dir: str | Path, result: ProbeResult) -> None:
     """OUT_DIR/results.json and results.md, each written atomically."""
     out = ensure_writable_dir(out_dir)
     write_json(out / "results.json", result)
@@ -145,7 +147,7 @@ def probe_settings(protocol: dict, dataset: str, seed: int, n_train: int, n_test
             "trunk": {"arch": arch, "config": trunk_config}}
 
 
-def check_probe_dir(out_dir, settings: dict, overwrite: bool = False) -> None:
+def check_probe_dir(out_dir: str | Path, settings: dict, overwrite: bool = False) -> None:
     """Refuse (one-line UserError naming the folder and the differing settings) to write a probe
     result over one made with other settings, unless `overwrite`; the same settings pass (a rerun
     replaces its own result, as it always has)."""

@@ -26,9 +26,21 @@ from pathlib import Path
 from monossl import paper, runs
 from monossl.errors import UserError
 from monossl.eval.results import probe_dir_name
-from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, cell_rows, cells, cells_csv,
-                                       check_table_settings, parse_rows, pretrained, run_rows, samples_seen,
-                                       seen_text)
+from monossl.experiments.table import (
+    Budget,
+    ReproduceConfig,
+    Row,
+    Table,
+    cell_rows,
+    cells,
+    cells_csv,
+    check_table_settings,
+    parse_rows,
+    pretrained,
+    run_rows,
+    samples_seen,
+    seen_text,
+)
 from monossl.models import load_trunk, random_trunk, save_trunk, trunk_config_from
 from monossl.pretrain import WHITEN_CONV1_ARCHS, PretrainConfig, defaults_of
 
@@ -156,8 +168,8 @@ def augmentation_table(config: ReproduceConfig) -> Table:
             return result
         return probe_row
 
-    done = run_rows([Row(r, _label(r, s["method"]), out / r / probe_dir_name(protocol.name, s["data"]) / "results.json", make(r))
-                     for r in s["rows"]])
+    done = run_rows([Row(r, _label(r, s["method"]), out / r / probe_dir_name(protocol.name, s["data"]) / "results.json",
+                          make(r)) for r in s["rows"]])
     table_config = {**s, "protocol": protocol.to_dict(), "seconds_per_row": done.seconds,
                     "seconds_this_invocation": done.seconds_this_invocation}
     md = write_table(out, s["rows"], done.results, done.stopped, table_config)
@@ -183,7 +195,7 @@ def findings(values: dict) -> list[dict]:
     """The paper's four findings (issue 5) checked on {row: {tap: top1}}; a finding whose rows are
     missing has holds=None."""
 
-    def get(row, tap):
+    def get(row: str, tap: str):
         return values.get(row, {}).get(tap)
 
     out = []
@@ -213,7 +225,7 @@ def findings(values: dict) -> list[dict]:
     return out
 
 
-def _mark(holds) -> str:
+def _mark(holds: bool | None) -> str:
     return {True: "holds", False: "does NOT hold", None: "not checked (rows missing)"}[holds]
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -229,7 +230,8 @@ def _compare_seed(config: CompareConfig, seed: int, out: Path, rows: list[str]) 
             return result
         return probe_row
 
-    done = run_rows([Row(r, ROWS[r], out / r / probe_dir_name(protocol.name, config.data) / "results.json", make(r)) for r in rows])
+    done = run_rows([Row(r, ROWS[r], out / r / probe_dir_name(protocol.name, config.data) / "results.json", make(r))
+                     for r in rows])
     if done.stopped:  # the comparison needs every row
         raise TrainingStopped("; ".join(f"{r}: {m}" for r, m in done.stopped.items()))
     for row in set(rows) & set(REFERENCE_ROWS):  # their learning curves (quick probes on training images)
@@ -241,7 +243,8 @@ def _compare_seed(config: CompareConfig, seed: int, out: Path, rows: list[str]) 
     return Table(out, md, {}, ("table.md", "table.csv", "results.json", "table.png", "filters.png"))
 
 
-def _reference_run(config: CompareConfig, row: str, row_config, out: Path) -> Path:
+def _reference_run(config: CompareConfig, row: str, row_config: Callable[[str, Path], PretrainConfig],
+                   out: Path) -> Path:
     """A converged reference's run directory under `reference_dir`, named by everything that defines it:
     trained once (with learning curves, resumed when interrupted) and reused by every later table."""
     from monossl.eval.curves import CurveProbe

@@ -11,6 +11,7 @@ weights), then its mean ± sample sd over seeds is reported, with every seed's v
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from monossl import runs
@@ -45,7 +46,7 @@ def split_gains(table: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[
     return out
 
 
-def _splits_markdown(splits: dict, taps: list[str], fmt) -> str:
+def _splits_markdown(splits: dict, taps: list[str], fmt: Callable[[float], str]) -> str:
     """One seed's split as a Markdown table under its caption ("" without splits)."""
     if not splits:
         return ""
@@ -67,7 +68,8 @@ def write_table(out: Path, rows: list[str], results: dict, config: dict) -> str:
     summary = {"config": config, "table": table, "rows": {r: {"seen": results[r].get("seen")} for r in rows}}
     md = (f"Linear-probe top-1 (%) on each conv tap, final epoch, protocol `{config['protocol']['name']}`, "
           f"data {config['data']}, seed {config['seed']}; {config['method']} for "
-          f"{config.get('method_steps') or config['steps'] or 'its default'} steps, supervised for {config['supervised_steps']} steps; conv1 "
+          f"{config.get('method_steps') or config['steps'] or 'its default'} steps, "
+          f"supervised for {config['supervised_steps']} steps; conv1 "
           f"{'whitened' if config['whiten_conv1'] else 'plain'}.\n\n"
           + table_markdown(summary) + _splits_markdown(splits, taps, lambda v: f"{v:+.1f}"))
     buf = io.StringIO()
@@ -149,7 +151,8 @@ def seed_table_markdown(summary: dict, caption: bool = True) -> str:
     cells, config = summary["cells"], summary["config"]
     rows = list(summary["rows"])
     taps = list(next(iter(cells.values())))
-    body = [[summary["rows"][r]["label"]] + cell_row + [str(cells[r][taps[0]]["n"]), seen_text(summary["rows"][r]["seen"])]
+    body = [[summary["rows"][r]["label"]] + cell_row
+            + [str(cells[r][taps[0]]["n"]), seen_text(summary["rows"][r]["seen"])]
             for r, cell_row in zip(rows, markdown_cells(cells, rows, taps))]
     table = runs.markdown_table(["training data"] + taps + ["seeds", "samples seen"], body)
     if not caption:
@@ -157,7 +160,8 @@ def seed_table_markdown(summary: dict, caption: bool = True) -> str:
     seeds = ", ".join(summary["seeds"])
     return (f"Linear-probe top-1 (%), mean ± sample sd over seeds {seeds} (final epoch, protocol "
             f"`{config['protocol']['name']}`, data {config['data']}; {config['method']} for "
-            f"{config.get('method_steps') or config['steps'] or 'its default'} steps, supervised for {config['supervised_steps']} steps; conv1 "
+            f"{config.get('method_steps') or config['steps'] or 'its default'} steps, "
+            f"supervised for {config['supervised_steps']} steps; conv1 "
             f"{'whitened' if config['whiten_conv1'] else 'plain'}).\n\n" + table)
 
 

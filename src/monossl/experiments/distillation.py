@@ -28,8 +28,16 @@ from pathlib import Path
 
 from monossl import paper, runs
 from monossl.errors import UserError
-from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, check_table_settings, parse_rows,
-                                       pretrained, run_rows)
+from monossl.experiments.table import (
+    Budget,
+    ReproduceConfig,
+    Row,
+    Table,
+    check_table_settings,
+    parse_rows,
+    pretrained,
+    run_rows,
+)
 from monossl.pretrain import PretrainConfig
 
 log = logging.getLogger(__name__)

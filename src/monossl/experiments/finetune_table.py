@@ -24,8 +24,19 @@ from pathlib import Path
 from monossl import paper, runs
 from monossl.errors import UserError
 from monossl.eval.results import probe_dir_name
-from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, cell_rows, cells, cells_csv,
-                                       check_table_settings, parse_rows, pretrained, run_rows)
+from monossl.experiments.table import (
+    Budget,
+    ReproduceConfig,
+    Row,
+    Table,
+    cell_rows,
+    cells,
+    cells_csv,
+    check_table_settings,
+    parse_rows,
+    pretrained,
+    run_rows,
+)
 from monossl.pretrain import PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -180,7 +191,8 @@ def write_table(out: Path, rows: list[str], results: dict, stopped: dict, config
     md = "\n".join(lines) + "\n"
 
     runs.write_text(out / "table.md", md)
-    runs.write_text(out / "table.csv", cells_csv(rows, TAPS, table, results, stopped, paper.FINETUNE_ROW_TO_PAPER.get, _paper))
+    runs.write_text(out / "table.csv",
+                    cells_csv(rows, TAPS, table, results, stopped, paper.FINETUNE_ROW_TO_PAPER.get, _paper))
     runs.write_json(out / "results.json", {
         "title": f"ImageNet fine-tuning table (conv1-conv2 frozen), {config['arch']}, budget {config['budget']}",
         "config": config,
@@ -194,7 +206,8 @@ def write_table(out: Path, rows: list[str], results: dict, stopped: dict, config
     })
     ours = {r: {t: c["ours"] for t, c in v.items()} for r, v in table.items()}
     paper_values = {r: {t: c["paper"] for t, c in v.items()} for r, v in table.items()}
-    write_layer_bars(ours, out / "table.png", paper=paper_values, row_labels={r: paper.FINETUNE_ROW_TO_PAPER[r] for r in rows},
+    write_layer_bars(ours, out / "table.png", paper=paper_values,
+                     row_labels={r: paper.FINETUNE_ROW_TO_PAPER[r] for r in rows},
                      title=f"fine-tuned with conv1-conv2 frozen, {config['arch']}, budget {config['budget']} "
                            f"(diamonds: paper)")
     return md

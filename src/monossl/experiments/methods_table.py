@@ -29,8 +29,18 @@ from pathlib import Path
 from monossl import runs
 from monossl.errors import UserError
 from monossl.experiments.compare import supervised_steps
-from monossl.experiments.table import (Budget, ReproduceConfig, Row, Table, check_table_settings, parse_rows,
-                                       pretrained, run_rows, samples_seen, seen_text)
+from monossl.experiments.table import (
+    Budget,
+    ReproduceConfig,
+    Row,
+    Table,
+    check_table_settings,
+    parse_rows,
+    pretrained,
+    run_rows,
+    samples_seen,
+    seen_text,
+)
 from monossl.models import load_trunk, random_trunk, save_trunk, trunk_config_from
 from monossl.pretrain import PretrainConfig, defaults_of
 

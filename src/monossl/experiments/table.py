@@ -15,12 +15,14 @@ import dataclasses
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from monossl import runs
 from monossl.errors import TrainingStopped, UserError
+from monossl.eval.accuracy import StudentEval
+from monossl.eval.curves import CurveProbe
 from monossl.eval.results import write_results
 from monossl.pretrain import PretrainConfig, pretrain
 
@@ -113,7 +115,7 @@ class RowResults:
 ROW_SECONDS_NOTE = "this row's training (this invocation only) + evaluation, wall clock"
 
 
-def parse_rows(text: str | None, known, default=None) -> list[str]:
+def parse_rows(text: str | None, known: Sequence[str], default: Sequence[str] | None = None) -> list[str]:
     """'--rows a,b' -> the asked rows in the table's own order (default: all of `known`)."""
     if not text:
         return list(default or known)
@@ -124,7 +126,8 @@ def parse_rows(text: str | None, known, default=None) -> list[str]:
     return [r for r in known if r in asked]
 
 
-def check_table_settings(out: Path, settings: dict, filename: str, ignore=("rows", "budget_note")) -> None:
+def check_table_settings(out: Path, settings: dict, filename: str,
+                         ignore: Collection[str] = ("rows", "budget_note")) -> None:
     """Refuse to mix settings in one table directory (the rows may differ: a table can be run a few rows
     at a time; a budget's note is prose, not a setting); the first run records them."""
     path = out / filename
@@ -134,7 +137,7 @@ def check_table_settings(out: Path, settings: dict, filename: str, ignore=("rows
         runs.write_json(path, settings)
 
 
-def pretrained(config: PretrainConfig, evaluators=()) -> Path:
+def pretrained(config: PretrainConfig, evaluators: Sequence[CurveProbe | StudentEval] = ()) -> Path:
     """A row's pretraining: its run directory, trained first unless it holds a finished trunk.pt;
     a run interrupted earlier (last.pt without trunk.pt) is resumed, not refused."""
     out = Path(config.out)
@@ -207,10 +210,10 @@ def run_rows(rows: list[Row]) -> RowResults:
 # ------------------------------------------------------------------------ our numbers beside the paper's
 
 
-def cells(results: dict, rows: list[str], taps, paper_of: Callable[[str], dict]) -> dict:
+def cells(results: dict, rows: list[str], taps: Sequence[str], paper_of: Callable[[str], dict]) -> dict:
     """{row: {tap: {"ours", "paper", "diff"}}} for the rows with results; paper_of(row) -> {tap: the
     paper's top-1}."""
-    table = {}
+    table: dict = {}
     for row in rows:
         if row not in results:
             continue
@@ -222,7 +225,8 @@ def cells(results: dict, rows: list[str], taps, paper_of: Callable[[str], dict])
     return table
 
 
-def cell_rows(rows, taps, table: dict, stopped: dict, label_of, paper_of) -> list[list[str]]:
+def cell_rows(rows: Sequence[str], taps: Sequence[str], table: dict, stopped: dict, label_of: Callable[[str], str],
+              paper_of: Callable[[str], dict]) -> list[list[str]]:
     """Markdown table body: `ours (paper, diff)` per tap, or `stopped|not run (paper)` for rows without results."""
     body = []
     for row in rows:
@@ -235,7 +239,8 @@ def cell_rows(rows, taps, table: dict, stopped: dict, label_of, paper_of) -> lis
     return body
 
 
-def cells_csv(rows, taps, table: dict, results: dict, stopped: dict, paper_name, paper_of) -> str:
+def cells_csv(rows: Sequence[str], taps: Sequence[str], table: dict, results: dict, stopped: dict,
+              paper_name: Callable[[str], str | None], paper_of: Callable[[str], dict]) -> str:
     """table.csv: one line per row and tap (ours, paper, diff, top-5, best epoch, pooled size, status)."""
     buf = io.StringIO()
     writer = csv.writer(buf)

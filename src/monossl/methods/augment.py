@@ -115,8 +115,8 @@ def colour_jitter(images: torch.Tensor, strength: float = 0.4, hue: float = 0.1,
 def cutmix(images: torch.Tensor, targets: torch.Tensor | None = None, alpha: float = 1.0, prob: float = 1.0,
            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """CutMix (Yun et al., 2019) for a (B, C, H, W) batch: each image gets a box cut from its partner
-    (the global batch in reverse order: under torchrun the partner may live on another rank), box area ~ 1 - Beta(alpha, alpha), centre uniform, clipped to the
-    image; with probability 1 - prob an image is left whole.
+    (the global batch in reverse order: under torchrun the partner may live on another rank), box area
+    ~ 1 - Beta(alpha, alpha), centre uniform, clipped to the image; with probability 1 - prob an image is left whole.
 
     Returns (mixed images, mixed targets or None, lam): lam (B,) is the fraction of each mixed image
     that is still its own, counted in pixels after clipping, and the targets (B, K) are mixed in the

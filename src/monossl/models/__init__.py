@@ -86,13 +86,13 @@ def trunk_checkpoint(trunk: Trunk, meta: dict | None = None) -> dict:
     }
 
 
-def save_trunk(path, trunk: Trunk, meta: dict | None = None) -> None:
+def save_trunk(path: str | Path, trunk: Trunk, meta: dict | None = None) -> None:
     from monossl.runs import save_torch
 
     save_torch(path, trunk_checkpoint(trunk, meta))
 
 
-def load_trunk(path, expect_arch: str | None = None) -> tuple[Trunk, dict]:
+def load_trunk(path: str | Path, expect_arch: str | None = None) -> tuple[Trunk, dict]:
     """Load a trunk checkpoint (a file, or a run directory holding trunk.pt); returns (trunk, meta)."""
     from monossl.runs import load_torch
 

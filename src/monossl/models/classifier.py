@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from monossl.errors import UserError, first_line
@@ -26,18 +27,18 @@ class Classifier(nn.Module):
         self.num_classes = head.out_features
         self.input_size = trunk.input_size
 
-    def forward(self, images):
+    def forward(self, images: torch.Tensor):
         return self.head(self.trunk(images))
 
 
-def save_classifier(path, head: nn.Linear, meta: dict | None = None) -> None:
+def save_classifier(path: str | Path, head: nn.Linear, meta: dict | None = None) -> None:
     from monossl.runs import save_torch
 
     save_torch(path, {"format": CLASSIFIER_FORMAT, "num_classes": head.out_features,
                       "head": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "meta": dict(meta or {})})
 
 
-def load_classifier(run) -> tuple[Classifier, dict]:
+def load_classifier(run: str | Path) -> tuple[Classifier, dict]:
     """A run directory holding trunk.pt and classifier.pt (a supervised run) -> (Classifier, meta)."""
     from monossl.models import load_trunk
     from monossl.runs import load_torch

@@ -53,7 +53,7 @@ class Generator(nn.Module):
         self.net = nn.Sequential(*layers)
         _dcgan_init(self)
 
-    def forward(self, z):
+    def forward(self, z: torch.Tensor):
         return self.net(self.fc(z).view(-1, self.top, 4, 4))
 
 
@@ -75,5 +75,5 @@ class Discriminator(nn.Module):
         self.size = size
         _dcgan_init(self)
 
-    def forward(self, x, z):
+    def forward(self, x: torch.Tensor, z: torch.Tensor):
         return self.joint(torch.cat([self.x_net(x), self.z_net(z)], 1)).squeeze(1)

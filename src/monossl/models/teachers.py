@@ -40,7 +40,7 @@ class TorchvisionTeacher(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
-    def forward(self, images):
+    def forward(self, images: torch.Tensor):
         if images.shape[-1] != self.size or images.shape[-2] != self.size:
             images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False,
                                    antialias=images.shape[-1] > self.size)

@@ -27,6 +27,9 @@ STD = (0.229, 0.224, 0.225)
 class Sobel(nn.Module):
     """Fixed greyscale + Sobel x/y front-end: 3 RGB channels -> 2 gradient channels."""
 
+    grey: torch.Tensor
+    kernels: torch.Tensor
+
     def __init__(self):
         super().__init__()
         grey = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
@@ -34,12 +37,12 @@ class Sobel(nn.Module):
         self.register_buffer("grey", grey)
         self.register_buffer("kernels", torch.stack([sx, sx.t()]).unsqueeze(1))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor):
         g = F.conv2d(x, self.grey)
         return F.conv2d(g, self.kernels, padding=1)
 
 
-def conv_block(cin, cout, kernel, stride=1, padding=None):
+def conv_block(cin: int, cout: int, kernel: int, stride: int = 1, padding: int | None = None):
     padding = kernel // 2 if padding is None else padding
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False),
@@ -53,6 +56,8 @@ class Trunk(nn.Module):
 
     arch: str = "trunk"
     input_size: int = 32
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, stages: list[tuple[str, nn.Module]], head: nn.Module, feature_dim: int, sobel: bool):
         super().__init__()
@@ -72,11 +77,11 @@ class Trunk(nn.Module):
         """The first convolution (for filter visualisation)."""
         return self.stages["conv1"][0]
 
-    def _input(self, x):
+    def _input(self, x: torch.Tensor):
         x = (x - self.mean) / self.std
         return self.sobel(x) if self.sobel is not None else x
 
-    def taps(self, x, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def taps(self, x: torch.Tensor, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         names = list(self.tap_names if names is None else names)
         unknown = [n for n in names if n not in self.stages]
         if unknown:
@@ -92,7 +97,7 @@ class Trunk(nn.Module):
                 break
         return out
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor):
         h = self._input(x)
         for stage in self.stages.values():
             h = stage(h)
@@ -110,7 +115,7 @@ class CifarTrunk(Trunk):
     arch = "cifar"
     input_size = 32
 
-    def __init__(self, widths=(32, 64, 128, 256), conv1_kernel: int = 3, sobel: bool = False):
+    def __init__(self, widths: Sequence[int] = (32, 64, 128, 256), conv1_kernel: int = 3, sobel: bool = False):
         cin = 2 if sobel else 3
         w1, w2, w3, w4 = widths
         stages = [

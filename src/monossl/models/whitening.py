@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.utils import parametrize
+
+from monossl.models.trunks import Trunk
 
 
 def zca_matrix(patches: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
@@ -39,7 +40,8 @@ def zca_matrix(patches: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
 
 
 @torch.no_grad()
-def random_patches(x: torch.Tensor, kernel_size, n_patches: int = 100_000, seed: int = 0) -> torch.Tensor:
+def random_patches(x: torch.Tensor, kernel_size: int | tuple[int, ...], n_patches: int = 100_000,
+                   seed: int = 0) -> torch.Tensor:
     """Up to `n_patches` random kernel_size patches (stride 1, no padding) of `x` (B, C, H, W), as rows
     (N, C * kh * kw) flattened like a conv weight: the rows of `F.unfold(x)` (all B * L patches) picked
     by a random permutation from `seed`, in its order. Gathered directly rather than unfolded, so
@@ -58,7 +60,7 @@ def random_patches(x: torch.Tensor, kernel_size, n_patches: int = 100_000, seed:
 
 
 @torch.no_grad()
-def conv1_input_patches(trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0) -> torch.Tensor:
+def conv1_input_patches(trunk: Trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0) -> torch.Tensor:
     """Up to `n_patches` random k x k patches (N, C_in * k * k) of `images` (B, 3, H, W) in [0, 1] as the
     trunk's conv1 sees them: after its input normalisation and Sobel front-end, if any."""
     x = trunk._input(images.float().to(trunk.mean.device, trunk.mean.dtype))
@@ -66,7 +68,7 @@ def conv1_input_patches(trunk, images: torch.Tensor, n_patches: int = 100_000, s
 
 
 @torch.no_grad()
-def conv1_patch_whitening(trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0,
+def conv1_patch_whitening(trunk: Trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0,
                           eps: float = 1e-2) -> torch.Tensor:
     """Z for the trunk's conv1, from `images` (B, 3, H, W) in [0, 1] as the trunk sees them (after its
     input normalisation and Sobel front-end, if any): up to `n_patches` random k x k patches."""
@@ -80,11 +82,11 @@ class _Whitened(nn.Module):
         super().__init__()
         self.register_buffer("zca", zca)
 
-    def forward(self, u):
+    def forward(self, u: torch.Tensor):
         return (u.flatten(1) @ self.zca).view_as(u)
 
 
-def whiten(trunk, zca: torch.Tensor) -> None:
+def whiten(trunk: Trunk, zca: torch.Tensor) -> None:
     """Reparametrise conv1.weight as U Z, U starting at the current weight (random in whitened space)."""
     conv = trunk.conv1
     initial = conv.weight.detach().clone()
@@ -93,11 +95,11 @@ def whiten(trunk, zca: torch.Tensor) -> None:
         conv.parametrizations.weight.original.copy_(initial)
 
 
-def is_whitened(trunk) -> bool:
+def is_whitened(trunk: Trunk) -> bool:
     return parametrize.is_parametrized(trunk.conv1, "weight")
 
 
-def fold(trunk) -> None:
+def fold(trunk: Trunk) -> None:
     """Replace the parametrisation by the plain weight it gives (U Z): an ordinary trunk again."""
     if is_whitened(trunk):
         parametrize.remove_parametrizations(trunk.conv1, "weight", leave_parametrized=True)

@@ -3,7 +3,10 @@ the short name of an image spec used in titles and labels."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+
+from matplotlib.figure import Figure
 
 from monossl.errors import UserError
 from monossl.runs import atomic_path
@@ -11,7 +14,7 @@ from monossl.runs import atomic_path
 FIGURE_FORMATS = ("png", "pdf", "svg")
 
 
-def figure_format(out) -> str:
+def figure_format(out: str | Path) -> str:
     """The format of a figure file from its suffix (png, pdf or svg); anything else is refused."""
     suffix = Path(out).suffix.lower().lstrip(".")
     if suffix not in FIGURE_FORMATS:
@@ -19,14 +22,14 @@ def figure_format(out) -> str:
     return suffix
 
 
-def new_figure(figsize):
+def new_figure(figsize: tuple[float, float]):
     """A matplotlib Figure without pyplot (no global state, no GUI backend: Agg when saved)."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize)
 
 
-def save_figure(fig, out, dpi: int = 100) -> Path:
+def save_figure(fig: Figure, out: str | Path, dpi: int = 100) -> Path:
     """Save a matplotlib figure atomically (format from the file name)."""
     out = Path(out)
     fmt = figure_format(out)
@@ -38,7 +41,7 @@ def save_figure(fig, out, dpi: int = 100) -> Path:
     return out
 
 
-def image_name(spec) -> str:
+def image_name(spec: str | Path | Sequence[str | Path]) -> str:
     """A short name of an image spec (or a list of them): builtin:astronaut -> astronaut, a path -> its stem."""
     if isinstance(spec, (list, tuple)):
         names = [image_name(s) for s in spec]

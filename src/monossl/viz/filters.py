@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid
 
 from monossl.errors import UserError
+from monossl.models.trunks import Sobel, Trunk
 from monossl.models.whitening import conv1_input_patches, random_patches
 from monossl.viz.figures import new_figure, save_figure
 from monossl.viz.networks import Network
-
 
 # ---------------------------------------------------------------------------- filters
 
@@ -59,7 +59,7 @@ def bn_shift(bn: nn.BatchNorm2d) -> torch.Tensor:
     return (beta - bn.running_mean * bn_scale(bn)).detach()
 
 
-def conv1_bn(trunk) -> nn.BatchNorm2d | None:
+def conv1_bn(trunk: Trunk) -> nn.BatchNorm2d | None:
     """The BatchNorm that follows conv1 (None if the trunk has none)."""
     stage = trunk.stages["conv1"]
     for m in list(stage)[1:]:
@@ -70,7 +70,7 @@ def conv1_bn(trunk) -> nn.BatchNorm2d | None:
     return None
 
 
-def sobel_effective(weight: torch.Tensor, sobel) -> torch.Tensor:
+def sobel_effective(weight: torch.Tensor, sobel: Sobel) -> torch.Tensor:
     """Compose conv1 weights (C, 2, k, k) acting on Sobel gradients with the Sobel front-end.
 
     The front-end is grey = sum_c g_c x_c (1x1), then two 3x3 cross-correlations K_j; conv1
@@ -85,7 +85,7 @@ def sobel_effective(weight: torch.Tensor, sobel) -> torch.Tensor:
     return eff * grey
 
 
-def conv1_filters(trunk, fold_bn: bool = True) -> torch.Tensor:
+def conv1_filters(trunk: Trunk, fold_bn: bool = True) -> torch.Tensor:
     """conv1's filters as (C, 3, k, k) RGB kernels on the trunk's normalised input.
 
     fold_bn: multiply each filter by its BatchNorm scale gamma / sqrt(running_var + eps).
@@ -161,7 +161,7 @@ def filter_grid(filters: torch.Tensor, scale: int = 4, pad: int = 1, ncols: int 
 
 
 @torch.no_grad()
-def patch_covariance(trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0,
+def patch_covariance(trunk: Trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0,
                      rgb: bool = False) -> torch.Tensor:
     """Covariance (D x D, float64; centred, divided by N) of up to `n_patches` random k x k patches of
     `images` (B, 3, H, W) in [0, 1] as conv1 sees them (after the input normalisation and the Sobel
@@ -195,7 +195,7 @@ def activation_patterns(filters: torch.Tensor, covariance: torch.Tensor) -> torc
     return (covariance.double() @ flat.T).T.to(filters.dtype).reshape(filters.shape)
 
 
-def conv1_patterns(trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0) -> torch.Tensor:
+def conv1_patterns(trunk: Trunk, images: torch.Tensor, n_patches: int = 100_000, seed: int = 0) -> torch.Tensor:
     """The activation patterns of `conv1_filters(trunk)` on `images` (same shape): in the space they
     are drawn in, so a Sobel trunk's are RGB (k + 2) x (k + 2) patterns (`patch_covariance(rgb=True)`)."""
     return activation_patterns(conv1_filters(trunk), patch_covariance(trunk, images, n_patches, seed, rgb=True))
@@ -248,7 +248,8 @@ def filters_figure(networks: list[Network], scale: int = 4, ncols: int | None = 
     per_row = 2 * PAIRS_PER_ROW if len(panels) > len(networks) else len(panels)
     n_rows = math.ceil(len(panels) / per_row)
     height = max(g.shape[0] for g, _ in panels)
-    widths = [max(panels[i][0].shape[1] for i in range(c, len(panels), per_row)) for c in range(min(per_row, len(panels)))]
+    widths = [max(panels[i][0].shape[1] for i in range(c, len(panels), per_row))
+              for c in range(min(per_row, len(panels)))]
     inch = 2.6 / max(height, 1)  # every grid about 2.6 in tall
     fig = new_figure((max(sum(widths) * inch + 0.4 * len(widths), 3), 3.3 * n_rows))
     axes = fig.subplots(n_rows, len(widths), gridspec_kw={"width_ratios": widths}, squeeze=False)
@@ -263,7 +264,7 @@ def filters_figure(networks: list[Network], scale: int = 4, ncols: int | None = 
     return fig
 
 
-def write_filters(networks: list[Network], out, scale: int = 4, ncols: int | None = None,
+def write_filters(networks: list[Network], out: str | Path, scale: int = 4, ncols: int | None = None,
                   title: str | None = None, patterns: list | None = None) -> Path:
     """Write `filters_figure` (with activation patterns for networks that carry `pattern_images`)."""
     if not networks:

@@ -13,13 +13,14 @@ no training data of their own (random trunks).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from monossl.errors import UserError
-from monossl.models import load_trunk, random_trunk
+from monossl.models import Trunk, load_trunk, random_trunk
 from monossl.pretrain import WHITENING_SAMPLES, first_samples
 from monossl.runs import read_json
 from monossl.viz.figures import image_name
@@ -30,7 +31,7 @@ class Network:
     """A trunk with what identifies it: label for figures, meta, run directory (if any)."""
 
     label: str
-    trunk: torch.nn.Module
+    trunk: Trunk
     meta: dict = field(default_factory=dict)
     run_dir: Path | None = None
     config: dict = field(default_factory=dict)
@@ -61,7 +62,7 @@ def random_network(arch: str = "cifar", seed: int = 0, **config) -> Network:
     return Network(run_label(meta), trunk.eval(), meta)
 
 
-def load_network(spec, arch: str = "cifar") -> Network:
+def load_network(spec: str | Path, arch: str = "cifar") -> Network:
     """A run directory / trunk.pt, or `random` / `random:SEED` (a fresh `arch` trunk)."""
     text = str(spec)
     path = Path(text)
@@ -84,7 +85,8 @@ def load_network(spec, arch: str = "cifar") -> Network:
     return Network(run_label(meta, config), trunk.eval(), dict(meta), run_dir, config)
 
 
-def networks(specs=(), random: bool = False, arch: str = "cifar", seed: int = 0) -> list[Network]:
+def networks(specs: Iterable[str | Path] = (), random: bool = False, arch: str = "cifar",
+             seed: int = 0) -> list[Network]:
     """A random `arch` trunk from `seed` first (if `random`), then one network per spec."""
     nets = [random_network(arch, seed)] if random else []
     return nets + [load_network(spec, arch) for spec in specs]
@@ -98,7 +100,7 @@ def records_training_data(config: dict) -> bool:
     return bool(config.get("image") and config.get("patch_config")) or bool(config.get("data"))
 
 
-def training_images(run_dir, n: int = WHITENING_SAMPLES) -> torch.Tensor:
+def training_images(run_dir: str | Path, n: int = WHITENING_SAMPLES) -> torch.Tensor:
     """The first n training samples (N, 3, S, S) in [0, 1] of a `monossl pretrain` run (a run directory,
     or a file in one), rebuilt from its config.json as `pretrain.build_source` built them: the same
     images its conv1 whitening used (for n = WHITENING_SAMPLES). No labels."""
@@ -128,7 +130,7 @@ def training_images(run_dir, n: int = WHITENING_SAMPLES) -> torch.Tensor:
     return first_samples(source, n)
 
 
-def sample_side(trunk) -> int:
+def sample_side(trunk: Trunk) -> int:
     """The side S of the samples a run of `trunk` trains on by default: 32 px for the CIFAR trunk,
     256 for AlexNet (`pretrain.build_source`)."""
     return 32 if trunk.input_size <= 64 else 256

@@ -8,6 +8,7 @@ numbers are black markers, so no information is carried by colour alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,8 @@ def layer_bars_figure(table: dict, paper: dict | None = None, title: str | None 
             py = [float(v) for v in pp if v is not None]
             values += py
             ax.plot(px, py, linestyle="none", marker="D", markersize=6, markerfacecolor="black",
-                    markeredgecolor="white", label="paper" if "paper" not in ax.get_legend_handles_labels()[1] else None)
+                    markeredgecolor="white",
+                    label="paper" if "paper" not in ax.get_legend_handles_labels()[1] else None)
     ax.set_xticks(x, taps)
     ax.set_ylabel(ylabel)
     if values:  # bars start at 0 (honest lengths)
@@ -88,18 +90,20 @@ def layer_bars_figure(table: dict, paper: dict | None = None, title: str | None 
     ax.set_axisbelow(True)
     handles, names = ax.get_legend_handles_labels()
     order = [i for i, k in enumerate(names) if k != "paper"] + [i for i, k in enumerate(names) if k == "paper"]
-    ax.legend([handles[i] for i in order], [names[i] for i in order], fontsize=8, ncol=min(3, n + 1), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
+    ax.legend([handles[i] for i in order], [names[i] for i in order], fontsize=8, ncol=min(3, n + 1),
+              loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
     return fig
 
 
-def write_layer_bars(table: dict, out, paper: dict | None = None, title: str | None = None,
+def write_layer_bars(table: dict, out: str | Path, paper: dict | None = None, title: str | None = None,
                      row_labels: dict | None = None, errors: dict | None = None) -> Path:
     return save_figure(layer_bars_figure(table, paper, title, row_labels, errors=errors), out)
 
 
-def methods_figure(values: dict, methods, title: str | None = None, ylabel: str = "linear-probe top-1 (%)",
+def methods_figure(values: dict, methods: Sequence[str], title: str | None = None,
+                   ylabel: str = "linear-probe top-1 (%)",
                    data_label: str = "dataset"):
     """One panel per tap; in each, every method's one-image row (filled circle) beside the same method
     on the dataset (`<method>-data`, open square), with the random trunk (dashed) and supervision
@@ -160,7 +164,7 @@ def ranked_bars_figure(values: dict[str, tuple[float, float | None]], xlabel: st
     return fig
 
 
-def read_run_config(run_dir) -> dict:
+def read_run_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir}: no config.json (not a run directory)")
@@ -202,7 +206,7 @@ def run_patch_title(config: dict, n: int) -> str:
             f"{cfg.get('size', '?')} px, seed {config.get('seed', 0)}")
 
 
-def write_contact_sheet(run_dir, out, n: int = 64, ncols: int | None = None) -> Path:
+def write_contact_sheet(run_dir: str | Path, out: str | Path, n: int = 64, ncols: int | None = None) -> Path:
     """Contact sheet of a run's first n training patches (from its config.json)."""
     config = read_run_config(run_dir)
     patches = patches_from_config(config, n)
@@ -236,12 +240,12 @@ def learning_curves_figure(records: list[dict], title: str | None = None, ylabel
     return fig
 
 
-def write_learning_curves(records: list[dict], out, title: str | None = None,
+def write_learning_curves(records: list[dict], out: str | Path, title: str | None = None,
                           ylabel: str = "validation top-1 (%)") -> Path:
     return save_figure(learning_curves_figure(records, title, ylabel), out)
 
 
-def sources_figure(specs, size: int = 32, count: int = 16, seed: int = 0, columns: int = 8):
+def sources_figure(specs: list[str], size: int = 32, count: int = 16, seed: int = 0, columns: int = 8):
     """A contact sheet per source: the first `count` samples (or patches) each of `specs` would give
     a run at `size` px with `--seed seed` (preset all for images), one panel per source, titled."""
     from monossl.data.patch_config import make_config

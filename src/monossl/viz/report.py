@@ -29,6 +29,7 @@ import base64
 import html
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from monossl.viz.networks import load_network, run_label
 from monossl.viz.plots import ROW_LABELS, write_contact_sheet, write_layer_bars, write_learning_curves
 
 
-def fmt(value) -> str:
+def fmt(value: float | None) -> str:
     """A number as stored (shortest round-trip form: 57.83 -> '57.83'); None -> ''."""
     if value is None:
         return ""
@@ -109,7 +110,7 @@ class Table:
         return header, rows
 
 
-def _cell(value):
+def _cell(value: float | dict | None):
     """(ours, paper) of a table cell: a number, or a dict with ours/paper (or top1)."""
     if isinstance(value, dict):
         ours = value.get("ours", value.get("top1"))
@@ -128,7 +129,8 @@ def table_from_results(data: dict, source: str) -> Table:
     for row, cells in data["table"].items():
         if not isinstance(cells, dict):
             raise UserError(f"{source}: row {row!r} of `table` is not a mapping tap -> value")
-        meta = (rows_info.get(row) or {}).get("trunk", {}).get("meta", {}) if isinstance(rows_info.get(row), dict) else {}
+        meta = ((rows_info.get(row) or {}).get("trunk", {}).get("meta", {})
+                if isinstance(rows_info.get(row), dict) else {})
         t.ours[row] = {}
         given_paper = {}
         for tap, value in cells.items():
@@ -186,7 +188,7 @@ def _is_run(path: Path) -> bool:
     return (path / "trunk.pt").is_file()
 
 
-def gather(specs) -> Inputs:
+def gather(specs: Sequence[str | Path]) -> Inputs:
     """Sort the command's arguments into tables, probe results and runs (see module docstring)."""
     got = Inputs()
     seen_probe = set()
@@ -270,7 +272,7 @@ def gather(specs) -> Inputs:
 # ---------------------------------------------------------------------------- output
 
 
-def html_table(header, rows) -> str:
+def html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -285,7 +287,8 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def build_report(specs, out, title: str = "monossl report", patches: int = 64, scale: int = 4) -> dict:
+def build_report(specs: Sequence[str | Path], out: str | Path, title: str = "monossl report", patches: int = 64,
+                 scale: int = 4) -> dict:
     """Write out/report.md, out/report.html and the PNGs; returns {"tables": [...], "figures": [...]}."""
     if not specs:
         raise UserError("give at least one run directory or results file")

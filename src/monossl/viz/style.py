@@ -9,8 +9,8 @@ where F_l is the activation of tap l (after its ReLU, `trunk.taps`), G_l = F F^T
 Gram matrix, w_l = 1 / (number of style taps), |.| the Frobenius norm. Both losses are
 *relative* errors, so they mean the same for every trunk whatever the scale of its activations
 (a random trunk's and a trained one's differ by orders of magnitude), and the default weights
-carry over: the style loss of the content image itself is typically 0.3 to 1. L-BFGS on the pixels, in rounds of 20 iterations
-with the pixels clamped to [0, 1] between rounds.
+carry over: the style loss of the content image itself is typically 0.3 to 1. L-BFGS on the pixels, in rounds of 20
+iterations with the pixels clamped to [0, 1] between rounds.
 
 The trunk is copied, put in eval mode (BatchNorm uses its running statistics) and frozen;
 by default its max-pools are replaced by average pools of the same size (Gatys et al.'s
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from monossl.errors import UserError
+from monossl.models import Trunk
 from monossl.runs import atomic_path
 from monossl.viz.figures import new_figure
 
@@ -36,7 +38,7 @@ DEFAULT_CONTENT_TAP = {"cifar": "conv3"}
 ROUND = 20  # L-BFGS iterations between clamps
 
 
-def default_taps(trunk) -> tuple[list[str], str]:
+def default_taps(trunk: Trunk) -> tuple[list[str], str]:
     """(style taps, content tap): conv1..conv4 and conv3 for the CIFAR trunk; for AlexNets
     conv1..conv5 and conv4."""
     names = list(trunk.tap_names)
@@ -45,7 +47,7 @@ def default_taps(trunk) -> tuple[list[str], str]:
     return style, content
 
 
-def prepare_trunk(trunk, pool: str = "avg"):
+def prepare_trunk(trunk: Trunk, pool: str = "avg"):
     """A frozen eval-mode copy of `trunk`; pool='avg' swaps MaxPool2d for AvgPool2d."""
     if pool not in ("avg", "max"):
         raise UserError(f"--pool must be avg or max, not {pool!r}")
@@ -80,7 +82,8 @@ def resize_longer(img: torch.Tensor, size: int) -> torch.Tensor:
     return out[0].clamp(0, 1)
 
 
-def load_pair(content, style, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_pair(content: str | Path | torch.Tensor, style: str | Path | torch.Tensor, size: int) -> tuple[torch.Tensor,
+              torch.Tensor]:
     """Content and style as (3, H, W) in [0, 1], longer side `size`; specs or tensors."""
     from monossl.data.sources import load_image
 
@@ -91,10 +94,12 @@ def load_pair(content, style, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return resize_longer(c, size), resize_longer(s, size)
 
 
-def stylize(trunk, content, style, size: int = 256, steps: int = 100, style_weight: float = 100.0,
-            content_weight: float = 1.0, style_taps=None, content_tap=None, pool: str = "avg",
-            init: str = "content", seed: int = 0, device="cpu", max_seconds: float | None = None,
-            log=print) -> dict:
+def stylize(trunk: Trunk, content: str | Path | torch.Tensor, style: str | Path | torch.Tensor, size: int = 256,
+            steps: int = 100, style_weight: float = 100.0,
+            content_weight: float = 1.0, style_taps: Sequence[str] | None = None, content_tap: str | None = None,
+            pool: str = "avg",
+            init: str = "content", seed: int = 0, device: str | torch.device = "cpu", max_seconds: float | None = None,
+            log: Callable[[str], object] = print) -> dict:
     """Gatys style transfer; returns {"image": (3, H, W) in [0, 1], "style_loss": [start, end],
     "content_loss": [start, end], "loss": [start, end], "iterations", "evaluations", "seconds",
     "history": [(evaluation, style_loss, content_loss)], "style_taps", "content_tap"}.
@@ -136,13 +141,13 @@ def stylize(trunk, content, style, size: int = 256, steps: int = 100, style_weig
         x = torch.rand(content_x.shape, generator=g).to(device)
     x.requires_grad_(True)
 
-    def losses(img):
+    def losses(img: torch.Tensor):
         feats = net.taps(img, taps)
         s = sum(w_l * (gram(feats[t]) - target_grams[t]).pow(2).sum() / style_norms[t] for t in style_taps)
         c = (feats[content_tap] - target_content).pow(2).sum() / content_norm
         return s, c
 
-    history = []
+    history: list[tuple[int, float, float]] = []
     optimizer = torch.optim.LBFGS([x], lr=1.0, max_iter=ROUND, history_size=50,
                                   tolerance_grad=0.0, tolerance_change=0.0)
 
@@ -198,7 +203,7 @@ def stylize(trunk, content, style, size: int = 256, steps: int = 100, style_weig
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 
-def image_format(out) -> str:
+def image_format(out: str | Path) -> str:
     """PIL's format of an image file from its suffix (.png, .jpg, .jpeg); anything else is refused."""
     fmt = IMAGE_FORMATS.get(Path(out).suffix.lower())
     if fmt is None:
@@ -206,7 +211,7 @@ def image_format(out) -> str:
     return fmt
 
 
-def write_image(img: torch.Tensor, out) -> Path:
+def write_image(img: torch.Tensor, out: str | Path) -> Path:
     """Write a (3, H, W) [0, 1] tensor as an 8-bit PNG/JPEG, atomically."""
     from PIL import Image
 
@@ -221,7 +226,8 @@ def write_image(img: torch.Tensor, out) -> Path:
     return out
 
 
-def compare_figure(content, style, results: list[tuple[str, dict]], title: str | None = None):
+def compare_figure(content: torch.Tensor, style: torch.Tensor, results: list[tuple[str, dict]],
+                   title: str | None = None):
     """Content, style, then one stylised image per network, each labelled."""
     n = 2 + len(results)
     fig = new_figure((2.4 * n, 2.9))
