@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from monossl.cli import main
 from monossl.experiments.compare import REFERENCE_EPOCHS
-from monossl.experiments.compare_output import split_gains
+from monossl.experiments.compare_output import curves_markdown, split_gains
 from monossl.experiments.seeds import aggregate, cells_csv, format_cell
 from monossl.models import random_trunk
 from monossl.pretrain import PretrainConfig, first_samples, initial_trunk, pretrain, statistics_trunk
@@ -202,6 +202,20 @@ def test_readme_tables_equal_their_committed_results(capsys):
     assert "<!-- table: results/" in text  # the README's tables are generated ones
     assert main(["tables", str(readme), str(REPO / "docs" / "one_image.md"), "--check", "--root", str(REPO)]) == 0, \
         capsys.readouterr().out
+
+
+def test_learning_curves_table_gives_each_point_its_epochs():
+    """A reference's curve points become rows, each step turned into epochs by the run's own count."""
+    summary = {"config": {"method": "simclr"},
+               "rows": {"full-long": {"seen": {"steps": 400, "epochs": 2.0},
+                                      "curves": [{"step": 0, "top1": {"conv1": 50.0, "conv2": 51.0}},
+                                                 {"step": 300, "top1": {"conv1": 60.0, "conv2": 62.5}}]},
+                        "random": {"seen": None}}}
+    lines = curves_markdown(summary).splitlines()
+    assert lines[0] == "| training data | step | epochs | conv1 | conv2 |"
+    assert lines[2:] == ["| full data (simclr), converged | 0 | 0.0 | 50.0 | 51.0 |",
+                         "| full data (simclr), converged | 300 | 1.5 | 60.0 | 62.5 |"]
+    assert curves_markdown({"config": {"method": "simclr"}, "rows": {"random": {}}}) == ""
 
 
 def test_reference_options_without_references_are_refused(tmp_path, cifar_subset_dir, capsys):

@@ -105,6 +105,23 @@ def table_markdown(summary: dict) -> str:
     return runs.markdown_table(["training data"] + taps + ["samples seen"], body)
 
 
+def curves_markdown(summary: dict) -> str:
+    """The learning curves of the rows that have them (the converged references): validation top-1 per
+    tap at each probed step, with the epochs over the training images that step stands for."""
+    labels = row_labels(summary["config"]["method"])
+    body = []
+    for row, result in summary["rows"].items():
+        seen = result.get("seen") or {}
+        for point in result.get("curves", []):
+            epochs = seen["epochs"] * point["step"] / seen["steps"] if seen.get("steps") else None
+            body.append([labels[row], point["step"], "" if epochs is None else f"{epochs:.1f}",
+                         *(float(v) for v in point["top1"].values())])
+    if not body:
+        return ""
+    taps = list(next(p for r in summary["rows"].values() for p in r.get("curves", []))["top1"])
+    return runs.markdown_table(["training data", "step", "epochs"] + taps, body)
+
+
 def write_seed_table(out: Path, rows: list[str], results: dict[int, dict], config: dict) -> str:
     """The table over seeds (results: {seed: that seed's results.json}): table.md/csv, results.json and
     table.png with each cell's mean ± sample sd, and the statistics/learning split aggregated per seed."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from monossl import runs
 from monossl.errors import UserError
 from monossl.experiments.compare_output import (
+    curves_markdown,
     seed_table_markdown,
     splits_markdown,
     splits_per_seed_markdown,
@@ -35,6 +36,7 @@ RENDERERS: dict[tuple[str, str], Callable[[dict], str]] = {
     ("compare-seeds", "splits"): splits_markdown,
     ("compare-seeds", "per-seed"): splits_per_seed_markdown,
     ("compare", "table"): table_markdown,
+    ("compare", "curves"): curves_markdown,
 }
 
 
