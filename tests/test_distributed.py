@@ -194,7 +194,7 @@ torch.manual_seed(1)
 logs = method.step({"images": torch.rand(4, 3, 32, 32)}, 0)
 assert isinstance(method.parallel(method.trunk, method.projector), DistributedDataParallel)
 moved = [k for k, v in method.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
-assert "trunk.stages.conv2.0.weight" in moved and "projector.0.weight" in moved, moved
+assert "trunk.stages.conv2.1.0.weight" in moved and "projector.0.weight" in moved, moved
 print("moved", len(moved), "loss", logs["loss"])
 """
 
