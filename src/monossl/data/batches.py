@@ -19,11 +19,12 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from monossl.data.image_sets import FolderImages, LabelledImages
-from monossl.data.patches import PatchStream
+from monossl.data.patches import Stream
 from monossl.errors import UserError
 from monossl.seeds import derive_seed
 
@@ -33,8 +34,24 @@ def permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+class Source(Protocol):
+    """What the training loop draws from: `StreamSource`, `TensorSource` or `FolderSource`."""
+
+    @property
+    def length(self) -> int | None: ...  # None: unlimited
+
+    @property
+    def seed(self) -> int: ...
+
+    def order(self, epoch: int) -> torch.Tensor: ...
+
+    def fetch(self, indices: torch.Tensor) -> dict: ...
+
+    def describe(self) -> dict: ...
+
+
 class StreamSource:
-    def __init__(self, stream: PatchStream, length: int | None = None, seed: int = 0):
+    def __init__(self, stream: Stream, length: int | None = None, seed: int = 0):
         self.stream = stream
         self.length = length
         self.seed = seed
