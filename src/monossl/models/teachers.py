@@ -19,12 +19,16 @@ The teacher is frozen (`requires_grad_(False)`) and kept in eval mode by its use
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from monossl.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from monossl.models.classifier import Classifier
 
 TORCHVISION_PREFIX = "torchvision:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,7 +87,7 @@ def _torchvision_teacher(spec: str) -> TorchvisionTeacher:
     return TorchvisionTeacher(model, size, num_classes)
 
 
-def load_teacher(spec: str) -> nn.Module:
+def load_teacher(spec: str) -> TorchvisionTeacher | Classifier:
     """The frozen teacher of `spec` (see the module docstring), in eval mode, on the CPU; it has
     `.num_classes`."""
     if str(spec).startswith(TORCHVISION_PREFIX):

@@ -56,6 +56,7 @@ class Trunk(nn.Module):
 
     arch: str = "trunk"
     input_size: int = 32
+    config: dict  # the keyword arguments that rebuild it (models.build_trunk)
     mean: torch.Tensor
     std: torch.Tensor
 
