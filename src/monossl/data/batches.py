@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from monossl.data.image_sets import FolderImages, LabelledImages
+from monossl.data.image_sets import FolderImages, LabelledImages, TensorImages
 from monossl.data.patches import Stream
 from monossl.errors import UserError
 from monossl.seeds import derive_seed
@@ -57,6 +57,7 @@ class StreamSource:
         self.seed = seed
 
     def order(self, epoch: int) -> torch.Tensor:
+        assert self.length is not None  # only a finite stream has epochs
         return permutation(self.length, self.seed, epoch)
 
     def fetch(self, indices: torch.Tensor) -> dict:
@@ -139,9 +140,9 @@ class FolderSource:
                 "labelled": self.labelled, "size": self.size}
 
 
-def dataset_source(dataset: LabelledImages, labelled: bool, size: int, seed: int = 0):
+def dataset_source(dataset: LabelledImages, labelled: bool, size: int, seed: int = 0) -> TensorSource | FolderSource:
     """The source for a dataset of `monossl.data.datasets`: in-memory sets (CIFAR-10/100, STL-10) as they are,
     ImageFolder trees read from disk at `size` x `size`."""
-    if hasattr(dataset, "images"):
+    if isinstance(dataset, TensorImages):
         return TensorSource(dataset.images, dataset.labels if labelled else None, seed=seed)
     return FolderSource(dataset, size, labelled=labelled, seed=seed)

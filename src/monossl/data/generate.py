@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -259,13 +260,13 @@ def write_patches(images: list[str], config: PatchConfig, out: str | Path, count
     if workers < 0:
         raise UserError(f"--workers must be >= 0, not {workers}")
     config = config.validate()
-    device = resolve_device(device)
-    stream = open_stream(list(images), config, seed=seed, device=device, names=list(images))
+    resolved = resolve_device(device)
+    stream = open_stream(list(images), config, seed=seed, device=resolved, names=list(images))
     described = [stream.describe() if isinstance(stream, ProceduralStream) else sources.describe_source(s)
                  for s in images]
 
     out = Path(out)
-    meta = {
+    meta: dict[str, Any] = {
         "pixel_version": PIXEL_VERSION,
         "config": config.to_dict(),
         "preset": preset,
@@ -292,7 +293,7 @@ def write_patches(images: list[str], config: PatchConfig, out: str | Path, count
         runs.ensure_writable_dir(preview.parent if str(preview.parent) else Path("."))
 
     meta["environment"] = runs.environment()
-    meta["environment"]["device"] = str(device)
+    meta["environment"]["device"] = str(resolved)
     meta["complete"] = False
     runs.write_json(meta_path, meta)
 
