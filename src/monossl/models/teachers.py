@@ -38,6 +38,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class TorchvisionTeacher(nn.Module):
     """A torchvision classifier behind the resize and normalisation it was trained with."""
 
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+
     def __init__(self, model: nn.Module, size: int, num_classes: int):
         super().__init__()
         self.model, self.size, self.num_classes = model, size, num_classes
@@ -90,6 +93,7 @@ def _torchvision_teacher(spec: str) -> TorchvisionTeacher:
 def load_teacher(spec: str) -> TorchvisionTeacher | Classifier:
     """The frozen teacher of `spec` (see the module docstring), in eval mode, on the CPU; it has
     `.num_classes`."""
+    teacher: TorchvisionTeacher | Classifier
     if str(spec).startswith(TORCHVISION_PREFIX):
         teacher = _torchvision_teacher(str(spec))
     else:
