@@ -218,14 +218,15 @@ def balanced_indices(dataset: LabelledImages, n: int, seed: int = 0) -> torch.Te
     return torch.sort(torch.cat(chosen)).values
 
 
-def subset(dataset: LabelledImages, n: int, seed: int = 0):
+def subset(dataset: LabelledImages, n: int, seed: int = 0) -> LabelledImages:
     """A class-balanced subset of `n` items (n // K per class, the remainder to the first classes)."""
     if n > 0 and n >= len(dataset.labels):
         return dataset
     return dataset.restricted(balanced_indices(dataset, n, seed))  # refuses n <= 0
 
 
-def validation_split(dataset: LabelledImages, n_train: int, n_val: int, seed: int = 0):
+def validation_split(dataset: LabelledImages, n_train: int, n_val: int,
+                     seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
     """Two disjoint class-balanced parts of one labelled set: (n_train items, n_val items).
 
     For choosing recipes and for learning curves on a dataset's *training* images, so that the

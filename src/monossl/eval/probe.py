@@ -29,6 +29,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,24 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.
     if len(batches[-1]) < 2:
         batches.pop()
     return batches
+
+
+@overload
+def probe(trunk: Trunk, train: LabelledImages, test: LabelledImages, protocol: ProbeProtocol | str, *,
+          device: str | torch.device = "auto", seed: int = 0,
+          out_dir: str | Path | None = None, progress: bool = True, verbose: bool = True, meta: dict | None = None,
+          dataset: str | None = None, cache: bool = True, workers: int | None = None,
+          return_probes: Literal[False] = False, knn: tuple[int, ...] = (), knn_values: int | None = None,
+          matmul_dtype: str | torch.dtype = "auto") -> ProbeResult: ...
+
+
+@overload
+def probe(trunk: Trunk, train: LabelledImages, test: LabelledImages, protocol: ProbeProtocol | str, *,
+          device: str | torch.device = "auto", seed: int = 0,
+          out_dir: str | Path | None = None, progress: bool = True, verbose: bool = True, meta: dict | None = None,
+          dataset: str | None = None, cache: bool = True, workers: int | None = None,
+          return_probes: Literal[True], knn: tuple[int, ...] = (), knn_values: int | None = None,
+          matmul_dtype: str | torch.dtype = "auto") -> tuple[ProbeResult, LinearProbes]: ...
 
 
 def probe(trunk: Trunk, train: LabelledImages, test: LabelledImages, protocol: ProbeProtocol | str, *,
