@@ -42,8 +42,8 @@ class Budget:
     name: str
     steps: dict = field(default_factory=dict)
     batch: dict = field(default_factory=dict)
-    dc_patches: int = 8192
-    dc_epochs: int = 4
+    dc_patches: int | None = 8192
+    dc_epochs: int | None = 4
     supervised_epochs: int | None = None
     finetune_steps: int | None = None
     finetune_epochs: int | None = None
