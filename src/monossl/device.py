@@ -36,5 +36,5 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def memory_format(device: torch.device):
+def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last

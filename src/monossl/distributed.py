@@ -27,6 +27,8 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.autograd.function import FunctionCtx
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from monossl.errors import UserError
 
@@ -126,13 +128,13 @@ class _AllGather(torch.autograd.Function):
     the ranks' losses with respect to its own rows (as SimCLR's and solo-learn's gather layers do)."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx: FunctionCtx, x: torch.Tensor) -> torch.Tensor:
         out = [torch.empty_like(x) for _ in range(world()[1])]
         dist.all_gather(out, x.contiguous())
         return torch.cat(out)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad)
         rank, size = world()
@@ -187,19 +189,19 @@ class _AllReduceSum(torch.autograd.Function):
     ranks' output gradients (torch.distributed.nn's version of this is deprecated)."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx: FunctionCtx, x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x)
         return x
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
 
 
-class _GlobalBatchNorm:
+class _GlobalBatchNorm(_BatchNorm):
     """BatchNorm with the batch statistics of all ranks, on any device (mixed into BatchNorm1d/2d).
 
     torch.nn.SyncBatchNorm runs on GPUs only; this is the same computation for CPU (gloo),
@@ -207,7 +209,7 @@ class _GlobalBatchNorm:
     the global batch. Same parameters and buffers as the plain layer: its checkpoints load into it.
     """
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or world()[1] == 1:
             return super().forward(x)
         dims = [0, *range(2, x.dim())]  # every dimension but the channels'
@@ -219,7 +221,9 @@ class _GlobalBatchNorm:
         mean = stats[:c] / n
         var = (stats[c:2 * c] / n - mean * mean).clamp_(min=0)
         with torch.no_grad():
-            if self.track_running_stats:
+            if self.track_running_stats:  # then the layer has its running statistics and batch count
+                assert self.num_batches_tracked is not None
+                assert self.running_mean is not None and self.running_var is not None
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
@@ -239,7 +243,8 @@ class _GlobalBatchNorm2d(_GlobalBatchNorm, nn.BatchNorm2d):
     pass
 
 
-_GLOBAL = {nn.BatchNorm1d: _GlobalBatchNorm1d, nn.BatchNorm2d: _GlobalBatchNorm2d}
+_GLOBAL: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: _GlobalBatchNorm1d, nn.BatchNorm2d: _GlobalBatchNorm2d}
 
 
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:

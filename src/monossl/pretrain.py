@@ -18,8 +18,10 @@ A run whose loss becomes NaN (or whose BiGAN discriminator wins outright) raises
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,10 +29,13 @@ from monossl import runs
 from monossl.device import resolve_device
 from monossl.distributed import is_main, setup, sync_batchnorm, world
 from monossl.errors import UserError
-from monossl.methods.base import Method, RunDefaults
-from monossl.models import build_trunk, save_trunk, trunk_config_from
+from monossl.methods.base import MethodClass, RunDefaults
+from monossl.models import Trunk, build_trunk, save_trunk, trunk_config_from
 from monossl.tracking import Tracker, import_wandb
-from monossl.train import LoopConfig, steps_per_epoch, train
+from monossl.train import Evaluator, LoopConfig, steps_per_epoch, train
+
+if TYPE_CHECKING:  # the data package is imported when a run builds its source
+    from monossl.data.batches import Source
 
 # method name -> (module, class). Each class has a `Config` dataclass of its hyper-parameters.
 METHODS = {
@@ -73,7 +78,7 @@ def default_lr(method: str, arch: str) -> float | None:
 SHARED_OPTIONS = {"lr": "--lr", "crop_scale": "--crop-scale", "clusters": "--clusters"}
 
 
-def method_options(config: PretrainConfig, cls: type, lr: float | None, num_classes: int | None) -> dict:
+def method_options(config: PretrainConfig, cls: MethodClass, lr: float | None, num_classes: int | None) -> dict:
     """The method's Config fields this run sets: the shared options and `config.method_options`. An
     option the method has no use for is refused in one line, never dropped silently."""
     known = {f.name for f in fields(cls.Config)}
@@ -90,7 +95,7 @@ def method_options(config: PretrainConfig, cls: type, lr: float | None, num_clas
     return {**{k: v for k, v in given.items() if v is not None}, **config.method_options}
 
 
-def method_class(name: str) -> type[Method]:
+def method_class(name: str) -> MethodClass:
     if name not in METHODS:
         raise UserError(f"unknown --method {name!r}; choose from {', '.join(METHODS)}")
     module, cls = METHODS[name]
@@ -148,7 +153,7 @@ class Run:
     metrics: dict = field(default_factory=dict)  # the last logged record
 
 
-def build_source(config: PretrainConfig, trunk, device=None):
+def build_source(config: PretrainConfig, trunk: Trunk, device: torch.device | None = None) -> tuple[Source, dict]:
     """The training data: the patch stream of `config.images`, or `config.data`'s images (with labels
     when the method needs them). Returns (source, info for config.json).
 
@@ -182,7 +187,7 @@ def build_source(config: PretrainConfig, trunk, device=None):
     return StreamSource(stream, length=length, seed=config.seed), info
 
 
-def initial_trunk(config: PretrainConfig, device=None):
+def initial_trunk(config: PretrainConfig, device: torch.device | None = None) -> tuple[Trunk, Source, dict, bool]:
     """What a run starts from, before its first step: the seeded trunk (the same weights as
     `models.random_trunk(arch, seed)`), its training source, and conv1 in the whitened coordinates of
     the source's first samples where asked (the default on the CIFAR trunk).
@@ -205,7 +210,7 @@ def initial_trunk(config: PretrainConfig, device=None):
     return trunk, source, data_info, whiten_conv1
 
 
-def first_samples(source, n: int) -> torch.Tensor:
+def first_samples(source: Source, n: int) -> torch.Tensor:
     """The images of a source's first n samples (the stream's patches 0..n-1, a dataset's first n in its
     epoch-0 shuffle), in [0, 1]: what the run trains on first; no labels."""
     first = torch.arange(n) if source.length is None else source.order(0)[:n]
@@ -242,7 +247,7 @@ def statistics_trunk(config: PretrainConfig, bn_samples: int = BN_SAMPLES, batch
     return trunk.eval(), meta
 
 
-def pretrain(config: PretrainConfig, evaluators=()) -> Run:
+def pretrain(config: PretrainConfig, evaluators: Sequence[Evaluator] = ()) -> Run:
     """Train (or, with `config.resume`, continue) one run; see the module docstring.
 
     evaluators: called during training and logged in metrics.jsonl (train.train; e.g.

@@ -25,12 +25,18 @@ import logging
 import math
 import uuid
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torchvision.utils import make_grid
 
 from monossl.distributed import is_main
 from monossl.errors import UserError
+from monossl.models.trunks import Trunk
+
+if TYPE_CHECKING:  # the tensorboard package is optional: imported where a writer is opened
+    from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,7 @@ def scalars(record: dict) -> dict[str, float]:
 
 
 @torch.no_grad()
-def conv1_filter_grid(trunk: torch.nn.Module, scale: int = 4) -> torch.Tensor:
+def conv1_filter_grid(trunk: Trunk, scale: int = 4) -> torch.Tensor:
     """conv1's filters (the effective weight, U Z for a whitened conv1) tiled into one (3, H, W) image in
     [0, 1], each filter min-max normalised on its own; a conv1 that does not read RGB (a Sobel trunk's
     two gradient channels) is drawn in grey as its channels' sum. viz/filters.py draws the careful
@@ -65,7 +71,7 @@ def conv1_filter_grid(trunk: torch.nn.Module, scale: int = 4) -> torch.Tensor:
     return make_grid(weight, nrow=columns, padding=1, normalize=True, scale_each=True, pad_value=1.0)
 
 
-def import_wandb():
+def import_wandb() -> ModuleType:
     """The wandb module, or a one-line UserError when it is not installed."""
     try:
         return importlib.import_module("wandb")
@@ -83,7 +89,8 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.wandb = import_wandb() if wandb_project else None  # refused before the run starts
         self.wandb_project, self.run_config = wandb_project, run_config or {}
-        self.board = self.wandb_run = None
+        self.board: SummaryWriter | None = None
+        self.wandb_run: Any = None  # a wandb Run (wandb is optional and untyped here)
 
     def start(self, step: int) -> None:
         if not is_main():
@@ -122,7 +129,7 @@ class Tracker:
         """A (3, H, W) image in [0, 1]."""
         if self.board is not None:
             self.board.add_image(tag, image, step)
-        if self.wandb_run is not None:
+        if self.wandb is not None and self.wandb_run is not None:  # a W&B run is opened only with wandb
             self.wandb_run.log({tag: self.wandb.Image(image.permute(1, 2, 0).numpy())}, step=step)
 
     def close(self) -> None:

@@ -17,8 +17,10 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
@@ -28,8 +30,12 @@ from monossl import runs
 from monossl.device import autocast, memory_format
 from monossl.distributed import all_mean, is_main, world
 from monossl.errors import TrainingStopped, UserError, first_line
+from monossl.methods.base import Method
 from monossl.seeds import derive_seed
 from monossl.tracking import Tracker, conv1_filter_grid
+
+if TYPE_CHECKING:  # the data package is imported where a run builds its source
+    from monossl.data.batches import Source
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,23 @@ class LoopConfig:
     stop_after: int | None = None  # stop (checkpointed) once this many steps are done; for tests/debugging
 
 
-def steps_per_epoch(source, batch_size: int) -> int | None:
+class Evaluator(Protocol):
+    """What `train` calls every `every` steps (eval.curves.CurveProbe, eval.accuracy.StudentEval): see `train`."""
+
+    @property
+    def every(self) -> int: ...
+
+    @property
+    def event(self) -> str: ...
+
+    def __call__(self, method: Method) -> dict: ...
+
+    def summary(self, record: dict) -> str: ...
+
+    def describe(self) -> dict: ...
+
+
+def steps_per_epoch(source: Source, batch_size: int) -> int | None:
     if source.length is None:
         return None
     if source.length < batch_size:
@@ -52,8 +74,8 @@ def steps_per_epoch(source, batch_size: int) -> int | None:
     return source.length // batch_size  # drop the last partial batch: every step has the same size
 
 
-def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progress: bool | None = None,
-          evaluators=(), tracker: Tracker | None = None) -> dict:
+def train(method: Method, source: Source, loop: LoopConfig, run_dir: str | Path, device: torch.device,
+          progress: bool | None = None, evaluators: Sequence[Evaluator] = (), tracker: Tracker | None = None) -> dict:
     """Train `method` on `source` for `loop.total_steps` steps, resuming from run_dir/last.pt if present.
 
     evaluators: objects with `every` (N), `event` (a name), `__call__(method) -> dict` and
@@ -71,7 +93,8 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
         raise UserError(f"--batch-size {loop.batch_size} must be a multiple of the number of processes ({world_size})")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    method.to(device, memory_format=memory_format(device))
+    method.to(device)
+    method.to(memory_format=memory_format(device))
     if world_size > 1:
         # every rank starts from rank 0's weights
         for tensor in method.state_dict().values():
@@ -112,18 +135,18 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
     images_seen, t_log = 0, time.perf_counter()
     last_record = {}
 
-    def write_record(record):
+    def write_record(record: dict) -> None:
         if is_main():
             runs.append_jsonl(run_dir / "metrics.jsonl", record)
             tracker.log(record)
 
-    def log_evaluation(evaluator, step_done):
+    def log_evaluation(evaluator: Evaluator, step_done: int) -> None:
         record = {"step": step_done, "event": evaluator.event, **evaluator(method)}
         write_record(record)
         if is_main():
             log.info(f"step {step_done}: {evaluator.event} " + evaluator.summary(record))
 
-    def save(step_done):
+    def save(step_done: int) -> None:
         if is_main():
             runs.save_torch(ckpt_path, {"step": step_done, "order": order, "training": method.training_state()})
 
@@ -146,6 +169,7 @@ def train(method, source, loop: LoopConfig, run_dir, device: torch.device, progr
                 indices = torch.arange(step * loop.batch_size, (step + 1) * loop.batch_size)
             else:
                 pos = (step % spe) * loop.batch_size
+                assert order is not None  # drawn at the epoch's start, or restored from the checkpoint
                 indices = order[pos:pos + loop.batch_size]
             indices = indices[rank::world_size]
             batch = source.fetch(indices)

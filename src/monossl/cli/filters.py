@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         f = conv1_filters(n.trunk)
         line = (f"{n.label}: {f.shape[0]} filters {f.shape[2]}x{f.shape[3]}, "
                 f"spatial coherence {spatial_coherence(f):.3f}")
-        if pattern is not None:
+        if pattern is not None and n.pattern_images is not None:  # patterns come from pattern images
             line += (f"; activation patterns on {n.pattern_data} ({len(n.pattern_images)} images): "
                      f"spatial coherence {spatial_coherence(pattern):.3f}")
         print(line)

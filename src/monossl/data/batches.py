@@ -19,11 +19,12 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from monossl.data.image_sets import FolderImages, LabelledImages
-from monossl.data.patches import PatchStream
+from monossl.data.image_sets import FolderImages, LabelledImages, TensorImages
+from monossl.data.patches import Stream
 from monossl.errors import UserError
 from monossl.seeds import derive_seed
 
@@ -33,13 +34,30 @@ def permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+class Source(Protocol):
+    """What the training loop draws from: `StreamSource`, `TensorSource` or `FolderSource`."""
+
+    @property
+    def length(self) -> int | None: ...  # None: unlimited
+
+    @property
+    def seed(self) -> int: ...
+
+    def order(self, epoch: int) -> torch.Tensor: ...
+
+    def fetch(self, indices: torch.Tensor) -> dict: ...
+
+    def describe(self) -> dict: ...
+
+
 class StreamSource:
-    def __init__(self, stream: PatchStream, length: int | None = None, seed: int = 0):
+    def __init__(self, stream: Stream, length: int | None = None, seed: int = 0):
         self.stream = stream
         self.length = length
         self.seed = seed
 
     def order(self, epoch: int) -> torch.Tensor:
+        assert self.length is not None  # only a finite stream has epochs
         return permutation(self.length, self.seed, epoch)
 
     def fetch(self, indices: torch.Tensor) -> dict:
@@ -122,9 +140,9 @@ class FolderSource:
                 "labelled": self.labelled, "size": self.size}
 
 
-def dataset_source(dataset: LabelledImages, labelled: bool, size: int, seed: int = 0):
+def dataset_source(dataset: LabelledImages, labelled: bool, size: int, seed: int = 0) -> TensorSource | FolderSource:
     """The source for a dataset of `monossl.data.datasets`: in-memory sets (CIFAR-10/100, STL-10) as they are,
     ImageFolder trees read from disk at `size` x `size`."""
-    if hasattr(dataset, "images"):
+    if isinstance(dataset, TensorImages):
         return TensorSource(dataset.images, dataset.labels if labelled else None, seed=seed)
     return FolderSource(dataset, size, labelled=labelled, seed=seed)

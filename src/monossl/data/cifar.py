@@ -87,6 +87,7 @@ def load_cifar_split(fmt: CifarFormat, kind: str, where: Path, split: str) -> Te
     layout, k = fmt.layout, len(fmt.classes)
     source = f"{layout.name}:{where}"
     if kind == "npz":
+        assert layout.npz is not None  # found as an npz pair: the layout has one
         path = where / layout.npz[split]
         x, y = read_npz_xy(path)
         check_arrays(x, y, str(path), k)

@@ -38,7 +38,7 @@ class Layout:
     marker: str  # a file that folder always holds: "data_batch_1"
     contents: str  # what that folder holds, for messages: "data_batch_1..5, test_batch"
     fetch: Callable[[Path], None]  # torchvision's download into a directory (needs the network)
-    npz: dict | None = None  # {"train": "cifar10_train.npz", "test": "cifar10_test.npz"}, if supported
+    npz: dict[str, str] | None = None  # {"train": "cifar10_train.npz", "test": "cifar10_test.npz"}, if supported
 
     def expected(self) -> str:
         npz = f"{self.npz['train']} + {self.npz['test']}, or " if self.npz else ""
@@ -112,10 +112,11 @@ def _find_at(layout: Layout, path: Path) -> tuple[str, Path]:
     found = locate(layout, path)
     if found:
         return found
+    npz = layout.npz or {}
     for cand in (path, path / layout.name):
-        present = [f for f in (layout.npz or {}).values() if (cand / f).is_file()]
+        present = [f for f in npz.values() if (cand / f).is_file()]
         if present:
-            missing = [f for f in layout.npz.values() if f not in present]
+            missing = [f for f in npz.values() if f not in present]
             raise UserError(f"{spec}: {cand} has {present[0]} but not {missing[0]}")
     raise UserError(f"{spec} is not a {layout.title} directory: expected {layout.expected()}, "
                     f"directly or in {layout.name}/; {describe_dir(path)}")

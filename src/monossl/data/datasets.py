@@ -53,7 +53,7 @@ Every problem with what is found raises `UserError` with one line naming where a
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from functools import partial
 from pathlib import Path
 
@@ -61,13 +61,14 @@ import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from monossl.data.cifar import CIFAR10, CIFAR100, load_cifar_split
-from monossl.data.dataset_files import describe_dir, find
-from monossl.data.image_sets import FolderImages, LabelledImages
+from monossl.data.dataset_files import Layout, describe_dir, find
+from monossl.data.image_sets import FolderImages, LabelledImages, TensorImages
 from monossl.data.stl10 import STL10_LAYOUT, load_stl10_split
 from monossl.errors import UserError
 
 SPLITS = ("train", "test")
-NAMED = {  # name -> (how it lies on disk, load(kind, where, split) for what dataset_files.find returns)
+# name -> (how it lies on disk, load(kind, where, split) for what dataset_files.find returns)
+NAMED: dict[str, tuple[Layout, Callable[[str, Path, str], TensorImages]]] = {
     "cifar10": (CIFAR10.layout, partial(load_cifar_split, CIFAR10)),
     "cifar100": (CIFAR100.layout, partial(load_cifar_split, CIFAR100)),
     "stl10": (STL10_LAYOUT, load_stl10_split),
@@ -103,11 +104,12 @@ def _norm_split(split: str) -> str:
     return split
 
 
-def load_dataset(spec: str, split: str, download: bool = False):
+def load_dataset(spec: str, split: str, download: bool = False) -> LabelledImages:
     """One split ('train' or 'test'; 'val' means test) of the dataset `spec`."""
     split = _norm_split(split)
     kind, path = parse_spec(spec)
     if kind == "folder":
+        assert path is not None  # parse_spec refuses a folder without its path
         root = check_folder(path)
         return FolderImages(root / ("train" if split == "train" else "val"), source=f"folder:{root}")
     layout, load = NAMED[kind]
@@ -115,10 +117,11 @@ def load_dataset(spec: str, split: str, download: bool = False):
     return load(found, where, split)
 
 
-def load_pair(spec: str, download: bool = False):
+def load_pair(spec: str, download: bool = False) -> tuple[LabelledImages, LabelledImages]:
     """(train, test) of the dataset `spec`, validated together (same classes)."""
     kind, path = parse_spec(spec)
     if kind == "folder":
+        assert path is not None  # parse_spec refuses a folder without its path
         root = check_folder(path)
         src = f"folder:{root}"
         return FolderImages(root / "train", source=src), FolderImages(root / "val", source=src)
@@ -215,14 +218,15 @@ def balanced_indices(dataset: LabelledImages, n: int, seed: int = 0) -> torch.Te
     return torch.sort(torch.cat(chosen)).values
 
 
-def subset(dataset: LabelledImages, n: int, seed: int = 0):
+def subset(dataset: LabelledImages, n: int, seed: int = 0) -> LabelledImages:
     """A class-balanced subset of `n` items (n // K per class, the remainder to the first classes)."""
     if n > 0 and n >= len(dataset.labels):
         return dataset
     return dataset.restricted(balanced_indices(dataset, n, seed))  # refuses n <= 0
 
 
-def validation_split(dataset: LabelledImages, n_train: int, n_val: int, seed: int = 0):
+def validation_split(dataset: LabelledImages, n_train: int, n_val: int,
+                     seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
     """Two disjoint class-balanced parts of one labelled set: (n_train items, n_val items).
 
     For choosing recipes and for learning curves on a dataset's *training* images, so that the

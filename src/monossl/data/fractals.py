@@ -184,9 +184,9 @@ def chaos_game(systems: Systems, sample_keys: np.ndarray, walkers: int,
     table_rows = (torch.arange(n, device=dev) * TABLE).view(n, 1)
     # every walker starts at the fixed point of the most probable map: on the attractor, where its
     # measure is (a rare map's fixed point can sit far out, and the bounding box would follow it)
-    c = systems.coef
-    first_map = np.argmax(np.abs(c[..., 0] * c[..., 3] - c[..., 1] * c[..., 2]) * systems.used(), axis=1)
-    start = fixed_points(c)[np.arange(n), first_map].astype(np.float32)  # (B, 2)
+    m = systems.coef
+    first_map = np.argmax(np.abs(m[..., 0] * m[..., 3] - m[..., 1] * m[..., 2]) * systems.used(), axis=1)
+    start = fixed_points(m)[np.arange(n), first_map].astype(np.float32)  # (B, 2)
     x = torch.from_numpy(start[:, :1]).to(dev).expand(n, walkers).contiguous()
     y = torch.from_numpy(np.ascontiguousarray(start[:, 1:])).to(dev).expand(n, walkers).contiguous()
     keys = torch_keys(sample_keys, dev).view(n, 1)
@@ -194,7 +194,7 @@ def chaos_game(systems: Systems, sample_keys: np.ndarray, walkers: int,
     xs = torch.empty(MARKED_STEPS, n, walkers, device=dev)
     ys = torch.empty_like(xs)
     maps = torch.empty(MARKED_STEPS, n, walkers, device=dev, dtype=torch.int32)  # half the memory traffic
-    bits = None
+    bits = torch.empty(0, dtype=torch.int64, device=dev)  # drawn at step 0
     for step in range(BURN_IN + MARKED_STEPS):
         if step % 8 == 0:  # one hash per walker drives the next 8 steps, a byte each
             group = WALKER_COUNTER_BASE + walkers * (step // 8)

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -39,7 +40,7 @@ import torch
 from monossl import runs
 from monossl.data import sources
 from monossl.data.patch_config import PatchConfig
-from monossl.data.patches import PatchStream
+from monossl.data.patches import Stream
 from monossl.data.procedural_stream import ProceduralStream, open_stream
 from monossl.device import resolve_device
 from monossl.errors import UserError
@@ -78,7 +79,7 @@ def encode(arr: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def _render_and_write(stream: PatchStream, folder: Path, idx: np.ndarray, fmt: str, quality: int,
+def _render_and_write(stream: Stream, folder: Path, idx: np.ndarray, fmt: str, quality: int,
                       pool: ThreadPoolExecutor | None = None) -> int:
     arrs = to_uint8(stream.batch(idx))
     jobs = [(folder / patch_name(int(i), fmt), arr) for i, arr in zip(idx, arrs)]
@@ -104,7 +105,7 @@ def remove_partial_files(folder: Path) -> set[str]:
 _WORKER: dict = {}
 
 
-def _worker_init(stream: PatchStream, folder: Path, fmt: str, quality: int) -> None:
+def _worker_init(stream: Stream, folder: Path, fmt: str, quality: int) -> None:
     torch.set_num_threads(1)  # one process per core, like the released generator
     _WORKER.update(stream=stream, folder=folder, fmt=fmt, quality=quality)
 
@@ -114,7 +115,7 @@ def _worker_task(idx: np.ndarray) -> int:
     return _render_and_write(w["stream"], w["folder"], idx, w["fmt"], w["quality"])
 
 
-def write_patch_files(stream: PatchStream, folder: Path, indices: npt.ArrayLike, fmt: str, quality: int = 95,
+def write_patch_files(stream: Stream, folder: Path, indices: npt.ArrayLike, fmt: str, quality: int = 95,
                       batch_size: int = 256, workers: int = 0,
                       progress: Callable[[int], None] | None = None) -> int:
     """Render patches `indices` and write them as files `folder/patch_<i>.<fmt>`, each
@@ -154,7 +155,7 @@ def write_patch_files(stream: PatchStream, folder: Path, indices: npt.ArrayLike,
     return done
 
 
-def preview_sheet(stream: PatchStream, count: int, columns: int = 8, min_tile: int = 64) -> torch.Tensor:
+def preview_sheet(stream: Stream, count: int, columns: int = 8, min_tile: int = 64) -> torch.Tensor:
     """A contact sheet of patches 0..count-1: a (3, H, W) float tensor, tiles upscaled (nearest)
     to at least `min_tile` pixels, `columns` a row, 2 white pixels apart."""
     from torchvision.utils import make_grid
@@ -174,7 +175,7 @@ def _write_png(path: Path, sheet: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------------------- npy
 
-def _write_npy(stream: PatchStream, out: Path, count: int, size: int, batch_size: int,
+def _write_npy(stream: Stream, out: Path, count: int, size: int, batch_size: int,
                progress: Callable[[int], None] | None) -> None:
     from numpy.lib.format import open_memmap
 
@@ -259,13 +260,13 @@ def write_patches(images: list[str], config: PatchConfig, out: str | Path, count
     if workers < 0:
         raise UserError(f"--workers must be >= 0, not {workers}")
     config = config.validate()
-    device = resolve_device(device)
-    stream = open_stream(list(images), config, seed=seed, device=device, names=list(images))
+    resolved = resolve_device(device)
+    stream = open_stream(list(images), config, seed=seed, device=resolved, names=list(images))
     described = [stream.describe() if isinstance(stream, ProceduralStream) else sources.describe_source(s)
                  for s in images]
 
     out = Path(out)
-    meta = {
+    meta: dict[str, Any] = {
         "pixel_version": PIXEL_VERSION,
         "config": config.to_dict(),
         "preset": preset,
@@ -292,7 +293,7 @@ def write_patches(images: list[str], config: PatchConfig, out: str | Path, count
         runs.ensure_writable_dir(preview.parent if str(preview.parent) else Path("."))
 
     meta["environment"] = runs.environment()
-    meta["environment"]["device"] = str(device)
+    meta["environment"]["device"] = str(resolved)
     meta["complete"] = False
     runs.write_json(meta_path, meta)
 

@@ -139,7 +139,7 @@ class PatchConfig:
 
 # The ablation switches (PAPER.md section 1): scale = area range on (off: fixed_area),
 # rotation = rotation AND shear (off: none), jitter = step 6 (off: none). Position always on.
-_SWITCH_OFF = {
+_SWITCH_OFF: dict[str, dict[str, bool | float]] = {
     "scale": {"scale": False},
     "rotation": {"rotation_degrees": 0.0, "shear_degrees": 0.0},
     "jitter": {"jitter_prob": 0.0},

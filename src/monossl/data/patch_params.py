@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -84,7 +84,7 @@ class PatchParams:
     saturation: np.ndarray
     hue: np.ndarray
     attempts: np.ndarray
-    fitted: np.ndarray = field(default=None)
+    fitted: np.ndarray
 
     def __len__(self) -> int:
         return len(self.index)

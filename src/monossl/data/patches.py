@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -106,6 +107,20 @@ def _as_indices(indices: npt.ArrayLike | torch.Tensor) -> np.ndarray:
     if arr.size and arr.min() < 0:
         raise IndexError("patch indices must be >= 0")
     return arr
+
+
+class Stream(Protocol):
+    """What a stream of samples offers, whether a `PatchStream` or a per-sample procedural source
+    (data/procedural_stream.py ProceduralStream): sample i on demand, in batches, on its device."""
+
+    device: torch.device
+    seed: int
+
+    def batch(self, indices: npt.ArrayLike | torch.Tensor) -> torch.Tensor: ...
+
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+
+    def dataset(self, length: int, offset: int = 0) -> PatchDataset: ...
 
 
 class PatchStream:
@@ -338,7 +353,7 @@ class PatchDataset(torch.utils.data.Dataset):
     with one `stream.batch` call. With a CUDA stream use num_workers=0.
     """
 
-    def __init__(self, stream: PatchStream, length: int, offset: int = 0):
+    def __init__(self, stream: Stream, length: int, offset: int = 0):
         if length < 0 or offset < 0:
             raise UserError(f"dataset length and offset must be >= 0, not {length} and {offset}")
         self.stream, self.length, self.offset = stream, int(length), int(offset)

@@ -30,8 +30,10 @@ from monossl.errors import UserError
 PROCEDURAL_PREFIX = "procedural:"
 KINDS = ("dead-leaves", "noise")
 PER_SAMPLE_KINDS = ("fractal", "spectral")  # data/procedural_stream.py renders these
-_KEYS = {"dead-leaves": {"size": int, "seed": int, "rmin": float, "rmax": float, "alpha": float, "discs": int},
-         "noise": {"size": int, "seed": int}}
+_KEYS: dict[str, dict[str, type[int] | type[float]]] = {
+    "dead-leaves": {"size": int, "seed": int, "rmin": float, "rmax": float, "alpha": float, "discs": int},
+    "noise": {"size": int, "seed": int},
+}
 
 
 def kind_of(spec: object) -> str | None:

@@ -25,8 +25,10 @@ do for every source.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from monossl.data import fractals, procedural
@@ -46,13 +48,13 @@ _KEYS = {
 }
 
 
-def parse(spec: str) -> tuple[str, dict]:
+def parse(spec: str) -> tuple[str, dict[str, Any]]:
     """'procedural:fractal:100:perturb=0.05' -> ('fractal', {'systems': 100, 'perturb': 0.05, ...}).
     systems is None for a new system per sample. Every problem is a one-line UserError."""
     kind, *items = str(spec)[len(procedural.PROCEDURAL_PREFIX):].split(":")
     if kind not in procedural.PER_SAMPLE_KINDS:
         raise procedural.unknown_kind(kind, spec)
-    params = {}
+    params: dict[str, Any] = {}  # systems: int | None; the other keys: floats
     if kind == "fractal":
         params["systems"] = None
         if items and "=" not in items[0]:
@@ -123,7 +125,7 @@ class ProceduralStream:
             return self._noise.render(keys)
         return fractals.render(self.systems(keys), keys, self.size, self.params["density"], self.device)
 
-    def batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+    def batch(self, indices: npt.ArrayLike | torch.Tensor) -> torch.Tensor:
         """Samples `indices`: (B, 3, S, S) float32 in [0, 1] on the stream's device."""
         idx = _as_indices(indices)
         if len(idx) <= self.chunk:

@@ -92,13 +92,13 @@ class SpectralNoise:
         rotation = torch.index_select(self._unit_circle, 0, phase[:, :self._count].reshape(-1))
         spectrum = torch.view_as_complex(rotation).view(n, 3, S, S // 2 + 1) * amp
         fields = torch.fft.irfft2(spectrum, s=(S, S)).view(n, 3, S * S)
-        mix, std, mean = colour_statistics(sample_keys)
+        mixing, std, means = colour_statistics(sample_keys)
         # unit-variance fields, mixed, scaled and shifted in one batched multiply-add: field j's
         # 1 / std folds into column j of the mixing matrix
-        mix = torch.from_numpy((mix * std[:, :, None]).astype(np.float32)).to(dev)
+        mix = torch.from_numpy((mixing * std[:, :, None]).astype(np.float32)).to(dev)
         # the fields have zero mean (no DC term), so their standard deviation is their RMS
         rms = torch.linalg.vector_norm(fields, dim=2) / S
         mix = mix / rms.clamp_min(1e-12).view(n, 1, 3)
-        mean = torch.from_numpy(mean.astype(np.float32)).to(dev).view(n, 3, 1)
+        mean = torch.from_numpy(means.astype(np.float32)).to(dev).view(n, 3, 1)
         image = torch.baddbmm(mean, mix, fields).view(n, 3, S, S)
         return image.clamp_(0.0, 1.0)

@@ -8,13 +8,14 @@ import time
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset
 
+from monossl.data.image_sets import LabelledImages
 from monossl.methods.base import Method
+from monossl.methods.distill import Distill
 
 
 @torch.no_grad()
-def classifier_accuracy(model: nn.Module, dataset: Dataset, device: str | torch.device = "cpu",
+def classifier_accuracy(model: nn.Module, dataset: LabelledImages, device: str | torch.device = "cpu",
                         teacher: nn.Module | None = None, batch_size: int = 500) -> dict:
     """{"top1", "top5", "agreement" (with `teacher`, else None), "n"}: percentages over `dataset`
     (items (image in [0, 1], label)); `model` and `teacher` map images to logits. Eval mode is set
@@ -43,7 +44,7 @@ class StudentEval:
 
     event = "student"
 
-    def __init__(self, test_set: Dataset, every: int, device: str | torch.device = "cpu", data: str = ""):
+    def __init__(self, test_set: LabelledImages, every: int, device: str | torch.device = "cpu", data: str = ""):
         self.test_set, self.every, self.device, self.data = test_set, every, device, data
 
     def describe(self) -> dict:
@@ -55,6 +56,7 @@ class StudentEval:
                 f"({record['seconds']:.0f} s)")
 
     def __call__(self, method: Method) -> dict:
+        assert isinstance(method, Distill)  # the student of a distillation: it has a teacher
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):  # evaluation draws nothing, but must not move the RNG
             result = classifier_accuracy(method, self.test_set, self.device, teacher=method.teacher)

@@ -20,6 +20,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -125,7 +126,7 @@ class FeatureRunner:
 
     def loader(self, dataset: LabelledImages, transform: Transform, batch_sampler: Sampler | None = None,
                batch_size: int | None = None, epoch: int = 0):
-        kw = dict(num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        kw: dict[str, Any] = dict(num_workers=self.workers, pin_memory=self.device.type == "cuda")  # DataLoader's
         if self.workers:  # worker seeds (hence random crops) from the seed and the epoch
             kw["generator"] = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
         if batch_sampler is not None:

@@ -116,6 +116,7 @@ def finetune(config: FinetuneConfig) -> ProbeResult | None:
     source = dataset_source(train_set, labelled=True, size=size, seed=config.seed)
     batch_size = config.batch_size or defaults_of("supervised").batch_size
     spe = steps_per_epoch(source, batch_size)  # refuses a training set smaller than one batch
+    assert spe is not None  # a dataset is finite
     total_steps = config.epochs * spe if config.epochs is not None else config.steps or defaults_of("supervised").steps
 
     trunk = reinitialised_trunk(pretrained, frozen, config.seed)
@@ -127,10 +128,11 @@ def finetune(config: FinetuneConfig) -> ProbeResult | None:
     lr = config.lr or default_lr("supervised", trunk.arch)
     method_config = SupervisedConfig(num_classes=len(train_set.classes), **({"lr": lr} if lr else {}))
     method = FineTune(trunk, total_steps, method_config, frozen)
+    reinitialised = [t for t in trunk.tap_names if t not in frozen] + ["head"]
     settings = {
         "command": "finetune", "source_run": str(config.run_dir), "source_meta": source_meta,
         "arch": trunk.arch, "arch_config": trunk.config, "frozen": frozen,
-        "reinitialised": [t for t in trunk.tap_names if t not in frozen] + ["head"],
+        "reinitialised": reinitialised,
         "data": config.data, "subset": config.subset, "test_subset": config.test_subset, "image_size": size,
         "method_config": asdict(method_config), "seed": config.seed, "batch_size": batch_size,
         "total_steps": total_steps, "source": source.describe(), "protocol": protocol.to_dict(), "device": str(device),
@@ -151,7 +153,7 @@ def finetune(config: FinetuneConfig) -> ProbeResult | None:
         log.info(f"fine-tuned and probed before: {probe_dir / 'results.json'}")
         return runs.read_json(probe_dir / "results.json", "probe result")
     if not quiet and is_main():
-        log.info(f"finetune {config.run_dir}: {', '.join(frozen)} frozen, {', '.join(settings['reinitialised'])} "
+        log.info(f"finetune {config.run_dir}: {', '.join(frozen)} frozen, {', '.join(reinitialised)} "
                  f"re-initialised (seed {config.seed}); {total_steps} steps of {batch_size} on {config.data} -> {out}")
     loop = LoopConfig(total_steps=total_steps, batch_size=batch_size, seed=config.seed,
                       checkpoint_every=max(1, min(100, total_steps // 10)), stop_after=config.stop_after)

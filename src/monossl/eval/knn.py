@@ -52,7 +52,7 @@ def knn_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Te
     kmax = min(max(ks), len(train))
     bank = _normalised(train, dtype)
     labels = train_labels.to(train.device)
-    correct = {k: 0 for k in ks}
+    correct: dict[int, float] = {k: 0 for k in ks}
     for i in range(0, len(test), chunk):
         queries = _normalised(test[i:i + chunk], dtype)
         top_sims, top_idx = (queries @ bank.T).topk(kmax, dim=1)  # sorted, most similar first

@@ -31,15 +31,23 @@ class LinearProbes(nn.Module):
             name: nn.Sequential(nn.BatchNorm1d(d, affine=False), nn.Linear(d, num_classes))
             for name, d in dims.items()
         })
-        for head in self.heads.values():  # DeepCluster's init: N(0, 0.01), zero bias
-            nn.init.normal_(head[1].weight, 0.0, 0.01, generator=generator)
-            nn.init.zeros_(head[1].bias)
+        for name in self.heads:  # DeepCluster's init: N(0, 0.01), zero bias
+            linear = self.head(name)[1]
+            nn.init.normal_(linear.weight, 0.0, 0.01, generator=generator)
+            nn.init.zeros_(linear.bias)
         self.fixed_stats = False
+
+    def head(self, name: str) -> tuple[nn.BatchNorm1d, nn.Linear]:
+        """Tap `name`'s head: its BatchNorm and its Linear layer."""
+        bn, linear = self.heads[name].children()
+        assert isinstance(bn, nn.BatchNorm1d) and isinstance(linear, nn.Linear)
+        return bn, linear
 
     def set_stats(self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Fix every BatchNorm to the given (mean, biased variance) per tap."""
         for name, (mean, var) in stats.items():
-            bn = self.heads[name][0]
+            bn = self.head(name)[0]
+            assert bn.running_mean is not None and bn.running_var is not None  # it tracks statistics
             bn.running_mean.copy_(mean)
             bn.running_var.copy_(var)
         self.fixed_stats = True
@@ -48,15 +56,15 @@ class LinearProbes(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         if self.fixed_stats:
-            for head in self.heads.values():
-                head[0].eval()
+            for name in self.heads:
+                self.head(name)[0].eval()
         return self
 
     def forward(self, feats: dict[str, torch.Tensor], standardized: bool = False) -> dict[str, torch.Tensor]:
         """Logits per tap; `standardized=True` skips the BatchNorm (features already standardised
         with the fixed statistics, as the cached path stores them)."""
         if standardized:
-            return {name: head[1](feats[name]) for name, head in self.heads.items()}
+            return {name: self.head(name)[1](feats[name]) for name in self.heads}
         return {name: head(feats[name]) for name, head in self.heads.items()}
 
 
@@ -112,14 +120,15 @@ class Fp32Heads:
     def __init__(self, probes: LinearProbes, device: torch.device, momentum: float, weight_decay: float,
                  max_batch: int):
         self.names = list(probes.heads)
-        linears = [probes.heads[k][1] for k in self.names]
+        linears = [probes.head(k)[1] for k in self.names]
         self.dims = [lin.in_features for lin in linears]
         self.classes = classes = linears[0].out_features
         self.momentum, self.weight_decay = momentum, weight_decay
         n_weights = classes * sum(self.dims)
         self.params = torch.empty(n_weights + classes * len(self.dims), device=device)  # weights, then biases
         self.grads = torch.empty_like(self.params)
-        self.velocity = None  # SGD's momentum buffer, created at the first step as torch.optim.SGD does
+        # SGD's momentum buffer, created at the first step as torch.optim.SGD does
+        self.velocity: torch.Tensor | None = None
         self.weights, self.weight_grads, start = [], [], 0
         for d in self.dims:
             self.weights.append(self.params[start:start + classes * d].view(classes, d))
@@ -142,8 +151,9 @@ class Fp32Heads:
         """Copy the trained weights into the probes' Linear layers."""
         with torch.no_grad():
             for name, w, b in zip(self.names, self.weights, self.biases):
-                probes.heads[name][1].weight.copy_(w)
-                probes.heads[name][1].bias.copy_(b[:, 0])
+                linear = probes.head(name)[1]
+                linear.weight.copy_(w)
+                linear.bias.copy_(b[:, 0])
 
     def epoch(self, caches: dict[str, torch.Tensor], labels: torch.Tensor, batches: Iterable[torch.Tensor], lr: float,
               on_step: Callable[[], object] = lambda: None) -> tuple[dict[str, float], int]:
@@ -151,8 +161,8 @@ class Fp32Heads:
         tensors); returns ({tap: summed cross-entropy over the epoch's images}, images seen)."""
         if any(caches[k].dtype != torch.float16 for k in self.names):
             raise ValueError("Fp32Heads trains on fp16 caches")
-        caches = [caches[k].view(torch.int16) for k in self.names]  # gathered as int16: the same bytes, a faster kernel
-        store = caches[0].device
+        rows = [caches[k].view(torch.int16) for k in self.names]  # gathered as int16: the same bytes, a faster kernel
+        store = rows[0].device
         half = torch.empty(len(self._x), dtype=torch.float16, device=store)  # gathered rows, before conversion
         plans = {}
         loss_sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
@@ -161,7 +171,7 @@ class Fp32Heads:
             b = len(idx)
             if b not in plans:
                 plans[b] = self._plan(b, half)
-            self.step(caches, idx.to(store), labels[idx].to(self.device), lr, plans[b])
+            self.step(rows, idx.to(store), labels[idx].to(self.device), lr, plans[b])
             loss_sums.sub_(self._log_p)
             seen += b
             on_step()

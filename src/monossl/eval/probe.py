@@ -29,6 +29,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ from monossl.eval.features import (
 from monossl.eval.knn import coarser, knn_accuracy
 from monossl.eval.linear_probes import Fp32Heads, LinearProbes
 from monossl.eval.protocols import ProbeProtocol, check_trunk, get_protocol
-from monossl.eval.results import EpochRecord, ProbeResult, TapResult, results_markdown, write_results
+from monossl.eval.results import EpochRecord, ProbeResult, TapResult, Timings, results_markdown, write_results
 from monossl.models import Trunk
 from monossl.runs import environment
 from monossl.seeds import derive_seed
@@ -67,6 +68,24 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.
     if len(batches[-1]) < 2:
         batches.pop()
     return batches
+
+
+@overload
+def probe(trunk: Trunk, train: LabelledImages, test: LabelledImages, protocol: ProbeProtocol | str, *,
+          device: str | torch.device = "auto", seed: int = 0,
+          out_dir: str | Path | None = None, progress: bool = True, verbose: bool = True, meta: dict | None = None,
+          dataset: str | None = None, cache: bool = True, workers: int | None = None,
+          return_probes: Literal[False] = False, knn: tuple[int, ...] = (), knn_values: int | None = None,
+          matmul_dtype: str | torch.dtype = "auto") -> ProbeResult: ...
+
+
+@overload
+def probe(trunk: Trunk, train: LabelledImages, test: LabelledImages, protocol: ProbeProtocol | str, *,
+          device: str | torch.device = "auto", seed: int = 0,
+          out_dir: str | Path | None = None, progress: bool = True, verbose: bool = True, meta: dict | None = None,
+          dataset: str | None = None, cache: bool = True, workers: int | None = None,
+          return_probes: Literal[True], knn: tuple[int, ...] = (), knn_values: int | None = None,
+          matmul_dtype: str | torch.dtype = "auto") -> tuple[ProbeResult, LinearProbes]: ...
 
 
 def probe(trunk: Trunk, train: LabelledImages, test: LabelledImages, protocol: ProbeProtocol | str, *,
@@ -115,7 +134,6 @@ def probe(trunk: Trunk, train: LabelledImages, test: LabelledImages, protocol: P
         _announce(protocol, train, test, dataset, num_classes, device, seed, use_cache, shapes)
 
     runner = FeatureRunner(frozen, train, test, protocol, device, seed, progress, workers)
-    timings = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # transforms in the main process draw from the global RNG
         probes = LinearProbes(dims, num_classes, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -124,15 +142,16 @@ def probe(trunk: Trunk, train: LabelledImages, test: LabelledImages, protocol: P
         cached = _prepare_features(runner, probes, shapes, use_cache, fixed, matmul_dtype, knn, knn_values,
                                    num_classes)
         knn_result = cached[4] if cached and knn else None
-        timings["extract_s"] = round(time.perf_counter() - t0, 2)
+        extract_s = round(time.perf_counter() - t0, 2)
         quiet_bars = not (progress and sys.stderr.isatty())  # then log a line per epoch instead
         if verbose and quiet_bars and (use_cache or fixed):
-            log.info(f"  features{'' if use_cache else ' statistics'}: {timings['extract_s']:.0f} s")
+            log.info(f"  features{'' if use_cache else ' statistics'}: {extract_s:.0f} s")
 
-        history, timings["train_s"], timings["eval_s"] = _train(
+        history, train_s, eval_s = _train(
             runner, probes, cached, standardized=use_cache and fixed, matmul_dtype=matmul_dtype,
             log_epochs=verbose and quiet_bars)
-    timings["total_s"] = round(time.perf_counter() - t_start, 2)
+    timings = Timings(extract_s=extract_s, train_s=train_s, eval_s=eval_s,
+                      total_s=round(time.perf_counter() - t_start, 2))
     probes.eval()
 
     result: ProbeResult = {
@@ -233,7 +252,7 @@ def _prepare_features(runner: FeatureRunner, probes: LinearProbes, shapes: dict[
         if fixed:
             stats = cache_stats(train_cache)
             probes.set_stats({k: (m.to(device), v.to(device)) for k, (m, v) in stats.items()})
-            eps = probes.heads[next(iter(dims))][0].eps
+            eps = probes.head(next(iter(dims)))[0].eps
             # stored as the matmuls will read them (bf16 or fp16): no per-step conversion
             store = torch.float16 if matmul_dtype == torch.float32 else matmul_dtype
             standardize_(train_cache, stats, eps, store)
@@ -258,7 +277,7 @@ def _train(runner: FeatureRunner, probes: LinearProbes, cached: tuple | None, st
     (hand-written gradient, the same model up to float rounding); everything else through autograd."""
     protocol, device, seed = runner.protocol, runner.device, runner.seed
     n_train = len(runner.train)
-    fused = None
+    fused: Fp32Heads | None = None
     if cached is not None and standardized and matmul_dtype == torch.float32:
         fused = Fp32Heads(probes, device, protocol.momentum, protocol.weight_decay, protocol.batch_size)
     else:
@@ -270,25 +289,26 @@ def _train(runner: FeatureRunner, probes: LinearProbes, cached: tuple | None, st
     lr = protocol.lr
     t0 = time.perf_counter()
     eval_s = 0.0
-    history = []
+    history: list[EpochRecord] = []
     steps_per_epoch = len(epoch_batches(n_train, protocol.batch_size, seed, 1))
     with progress_bar(protocol.epochs * steps_per_epoch, f"probe {protocol.name}", runner.progress,
                       unit="step") as bar:
         for epoch in range(1, protocol.epochs + 1):
             batches = epoch_batches(n_train, protocol.batch_size, seed, epoch)
-            if fused is not None:
+            if fused is not None and cached is not None:  # fused trains on the cache
                 loss_sum, seen = fused.epoch(cached[0], cached[1], batches, lr, lambda: bar.update(1))
             else:
                 lr = opt.param_groups[0]["lr"]
                 loss_sum, seen = _autograd_epoch(runner, probes, model, opt, cached, batches, standardized,
                                                  matmul_dtype, epoch, bar)
                 sched.step()
-            record = {"epoch": epoch, "lr": lr, "loss": {k: round(v / max(seen, 1), 4) for k, v in loss_sum.items()}}
+            record: EpochRecord = {"epoch": epoch, "lr": lr,
+                                   "loss": {k: round(v / max(seen, 1), 4) for k, v in loss_sum.items()}}
             if fused is not None:  # MultiStepLR's update of the autograd path's lr
                 lr *= protocol.gamma ** list(protocol.milestones).count(epoch)
             if epoch % protocol.eval_every == 0 or epoch == protocol.epochs:
                 te = time.perf_counter()
-                if fused is not None:
+                if fused is not None and cached is not None:
                     acc = fused.score(cached[2], cached[3])
                 elif cached is not None:
                     probes.eval()
@@ -330,7 +350,7 @@ def _autograd_epoch(runner: FeatureRunner, probes: LinearProbes, model: torch.nn
         with matmul_precision(device, matmul_dtype):
             logits = model(feats, standardized=standardized)
         losses = {k: F.cross_entropy(lg.float(), y) for k, lg in logits.items()}
-        sum(losses.values()).backward()  # the heads are independent: each gets its own gradient
+        torch.stack(list(losses.values())).sum().backward()  # the heads are independent: each gets its own gradient
         for k, loss in losses.items():
             loss_sum[k] += loss.item() * len(y)
         opt.step()
@@ -346,9 +366,10 @@ def _taps(history: list[EpochRecord], shapes: dict[str, dict]) -> dict[str, TapR
     """Each tap's shapes, final-epoch accuracy and best top-1 over the evaluated epochs."""
     final = history[-1]
     evaluated = [h for h in history if "top1" in h]
-    taps = {}
+    taps: dict[str, TapResult] = {}
     for k in shapes:
         best = max(evaluated, key=lambda h: h["top1"][k])  # the first epoch reaching the maximum
-        taps[k] = {**shapes[k], "top1": final["top1"][k], "top5": final["top5"][k],
+        taps[k] = {"shape": shapes[k]["shape"], "pooled_shape": shapes[k]["pooled_shape"],
+                   "pooled_size": shapes[k]["pooled_size"], "top1": final["top1"][k], "top5": final["top5"][k],
                    "best_top1": best["top1"][k], "best_epoch": best["epoch"]}
     return taps

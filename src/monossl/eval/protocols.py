@@ -28,6 +28,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,7 @@ class Pool:
     def side(self, channels: int, height: int) -> int:
         if self.values is not None:
             return min(height, math.ceil(math.sqrt(self.values / channels)))
+        assert self.size is not None  # an adaptive pool has a size or a number of values
         return self.size
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,8 +69,10 @@ class Pool:
         if self.kind == "adaptive-max":
             return F.adaptive_max_pool2d(x, self.side(x.shape[1], x.shape[2]))
         if self.kind == "avg":
+            assert self.kernel is not None  # a fixed pool has its kernel
             return F.avg_pool2d(x, self.kernel, self.stride, self.padding)
         if self.kind == "max":
+            assert self.kernel is not None
             return F.max_pool2d(x, self.kernel, self.stride, self.padding)
         if self.kind == "none":
             return x
@@ -120,24 +124,24 @@ class ProbeProtocol:
     def with_overrides(self, epochs: int | None = None, lr: float | None = None,
                        batch_size: int | None = None, weight_decay: float | None = None) -> ProbeProtocol:
         """A copy with some settings changed; milestones scale with a new epoch count."""
-        changes = {}
+        changed = self
         if epochs is not None and epochs != self.epochs:
             if epochs < 1:
                 raise UserError(f"--epochs must be at least 1, got {epochs}")
-            changes["epochs"] = epochs
-            changes["milestones"] = tuple(sorted({max(1, round(m * epochs / self.epochs)) for m in self.milestones
-                                                  if round(m * epochs / self.epochs) < epochs}))
+            milestones = tuple(sorted({max(1, round(m * epochs / self.epochs)) for m in self.milestones
+                                       if round(m * epochs / self.epochs) < epochs}))
+            changed = dataclasses.replace(changed, epochs=epochs, milestones=milestones)
         if lr is not None:
             if not lr > 0:
                 raise UserError(f"--lr must be positive, got {lr}")
-            changes["lr"] = lr
+            changed = dataclasses.replace(changed, lr=lr)
         if batch_size is not None:
             if batch_size < 2:
                 raise UserError(f"--batch-size must be at least 2, got {batch_size}")
-            changes["batch_size"] = batch_size
+            changed = dataclasses.replace(changed, batch_size=batch_size)
         if weight_decay is not None:
-            changes["weight_decay"] = weight_decay
-        return dataclasses.replace(self, **changes) if changes else self
+            changed = dataclasses.replace(changed, weight_decay=weight_decay)
+        return changed
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -153,9 +157,23 @@ class ProbeProtocol:
                 f"momentum {self.momentum:g}, wd {self.weight_decay:g}, batch {self.batch_size}, {aug}, test {crops}")
 
 
+class _Schedule(TypedDict):
+    """ProbeProtocol fields that several protocols share."""
+
+    epochs: int
+    lr: float
+    milestones: tuple[int, ...]
+    weight_decay: float
+    batch_size: int
+    train_aug: str
+    input_size: int
+    test_resize: int
+    test_crops: int
+
+
 ALEXNETS = ("alexnet-big", "alexnet-small")
-_ALEX_SCHEDULE = dict(epochs=36, lr=0.01, milestones=(10, 20, 30), weight_decay=1e-5, batch_size=192,
-                      train_aug="rrc-flip", input_size=224, test_resize=256, test_crops=10)
+_ALEX_SCHEDULE = _Schedule(epochs=36, lr=0.01, milestones=(10, 20, 30), weight_decay=1e-5, batch_size=192,
+                           train_aug="rrc-flip", input_size=224, test_resize=256, test_crops=10)
 _ALEX_KSP = {"conv1": (6, 6, 3), "conv2": (4, 4, 0), "conv3": (3, 3, 1), "conv4": (3, 3, 1), "conv5": (2, 2, 0)}
 
 PROTOCOLS: dict[str, ProbeProtocol] = {

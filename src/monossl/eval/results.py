@@ -125,7 +125,8 @@ def data_name(data: str) -> str:
     """A short, filesystem-safe name of a --data spec: its kind (cifar100, stl10, ...), or for
     folder:PATH the folder's own name."""
     kind, path = parse_spec(data)
-    name = path.resolve().name if kind == "folder" else kind  # resolved: folder:. is named too
+    # resolved: folder:. is named too (a folder always has its path)
+    name = path.resolve().name if kind == "folder" and path is not None else kind
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or kind
 
 

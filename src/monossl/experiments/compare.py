@@ -34,6 +34,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from monossl import runs
 from monossl.errors import TrainingStopped, UserError
@@ -195,11 +196,14 @@ def _compare_seed(config: CompareConfig, seed: int, out: Path, rows: list[str]) 
     out = runs.lock_run_dir(out)  # only now: bad input leaves no empty directory behind
     _check_settings(out, settings)
 
-    common = dict(method=config.method, widths=config.widths, conv1_kernel=config.conv1_kernel, seed=seed,
-                  whiten_conv1=settings["whiten_conv1"], device=config.device, steps=config.steps,
-                  progress=None if config.progress else False)
-    per_row = {"image": dict(images=[image], preset=config.preset), "full": dict(data=config.data),
-               "supervised": dict(method="supervised", data=config.data, steps=settings["supervised_steps"])}
+    # PretrainConfig fields: those every row shares, and each row's own
+    common: dict[str, Any] = dict(
+        method=config.method, widths=config.widths, conv1_kernel=config.conv1_kernel, seed=seed,
+        whiten_conv1=settings["whiten_conv1"], device=config.device, steps=config.steps,
+        progress=None if config.progress else False)
+    per_row: dict[str, dict[str, Any]] = {
+        "image": dict(images=[image], preset=config.preset), "full": dict(data=config.data),
+        "supervised": dict(method="supervised", data=config.data, steps=settings["supervised_steps"])}
     for row in REFERENCE_ROWS:
         per_row[row] = {**per_row[row.removesuffix("-long")], "steps": None,
                         "epochs": REFERENCE_EPOCHS.get(config.references or "", {}).get(row)}
@@ -261,6 +265,7 @@ def _reference_run(config: CompareConfig, row: str, row_config: Callable[[str, P
         from monossl.data.datasets import load_dataset
 
         n_images = len(load_dataset(config.data, "train"))
+        assert cfg.epochs is not None  # a reference trains for REFERENCE_EPOCHS
         every = max(1, cfg.epochs * (n_images // defaults_of(cfg.method).batch_size) // REFERENCE_CURVE_POINTS)
         # the curves' usual 5,000 / 1,000 split of the training images, smaller on a small set
         curves = CurveProbe(config.data, "cifar", every, n_train=min(5000, n_images * 4 // 5),

@@ -127,6 +127,7 @@ def distillation_table(config: ReproduceConfig) -> Table:
                 steps=s["steps"]["distill"], batch_size=s["batch_size"]["distill"], seed=seed,
                 eval_subset=s["eval_subset"], whiten_conv1=s["whiten_conv1"], device=config.device,
                 progress=progress, resume=(row_dir / "last.pt").exists(), **_source(row, s)))
+            assert result is not None  # no stop_after here: the run finished
             return {**result, "row": row}
         return student
 

@@ -146,7 +146,7 @@ def _probe_dirs(eval_data: list[str], protocol: str = "cifar") -> dict[str, str]
     names it (`probe_dir_name`: probe-<protocol> on CIFAR-10, probe-<protocol>-<name> on the others)."""
     from monossl.eval.results import probe_dir_name
 
-    dirs = {}
+    dirs: dict[str, str] = {}
     for spec in eval_data:
         name = probe_dir_name(protocol, spec)
         if name in dirs.values():

@@ -42,7 +42,7 @@ RENDERERS: dict[tuple[str, str], Callable[[dict], str]] = {
 
 def render(results: dict, part: str, where: str = "results") -> str:
     kind = results.get("kind") if isinstance(results, dict) else None
-    draw = RENDERERS.get((kind, part))
+    draw = RENDERERS.get((kind, part)) if isinstance(kind, str) else None
     if draw is None:
         parts = ", ".join(f"{k}/{p}" for k, p in RENDERERS)
         raise UserError(f"{where}: no table {part!r} for results of kind {kind!r} (known: {parts})")

@@ -22,8 +22,8 @@ def aggregate(tables: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[
         for row, taps in table.items():
             for tap, value in taps.items():
                 cells.setdefault(row, {}).setdefault(tap, {"values": {}})["values"][seed] = float(value)
-    for taps in cells.values():
-        for cell in taps.values():
+    for row_cells in cells.values():
+        for cell in row_cells.values():
             values = list(cell["values"].values())
             cell["n"] = len(values)
             cell["mean"] = round(statistics.fmean(values), 3)

@@ -18,12 +18,13 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from monossl import runs
 from monossl.errors import TrainingStopped, UserError
 from monossl.eval.accuracy import StudentEval
 from monossl.eval.curves import CurveProbe
-from monossl.eval.results import write_results
+from monossl.eval.results import ProbeResult, write_results
 from monossl.pretrain import PretrainConfig, pretrain
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ class Budget:
     name: str
     steps: dict = field(default_factory=dict)
     batch: dict = field(default_factory=dict)
-    dc_patches: int = 8192
-    dc_epochs: int = 4
+    dc_patches: int | None = 8192
+    dc_epochs: int | None = 4
     supervised_epochs: int | None = None
     finetune_steps: int | None = None
     finetune_epochs: int | None = None
@@ -196,8 +197,8 @@ def run_rows(rows: list[Row]) -> RowResults:
         # the row's wall clock, kept beside its probe so that a rerun that skips the row still reports it
         result["row_seconds"] = round(time.perf_counter() - t0, 1)
         result["row_seconds_note"] = ROW_SECONDS_NOTE
-        if row.write is None:
-            write_results(results_json.parent, result)
+        if row.write is None:  # then the row made a probe result (eval.probe's dict)
+            write_results(results_json.parent, cast(ProbeResult, result))
         else:
             row.write(results_json, result)
         done.results[row.name], done.seconds[row.name] = result, result["row_seconds"]

@@ -13,6 +13,7 @@ sample is augmented the same way whatever the number of processes (monossl/distr
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 from monossl.distributed import global_count, global_rows, local_rows
 
 
-def random_resized_crop(images: torch.Tensor, out_size: int, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3),
+def random_resized_crop(images: torch.Tensor, out_size: int, scale: tuple[float, float] = (0.25, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3),
                         flip_prob: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
     """RandomResizedCrop + horizontal flip for a (B, C, H, W) batch, bilinear, one resampling.
 
@@ -48,7 +50,7 @@ def random_resized_crop(images: torch.Tensor, out_size: int, scale=(0.25, 1.0), 
     theta[:, 1, 1] = ch
     theta[:, 1, 2] = cy
     theta = theta.to(device=images.device, dtype=images.dtype)
-    grid = F.affine_grid(theta, (b, images.shape[1], out_size, out_size), align_corners=False)
+    grid = F.affine_grid(theta, [b, images.shape[1], out_size, out_size], align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -112,6 +114,16 @@ def colour_jitter(images: torch.Tensor, strength: float = 0.4, hue: float = 0.1,
     return (c * out + (1 - c) * mean_grey).clamp_(0, 1)
 
 
+@overload
+def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0, prob: float = 1.0,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def cutmix(images: torch.Tensor, targets: None = None, alpha: float = 1.0, prob: float = 1.0,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, None, torch.Tensor]: ...
+
+
 def cutmix(images: torch.Tensor, targets: torch.Tensor | None = None, alpha: float = 1.0, prob: float = 1.0,
            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """CutMix (Yun et al., 2019) for a (B, C, H, W) batch: each image gets a box cut from its partner
@@ -153,7 +165,8 @@ def _partners(rows: torch.Tensor) -> torch.Tensor:
     return local_rows(global_rows(rows.detach()).flip(0))
 
 
-def contrastive_view(images: torch.Tensor, size: int, scale=(0.2, 1.0), jitter_strength: float = 0.4) -> torch.Tensor:
+def contrastive_view(images: torch.Tensor, size: int, scale: tuple[float, float] = (0.2, 1.0),
+                     jitter_strength: float = 0.4) -> torch.Tensor:
     """SimCLR's view of a batch: random-resized crop to `size` + flip, then colour distortion and greyscale;
     SimCLR, MoCo and DINO's crops all make their views this way."""
     return colour_jitter(random_resized_crop(images, size, scale=scale), strength=jitter_strength)

@@ -26,13 +26,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from monossl.distributed import data_parallel
+from monossl.models.trunks import Trunk
+
+if TYPE_CHECKING:  # the data package is imported where a run builds its source
+    from monossl.data.batches import Source
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,8 @@ def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
     encoder, DINO's teacher); buffers (BatchNorm statistics) are copied as they are."""
     for t, s in zip(target.parameters(), source.parameters(), strict=True):
         t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
-    for t, s in zip(target.buffers(), source.buffers(), strict=True):
-        t.copy_(s)
+    for target_buffer, source_buffer in zip(target.buffers(), source.buffers(), strict=True):
+        target_buffer.copy_(source_buffer)
 
 
 class Method(nn.Module):
@@ -91,7 +95,7 @@ class Method(nn.Module):
     Config: ClassVar[type]
     config: Any
 
-    def __init__(self, trunk: nn.Module, total_steps: int):
+    def __init__(self, trunk: Trunk, total_steps: int):
         super().__init__()
         self.trunk = trunk
         self.total_steps = total_steps
@@ -145,7 +149,7 @@ class Method(nn.Module):
     def after_update(self, step: int) -> None:
         """After the optimisers' steps (a teacher's or key encoder's moving average)."""
 
-    def begin_epoch(self, epoch: int, source: Any) -> dict | None:
+    def begin_epoch(self, epoch: int, source: Source) -> dict | None:
         """At every epoch boundary of a finite source: may return {"order": LongTensor of the epoch's
         sample indices (DeepCluster's cluster-uniform sampler), "log": {name: float} for metrics.jsonl}."""
         return None
@@ -156,12 +160,12 @@ class Method(nn.Module):
     def after_step(self, steps_done: int, run_dir: str | Path) -> None:
         """After every step, on rank 0 (BiGAN's sample grids on an unlimited stream, which has no epochs)."""
 
-    def published_trunk(self) -> nn.Module:
+    def published_trunk(self) -> Trunk:
         """The trunk a finished run saves as trunk.pt (and learning curves probe): the trained one
         (DINO: its teacher, which DINO evaluates)."""
         return self.trunk
 
-    def classifier_head(self) -> nn.Module | None:
+    def classifier_head(self) -> nn.Linear | None:
         """The head that maps the trunk's features to the dataset's class logits, if the method trains
         one (the supervised baseline, a distilled student): saved beside trunk.pt as classifier.pt."""
         return None
@@ -189,6 +193,19 @@ class Method(nn.Module):
             opt.load_state_dict(state["optimizers"][name])
 
 
+class MethodClass(Protocol):
+    """A method class as pretraining builds it: `cls(trunk, total_steps, cls.Config(...))`. (Method's own
+    constructor takes no config: each method class adds its own, typed.)"""
+
+    name: str
+    needs: str
+    views: int
+    defaults: RunDefaults
+    Config: type
+
+    def __call__(self, trunk: Trunk, total_steps: int, config: Any, /) -> Method: ...
+
+
 class LinearHeadMethod(Method):
     """A trunk plus one linear head trained with cross-entropy and SGD (Nesterov momentum):
     what RotNet (4 rotation classes) and the supervised baseline (the dataset's classes) share.
@@ -197,7 +214,7 @@ class LinearHeadMethod(Method):
 
     accuracy_name = "acc"
 
-    def __init__(self, trunk: nn.Module, total_steps: int, config: Any, num_outputs: int):
+    def __init__(self, trunk: Trunk, total_steps: int, config: Any, num_outputs: int):
         super().__init__(trunk, total_steps)
         self.config = config
         self.head = nn.Linear(trunk.feature_dim, num_outputs)

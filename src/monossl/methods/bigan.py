@@ -44,6 +44,7 @@ from monossl.errors import TrainingStopped
 from monossl.methods.augment import random_resized_crop
 from monossl.methods.base import Method, RunDefaults, set_lr
 from monossl.models.gan import Discriminator, Generator
+from monossl.models.trunks import Trunk
 from monossl.runs import atomic_path
 
 
@@ -73,14 +74,14 @@ class BiGANConfig:
     sample_count: int = 16  # images per row of a sample grid
 
 
-def _resize(images, size: int):
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
                          antialias=images.shape[-1] > size)
 
 
-def _bce(logits, target: float):
+def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), target))
 
 
@@ -89,7 +90,7 @@ class BiGAN(Method):
     Config = BiGANConfig
     defaults = RunDefaults(steps=1500, batch_size=64)
 
-    def __init__(self, trunk: nn.Module, total_steps: int, config: BiGANConfig | None = None):
+    def __init__(self, trunk: Trunk, total_steps: int, config: BiGANConfig | None = None):
         super().__init__(trunk, total_steps)
         c = config or BiGANConfig()
         # Sizes filled in place, so that the config pretrain writes to config.json says what ran:
@@ -102,7 +103,8 @@ class BiGAN(Method):
         self.head = nn.Linear(trunk.feature_dim, c.latent_dim)  # E = head(trunk(x))
         self.generator = Generator(c.latent_dim, c.image_size, c.g_width)
         self.discriminator = Discriminator(c.latent_dim, c.image_size, c.d_width, c.d_dropout)
-        betas = tuple(c.betas)
+        beta1, beta2 = c.betas  # a pair (a --method-option may give it as a list)
+        betas = (beta1, beta2)
         self._opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=c.lr, betas=betas)
         eg = list(self.trunk.parameters()) + list(self.head.parameters()) + list(self.generator.parameters())
         self._opt_eg = torch.optim.Adam(eg, lr=c.lr, betas=betas)
@@ -120,10 +122,11 @@ class BiGAN(Method):
         encoder = self.parallel(self.trunk, self.head) if parallel else nn.Sequential(self.trunk, self.head)
         return encoder(_resize(images01, self.config.encoder_size))
 
-    def forward(self, images01):
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
         return self.encode(images01)
 
-    def sample_latent(self, n: int, device=None, generator: torch.Generator | None = None):
+    def sample_latent(self, n: int, device: torch.device | str | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
         """z ~ U[-1, 1]^latent_dim (drawn for the global batch under torchrun: each rank keeps its rows)."""
         z = local_rows(torch.rand(global_count(n), self.config.latent_dim, generator=generator))
         return (z * 2 - 1).to(device if device is not None else self.head.weight.device)
@@ -134,7 +137,7 @@ class BiGAN(Method):
             return self.config.lr
         return self.config.lr * max(0.0, (self.total_steps - step) / max(1.0, self.total_steps - start))
 
-    def augment(self, images01):
+    def augment(self, images01: torch.Tensor) -> torch.Tensor:
         c = self.config
         if c.crop_scale is not None:
             return random_resized_crop(images01, images01.shape[-1], scale=c.crop_scale, flip_prob=c.flip_prob)
@@ -145,7 +148,7 @@ class BiGAN(Method):
 
     # ------------------------------------------------------------------ one update
 
-    def step(self, batch, step):
+    def step(self, batch: dict, step: int) -> dict[str, float]:
         c = self.config
         x01 = self.augment(batch["images"])
         x = _resize(x01, c.image_size) * 2 - 1  # D's and G's domain: [-1, 1] at image_size
@@ -240,7 +243,7 @@ class BiGAN(Method):
         real = _resize(real01, self.config.image_size)
         return torch.cat([real, (recon.float() + 1) / 2, (fake.float() + 1) / 2]).clamp(0, 1).cpu()
 
-    def write_samples(self, path) -> Path | None:
+    def write_samples(self, path: str | Path) -> Path | None:
         """Save the sample grid (rows: real, G(E(x)), G(z)) as a PNG, atomically."""
         if self._grid_real is None:
             return None
@@ -253,10 +256,10 @@ class BiGAN(Method):
             save_image(grid, tmp, format="PNG")
         return Path(path)
 
-    def end_epoch(self, epoch: int, run_dir) -> None:
+    def end_epoch(self, epoch: int, run_dir: str | Path) -> None:
         self.write_samples(Path(run_dir) / "samples" / f"epoch{epoch:04d}.png")
 
-    def after_step(self, done: int, run_dir) -> None:
+    def after_step(self, done: int, run_dir: str | Path) -> None:
         """Every `sample_every` steps and at the last step: run_dir/samples/stepNNNNNN.png."""
         every = self.config.sample_every
         if (every and done % every == 0) or done == self.total_steps:

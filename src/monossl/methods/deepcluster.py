@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -49,7 +50,11 @@ from monossl.methods.cluster_sampler import uniform_cluster_order
 from monossl.methods.kmeans import run_kmeans
 from monossl.methods.nmi import nmi
 from monossl.methods.pca import PCAWhitening
+from monossl.models.trunks import Trunk
 from monossl.seeds import derive_seed
+
+if TYPE_CHECKING:  # the data package is imported where a run builds its source
+    from monossl.data.batches import Source
 
 #: default k: about this many points per cluster (ImageNet: 1.28M / 10,000 = 128) ...
 POINTS_PER_CLUSTER = 128
@@ -105,7 +110,7 @@ class DeepCluster(Method):
     # image it is what lets DeepCluster beat random features; lr 0.05 on AlexNet, the paper's
     defaults = RunDefaults(steps=4096, batch_size=128, num_patches=32768, sobel=True, alexnet_lr=0.05)
 
-    def __init__(self, trunk: nn.Module, total_steps: int, config: DeepClusterConfig | None = None):
+    def __init__(self, trunk: Trunk, total_steps: int, config: DeepClusterConfig | None = None):
         super().__init__(trunk, total_steps)
         self.config = config or DeepClusterConfig()
         self.head: nn.Linear | None = None  # built per epoch, once k is known
@@ -118,7 +123,7 @@ class DeepCluster(Method):
 
     # -- state --------------------------------------------------------------------------
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        opts = {"trunk": self._opt}
+        opts: dict[str, torch.optim.Optimizer] = {"trunk": self._opt}
         if self._head_opt is not None:
             opts["head"] = self._head_opt
         return opts
@@ -149,7 +154,7 @@ class DeepCluster(Method):
 
     # -- the epoch: features -> PCA -> k-means -> sampler, new head ----------------------
     @torch.no_grad()
-    def _features(self, source, indices: torch.Tensor, pca: PCAWhitening | None = None) -> torch.Tensor:
+    def _features(self, source: Source, indices: torch.Tensor, pca: PCAWhitening | None = None) -> torch.Tensor:
         """Trunk features of `indices` in eval mode without augmentation, chunk by chunk.
 
         Without `pca`: (len, D) fp16. With `pca`: each chunk is projected at once, (len, dim) fp32.
@@ -172,9 +177,10 @@ class DeepCluster(Method):
             out[i:i + len(idx)] = pca.transform(f) if pca is not None else f.half()
         return gather_rows(out, len(indices))
 
-    def cluster(self, source, epoch: int) -> tuple[torch.Tensor, dict]:
+    def cluster(self, source: Source, epoch: int) -> tuple[torch.Tensor, dict]:
         """Pseudo-labels (N,) of the source's first N samples for this epoch, and the epoch's statistics."""
         cfg, n = self.config, source.length
+        assert n is not None  # begin_epoch refuses an unlimited source
         seed = getattr(source, "seed", 0)
         k = cfg.clusters or default_clusters(n)
         if not 1 <= k <= n:
@@ -199,18 +205,18 @@ class DeepCluster(Method):
         x.div_(x.norm(dim=1, keepdim=True).clamp_(min=1e-12))  # L2-normalise in place: no second N x 256 copy
         feature_time = time.perf_counter() - t0
         if is_main():  # under torchrun rank 0 clusters and the others receive its labels
-            labels, stats = run_kmeans(x, k, seed=_seed(seed, epoch, 2), niter=cfg.kmeans_iters,
-                                       init=cfg.kmeans_init)
+            assigned, stats = run_kmeans(x, k, seed=_seed(seed, epoch, 2), niter=cfg.kmeans_iters,
+                                         init=cfg.kmeans_init)
         else:
-            labels, stats = np.zeros(n, dtype=np.int64), {}
-        labels = broadcast(torch.from_numpy(labels))
+            assigned, stats = np.zeros(n, dtype=np.int64), {}
+        labels = broadcast(torch.from_numpy(assigned))
         if not stats:
             sizes = torch.bincount(labels, minlength=k)
             stats = {"clusters_nonempty": int((sizes > 0).sum()), "largest_cluster_frac": float(sizes.max() / n)}
         stats.update({"k": k, "feature_time_s": feature_time, "pca_dim": pca.dim})
         return labels, stats
 
-    def begin_epoch(self, epoch: int, source) -> dict:
+    def begin_epoch(self, epoch: int, source: Source) -> dict:
         if source.length is None:
             raise UserError("DeepCluster needs a finite training set: give --num-patches or --data")
         labels, log = self.cluster(source, epoch)  # the same labels on every rank
@@ -231,7 +237,8 @@ class DeepCluster(Method):
         return {"order": order, "log": {k: float(v) for k, v in log.items()}}
 
     # -- a step ---------------------------------------------------------------------------
-    def forward(self, images):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        assert self.head is not None, "DeepCluster has no head before its first epoch"
         return self.head(self.trunk(images))
 
     def lr_at(self, step: int) -> float:

@@ -38,6 +38,7 @@ from monossl.distributed import global_rows
 from monossl.methods.augment import contrastive_view
 from monossl.methods.base import Method, RunDefaults, ema_update
 from monossl.methods.losses import dino_loss
+from monossl.models.trunks import Trunk
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Network(nn.Module):
     """Trunk and head over a list of crops: crops of one size go through the trunk together, the head
     sees every crop's features at once; returns one output per crop, in order."""
 
-    def __init__(self, trunk: nn.Module, head: nn.Module):
+    def __init__(self, trunk: Trunk, head: DINOHead):
         super().__init__()
         self.trunk, self.head = trunk, head
 
@@ -101,8 +102,9 @@ class DINO(Method):
     views = 6  # crops per image with the default config: 2 global + 4 local
     # crops cut out of 48-px patches (not screened for DINO)
     defaults = RunDefaults(steps=1000, batch_size=64, patch_size=48)
+    center: torch.Tensor  # a buffer
 
-    def __init__(self, trunk: nn.Module, total_steps: int, config: DINOConfig | None = None):
+    def __init__(self, trunk: Trunk, total_steps: int, config: DINOConfig | None = None):
         super().__init__(trunk, total_steps)
         self.config = config = config or DINOConfig()
         head = DINOHead(trunk.feature_dim, config.hidden_dim, config.bottleneck_dim, config.out_dim)
@@ -116,7 +118,7 @@ class DINO(Method):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"sgd": self._opt}
 
-    def published_trunk(self) -> nn.Module:
+    def published_trunk(self) -> Trunk:
         return self.teacher.trunk  # DINO evaluates the teacher (the student's moving average)
 
     def crops(self, images: torch.Tensor, n: int, size: int, scale: tuple[float, float]) -> list[torch.Tensor]:

@@ -24,6 +24,7 @@ from monossl.methods.augment import cutmix
 from monossl.methods.base import Method, RunDefaults
 from monossl.methods.losses import distillation_kl
 from monossl.models.teachers import load_teacher
+from monossl.models.trunks import Trunk
 
 TEACHER_SEES = ("mixed", "originals")
 
@@ -45,7 +46,7 @@ class Distill(Method):
     Config = DistillConfig
     defaults = RunDefaults(steps=4000, batch_size=128)
 
-    def __init__(self, trunk: nn.Module, total_steps: int, config: DistillConfig):
+    def __init__(self, trunk: Trunk, total_steps: int, config: DistillConfig):
         super().__init__(trunk, total_steps)
         if config.teacher_sees not in TEACHER_SEES:
             raise UserError(f"--teacher-sees must be one of {', '.join(TEACHER_SEES)}, not {config.teacher_sees!r}")
@@ -67,7 +68,7 @@ class Distill(Method):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"adamw": self._opt}
 
-    def classifier_head(self) -> nn.Module:
+    def classifier_head(self) -> nn.Linear:
         return self.head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

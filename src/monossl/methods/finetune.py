@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from monossl.methods.supervised import Supervised, SupervisedConfig
-from monossl.models import build_trunk
+from monossl.models import Trunk, build_trunk
 
 
 class FineTune(Supervised):
@@ -20,7 +20,7 @@ class FineTune(Supervised):
 
     name = "finetune"
 
-    def __init__(self, trunk, total_steps: int, config: SupervisedConfig, frozen: list[str]):
+    def __init__(self, trunk: Trunk, total_steps: int, config: SupervisedConfig, frozen: list[str]):
         self.frozen = tuple(frozen)
         for name in self.frozen:
             trunk.stages[name].requires_grad_(False)
@@ -40,7 +40,7 @@ class FineTune(Supervised):
         return self
 
 
-def reinitialised_trunk(pretrained, frozen: list[str], seed: int):
+def reinitialised_trunk(pretrained: Trunk, frozen: list[str], seed: int) -> Trunk:
     """A fresh trunk of the same architecture (its own initialisation, drawn from `seed`) holding
     the pretrained trunk's `frozen` stages: weights and BatchNorm statistics, copied exactly."""
     torch.manual_seed(seed)

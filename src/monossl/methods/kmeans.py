@@ -56,7 +56,9 @@ def run_kmeans(x: torch.Tensor | np.ndarray, k: int, seed: int, niter: int = 20,
     labels = assign[:, 0].astype(np.int64)
     sizes = np.bincount(labels, minlength=k)
     stats = clus.iteration_stats
-    objective = float(stats.at(stats.size() - 1).obj) if stats.size() else float("nan")
+    # faiss's stub says list; it is a SWIG vector (ClusteringIterationStatsVector): .size() and .at(i)
+    size = stats.size()  # type: ignore[attr-defined]
+    objective = float(stats.at(size - 1).obj) if size else float("nan")  # type: ignore[attr-defined]
     return labels, {
         "kmeans_obj": objective / n,
         "clusters_nonempty": int((sizes > 0).sum()),

@@ -53,7 +53,7 @@ def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: 
     crop (cross-entropy with softmax(s / student_temp)), averaged over the pairs."""
     targets = [F.softmax((t.float() - center) / teacher_temp, dim=1) for t in teacher]
     log_probs = [F.log_softmax(s.float() / student_temp, dim=1) for s in student]
-    total, pairs = 0.0, 0
+    total, pairs = torch.zeros((), device=center.device), 0
     for i, target in enumerate(targets):
         for j, log_p in enumerate(log_probs):
             if i == j:  # a global crop is not its own target

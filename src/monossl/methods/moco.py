@@ -26,6 +26,7 @@ from monossl.distributed import global_rows
 from monossl.methods.augment import contrastive_view
 from monossl.methods.base import Method, RunDefaults, ema_update
 from monossl.methods.losses import moco_infonce
+from monossl.models.trunks import Trunk
 
 
 @dataclass
@@ -44,7 +45,7 @@ class MoCoConfig:
 class Encoder(nn.Module):
     """Trunk and MLP projector: images to unit-length embeddings."""
 
-    def __init__(self, trunk: nn.Module, hidden: int, out: int):
+    def __init__(self, trunk: Trunk, hidden: int, out: int):
         super().__init__()
         self.trunk = trunk
         self.projector = nn.Sequential(nn.Linear(trunk.feature_dim, hidden), nn.ReLU(inplace=True),
@@ -60,8 +61,10 @@ class MoCo(Method):
     views = 2
     # views cut out of 48-px patches, as SimCLR's (not screened for MoCo)
     defaults = RunDefaults(steps=1000, batch_size=128, patch_size=48)
+    queue: torch.Tensor  # buffers
+    queue_ptr: torch.Tensor
 
-    def __init__(self, trunk: nn.Module, total_steps: int, config: MoCoConfig | None = None):
+    def __init__(self, trunk: Trunk, total_steps: int, config: MoCoConfig | None = None):
         super().__init__(trunk, total_steps)
         self.config = config = config or MoCoConfig()
         hidden, out = config.projection_dims

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 
 def _entropy(counts: np.ndarray) -> float:
@@ -10,7 +11,7 @@ def _entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def nmi(a, b) -> float:
+def nmi(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
     """Normalised mutual information of two labelings, I(a;b) / mean(H(a), H(b)).
 
     The arithmetic-mean normalisation of scikit-learn's default; 1.0 for identical

@@ -20,7 +20,7 @@ class PCAWhitening:
         self.eigenvalues = eigenvalues  # (dim,) float64, before flooring
 
     @classmethod
-    def fit(cls, x: torch.Tensor, dim: int, eig_floor: float = 1e-5, chunk: int = 8192) -> "PCAWhitening":
+    def fit(cls, x: torch.Tensor, dim: int, eig_floor: float = 1e-5, chunk: int = 8192) -> PCAWhitening:
         n, d = x.shape
         if n < 2:
             raise ValueError("PCA needs at least 2 samples")

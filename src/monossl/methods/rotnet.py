@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from monossl.methods.augment import random_resized_crop, rotate_four
 from monossl.methods.base import LinearHeadMethod, RunDefaults, step_lr
+from monossl.models.trunks import Trunk
 
 
 @dataclass
@@ -36,7 +36,7 @@ class RotNet(LinearHeadMethod):
     defaults = RunDefaults(steps=800, batch_size=64, alexnet_lr=0.01)
     accuracy_name = "rotation_acc"
 
-    def __init__(self, trunk: nn.Module, total_steps: int, config: RotNetConfig | None = None):
+    def __init__(self, trunk: Trunk, total_steps: int, config: RotNetConfig | None = None):
         super().__init__(trunk, total_steps, config or RotNetConfig(), num_outputs=4)
 
     def lr_at(self, step: int) -> float:

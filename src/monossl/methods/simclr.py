@@ -23,6 +23,7 @@ from monossl.distributed import all_gather_with_grad, world
 from monossl.methods.augment import contrastive_view
 from monossl.methods.base import Method, RunDefaults
 from monossl.methods.losses import nt_xent
+from monossl.models.trunks import Trunk
 
 
 @dataclass
@@ -43,7 +44,7 @@ class SimCLR(Method):
     # two 32-px views cut out of 48-px patches of the stream
     defaults = RunDefaults(steps=1000, batch_size=128, patch_size=48)
 
-    def __init__(self, trunk: nn.Module, total_steps: int, config: SimCLRConfig | None = None):
+    def __init__(self, trunk: Trunk, total_steps: int, config: SimCLRConfig | None = None):
         super().__init__(trunk, total_steps)
         self.config = config = config or SimCLRConfig()
         hidden, out = config.projection_dims

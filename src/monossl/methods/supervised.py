@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from monossl.methods.augment import pad_crop_flip, random_resized_crop
 from monossl.methods.base import LinearHeadMethod, RunDefaults, step_lr
+from monossl.models.trunks import Trunk
 
 
 @dataclass
@@ -30,11 +31,11 @@ class Supervised(LinearHeadMethod):
     needs = "labelled"
     defaults = RunDefaults(steps=500, batch_size=128, alexnet_lr=0.01)
 
-    def __init__(self, trunk: nn.Module, total_steps: int, config: SupervisedConfig | None = None):
+    def __init__(self, trunk: Trunk, total_steps: int, config: SupervisedConfig | None = None):
         config = config or SupervisedConfig()
         super().__init__(trunk, total_steps, config, config.num_classes)
 
-    def classifier_head(self) -> nn.Module:
+    def classifier_head(self) -> nn.Linear:
         return self.head
 
     def lr_at(self, step: int) -> float:

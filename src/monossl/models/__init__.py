@@ -27,6 +27,7 @@ __all__ = ["ARCHS", "Trunk", "CifarTrunk", "AlexNet", "Sobel", "build_trunk", "r
 
 def build_trunk(arch: str = "cifar", **config) -> Trunk:
     """A freshly initialised trunk (uses the global torch RNG: seed it first)."""
+    trunk: Trunk
     if arch == "cifar":
         trunk = CifarTrunk(**config)
     elif arch in ("alexnet-big", "alexnet-small"):
@@ -60,7 +61,7 @@ def random_trunk(arch: str = "cifar", seed: int = 0, **config) -> Trunk:
 
 def trunk_config_from(widths: str | None, conv1_kernel: int | None) -> dict:
     """CIFAR-trunk options from the command line (`--widths 64,128,256,512`, `--conv1-kernel 5`)."""
-    config = {}
+    config: dict[str, int | list[int]] = {}
     if conv1_kernel is not None:
         if conv1_kernel < 1:
             raise UserError(f"--conv1-kernel must be a positive size, got {conv1_kernel}")

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from monossl.errors import UserError
-from monossl.models.resnet import torchvision_state_dict
+from monossl.models.resnet import ResNet18, torchvision_state_dict
 from monossl.models.trunks import MEAN, STD, Trunk
 
 FORMATS = ("torchvision", "timm")
@@ -75,6 +75,7 @@ def library_model(arch: str, fmt: str) -> nn.Module:
 def export_state_dict(trunk: Trunk, fmt: str) -> dict[str, torch.Tensor]:
     """The trunk's weights under the library model's names, checked by a strict load into it."""
     check_exportable(trunk, "trunk")
+    assert isinstance(trunk, ResNet18)  # the exportable archs are resnet18's
     weights = {k: v.detach().cpu().clone() for k, v in torchvision_state_dict(trunk).items()}
     model = library_model(trunk.arch, fmt)
     try:

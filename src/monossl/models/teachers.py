@@ -19,12 +19,16 @@ The teacher is frozen (`requires_grad_(False)`) and kept in eval mode by its use
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from monossl.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from monossl.models.classifier import Classifier
 
 TORCHVISION_PREFIX = "torchvision:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,6 +37,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class TorchvisionTeacher(nn.Module):
     """A torchvision classifier behind the resize and normalisation it was trained with."""
+
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
 
     def __init__(self, model: nn.Module, size: int, num_classes: int):
         super().__init__()
@@ -83,9 +90,10 @@ def _torchvision_teacher(spec: str) -> TorchvisionTeacher:
     return TorchvisionTeacher(model, size, num_classes)
 
 
-def load_teacher(spec: str) -> nn.Module:
+def load_teacher(spec: str) -> TorchvisionTeacher | Classifier:
     """The frozen teacher of `spec` (see the module docstring), in eval mode, on the CPU; it has
     `.num_classes`."""
+    teacher: TorchvisionTeacher | Classifier
     if str(spec).startswith(TORCHVISION_PREFIX):
         teacher = _torchvision_teacher(str(spec))
     else:

@@ -42,7 +42,7 @@ class Sobel(nn.Module):
         return F.conv2d(g, self.kernels, padding=1)
 
 
-def conv_block(cin: int, cout: int, kernel: int, stride: int = 1, padding: int | None = None):
+def conv_block(cin: int, cout: int, kernel: int, stride: int = 1, padding: int | None = None) -> nn.Sequential:
     padding = kernel // 2 if padding is None else padding
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False),
@@ -56,15 +56,16 @@ class Trunk(nn.Module):
 
     arch: str = "trunk"
     input_size: int = 32
+    config: dict  # the keyword arguments that rebuild it (models.build_trunk)
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, stages: list[tuple[str, nn.Module]], head: nn.Module, feature_dim: int, sobel: bool):
+    def __init__(self, stages: Sequence[tuple[str, nn.Module]], head: nn.Module, feature_dim: int, sobel: bool):
         super().__init__()
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
         self.sobel = Sobel() if sobel else None
-        self.stages = nn.ModuleDict(stages)
+        self.stages = nn.ModuleDict(dict(stages))
         self.head = head  # pooling/FC layers after the last conv, up to the feature vector
         self.feature_dim = feature_dim
 
@@ -75,7 +76,11 @@ class Trunk(nn.Module):
     @property
     def conv1(self) -> nn.Conv2d:
         """The first convolution (for filter visualisation)."""
-        return self.stages["conv1"][0]
+        stage = self.stages["conv1"]
+        assert isinstance(stage, nn.Sequential)  # conv -> BatchNorm -> ReLU (a ResNet stem: -> max-pool)
+        conv = stage[0]
+        assert isinstance(conv, nn.Conv2d)
+        return conv
 
     def _input(self, x: torch.Tensor):
         x = (x - self.mean) / self.std

@@ -78,6 +78,8 @@ def conv1_patch_whitening(trunk: Trunk, images: torch.Tensor, n_patches: int = 1
 class _Whitened(nn.Module):
     """weight = U @ Z, with U the (C_out, C_in * k * k) parameter seen by the optimiser."""
 
+    zca: torch.Tensor  # a buffer
+
     def __init__(self, zca: torch.Tensor):
         super().__init__()
         self.register_buffer("zca", zca)
@@ -91,8 +93,12 @@ def whiten(trunk: Trunk, zca: torch.Tensor) -> None:
     conv = trunk.conv1
     initial = conv.weight.detach().clone()
     parametrize.register_parametrization(conv, "weight", _Whitened(zca.to(initial)))
+    parametrizations = conv.parametrizations
+    assert isinstance(parametrizations, nn.ModuleDict)  # what register_parametrization added
+    weight = parametrizations["weight"]
+    assert isinstance(weight, parametrize.ParametrizationList)
     with torch.no_grad():
-        conv.parametrizations.weight.original.copy_(initial)
+        weight.original.copy_(initial)
 
 
 def is_whitened(trunk: Trunk) -> bool:

@@ -49,12 +49,14 @@ from monossl.viz.networks import Network
 
 def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
     """Per-channel scale of an eval-mode BatchNorm: gamma / sqrt(running_var + eps)."""
+    assert bn.running_var is not None  # eval mode: the layer tracks its statistics
     gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
     return (gamma / torch.sqrt(bn.running_var + bn.eps)).detach()
 
 
 def bn_shift(bn: nn.BatchNorm2d) -> torch.Tensor:
     """Per-channel shift of an eval-mode BatchNorm: beta - running_mean * scale."""
+    assert bn.running_mean is not None  # eval mode: the layer tracks its statistics
     beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
     return (beta - bn.running_mean * bn_scale(bn)).detach()
 
@@ -62,7 +64,7 @@ def bn_shift(bn: nn.BatchNorm2d) -> torch.Tensor:
 def conv1_bn(trunk: Trunk) -> nn.BatchNorm2d | None:
     """The BatchNorm that follows conv1 (None if the trunk has none)."""
     stage = trunk.stages["conv1"]
-    for m in list(stage)[1:]:
+    for m in list(stage.children())[1:]:
         if isinstance(m, nn.BatchNorm2d):
             return m
         if isinstance(m, nn.Conv2d):
@@ -96,8 +98,9 @@ def conv1_filters(trunk: Trunk, fold_bn: bool = True) -> torch.Tensor:
         bn = conv1_bn(trunk)
         if bn is not None:
             weight = weight * bn_scale(bn).float().cpu().view(-1, 1, 1, 1)
-    if getattr(trunk, "sobel", None) is not None:
-        weight = sobel_effective(weight, trunk.sobel)
+    sobel = getattr(trunk, "sobel", None)
+    if sobel is not None:
+        weight = sobel_effective(weight, sobel)
     if weight.shape[1] != 3:
         raise UserError(f"conv1 has {weight.shape[1]} input channels; expected RGB (3) or Sobel (2)")
     return weight

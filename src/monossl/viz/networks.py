@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from monossl.models import Trunk, load_trunk, random_trunk
 from monossl.pretrain import WHITENING_SAMPLES, first_samples
 from monossl.runs import read_json
 from monossl.viz.figures import image_name
+
+if TYPE_CHECKING:
+    from monossl.data.batches import Source
 
 
 @dataclass
@@ -115,6 +119,7 @@ def training_images(run_dir: str | Path, n: int = WHITENING_SAMPLES) -> torch.Te
         raise UserError(f"{run_dir}/config.json does not record the training data (no image/patch_config or data)")
     seed = int(config.get("seed", 0))
     recorded = config.get("source") or {}
+    source: Source
     if config.get("image") and config.get("patch_config"):
         from monossl.data.patch_config import PatchConfig
         from monossl.data.procedural_stream import open_stream
@@ -145,6 +150,7 @@ def data_images(spec: str, n: int = WHITENING_SAMPLES, size: int = 32, seed: int
     from monossl.data.batches import StreamSource, dataset_source
     from monossl.data.datasets import NAMED, load_dataset
 
+    source: Source
     if spec.partition(":")[0] in (*NAMED, "folder"):
         source = dataset_source(load_dataset(spec, "train"), False, size, seed=seed)
     else:

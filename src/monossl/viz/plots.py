@@ -202,7 +202,8 @@ def contact_sheet_figure(patches: torch.Tensor, title: str | None = None, ncols:
 
 def run_patch_title(config: dict, n: int) -> str:
     cfg = config.get("patch_config", {})
-    return (f"first {n} training patches: {image_name(config.get('image'))}, preset {config.get('preset', '?')}, "
+    # patches_from_config has refused a config without "image"
+    return (f"first {n} training patches: {image_name(config['image'])}, preset {config.get('preset', '?')}, "
             f"{cfg.get('size', '?')} px, seed {config.get('seed', 0)}")
 
 
