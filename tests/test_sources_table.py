@@ -210,4 +210,4 @@ def test_every_method_trains_a_step_on_each_procedural_row(method, tmp_path, tin
         config = json.loads((out / "config.json").read_text())
         assert config["method"] == method and config["image"] == sources_table.SOURCES[row]
         if method == "deepcluster":  # a finite set of the stream's first patches, as the budget says
-            assert config["source"]["length"] == sources_table.BUDGETS["smoke"].dc_patches
+            assert config["source"]["length"] == sources_table.DC_PATCHES["smoke"]

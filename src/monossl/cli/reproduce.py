@@ -38,7 +38,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="sources: several seeds, e.g. 0,1,2 (each row per seed; mean ± sd per cell)")
     p.add_argument("--budget", default="smoke", choices=BUDGET_NAMES,
                    help="smoke (minutes, a check), quick (about 1 h on 2 CPU cores; cifar10-augmentations and "
-                        "distillation), main (methods, sources: the main job's per-row budget), paper (GPU); default smoke")
+                        "distillation; sources: the main job's rows, smaller probes), main (methods, sources: the "
+                        "main job's per-row budget), paper (GPU); default smoke")
     p.add_argument("--image", action="append", default=None,
                    help="source image of the self-supervised rows (default: the built-in default image)")
     p.add_argument("--data", default=None,

@@ -61,11 +61,12 @@ def write_table(out: Path, s: dict, results: dict, stopped: dict, config: dict, 
     taps = list(linear[done[0]]) if done else []
     proto = config["protocol"]
     trained = "distillation students of " + str(s["teacher"]) if s["teacher"] else s["method"]
+    steps, batch = s["steps"] or "the default number of", s["batch_size"] or "the default"
     lines = [f"Sources on equal footing (`monossl reproduce sources`), {trained}, budget `{s['budget']}` "
              f"({s['budget_note']}): the CIFAR trunk (widths {s['widths'] or 'default'}) from the same initial "
-             f"weights per seed, each trained row {s['steps'] or 'the default'} steps of {s['batch_size'] or 'the default'}"
-             f" on its source; linear probes on {s['data']} per tap (top-1 %, final epoch, protocol "
-             f"`{proto['name']}`, {proto['epochs']} epochs) and weighted k-NN (k = 20) on the same pooled "
+             f"weights per seed, each trained row {steps} steps of {batch} on its source; linear probes on "
+             f"{s['data']} per tap (top-1 %, final epoch, protocol "
+             f"`{proto['name']}`, {proto['epochs']} epoch(s)) and weighted k-NN (k = 20) on the same pooled "
              f"features. Cells: mean ± sample sd over seeds {', '.join(map(str, s['seeds']))}; minutes: each "
              "row's training and evaluation, wall clock, mean over seeds.", ""]
     header = ["source", *taps, "seeds", "minutes", "samples seen"]
@@ -84,9 +85,9 @@ def write_table(out: Path, s: dict, results: dict, stopped: dict, config: dict, 
             line += [format_cell(student[row][k]) if row in student and k in student[row] else ""
                      for k in ("top1", "agreement")]
         body.append(line)
+    knn_body = [[labels[r], *(format_cell(knn[r][t]) if t in knn.get(r, {}) else "" for t in taps)] for r in done]
     lines += [runs.markdown_table(header, body).rstrip("\n"), "", "k-NN (k = 20) top-1 (%), the same trunks:", "",
-              runs.markdown_table(["source", *taps], [[labels[r], *(format_cell(knn[r][t]) if t in knn.get(r, {})
-                                                                    else "" for t in taps)] for r in done]).rstrip("\n")]
+              runs.markdown_table(["source", *taps], knn_body).rstrip("\n")]
     for row, message in stopped.items():
         lines += ["", f"Row `{row}` stopped: {message}"]
     md = "\n".join(lines) + "\n"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, cast
 
 from monossl import runs
 from monossl.errors import UserError
@@ -75,19 +76,21 @@ LABELS = {"random": "random trunk", "image-stats": "one image, statistics only",
           "fractal-one": "one fractal", "fractals": "many fractals", "dead-leaves": "dead leaves",
           "spectral": "spectral noise", "noise": "white noise", "full": "dataset images (no labels)"}
 KNN = (20, 200)
+#: DeepCluster on a stream: a finite set of its first patches (None: the method's default, 32,768)
+DC_PATCHES = {"smoke": 256, "quick": None, "main": None}
 
 BUDGETS = {
     "smoke": Budget(
-        "smoke", steps={"ssl": 4, "distill": 4}, batch={"ssl": 16, "distill": 16}, dc_patches=256,
+        "smoke", steps={"ssl": 4, "distill": 4}, batch={"ssl": 16, "distill": 16},
         probe_subset=1000, probe_test_subset=500, probe_epochs=2,
         note="a check that every piece runs; the numbers mean nothing"),
     "quick": Budget(
-        "quick", steps={"distill": 1500}, batch={"distill": 128}, dc_patches=None,
+        "quick", steps={"distill": 1500}, batch={"distill": 128},
         probe_subset=10000, probe_test_subset=2000, probe_epochs=15,
         note="the main job's one-image row per source (distillation students: 1500 x 128, the distillation "
              "table's quick budget); probes on 10,000 / 2,000 images, 15 epochs"),
     "main": Budget(
-        "main", steps={"distill": 1500}, batch={"distill": 128}, dc_patches=None,
+        "main", steps={"distill": 1500}, batch={"distill": 128},
         note="the main job's one-image row per source (distillation students: 1500 x 128, the distillation "
              "table's quick budget); full probes as the main job's"),
 }
@@ -120,7 +123,7 @@ def settings(config: ReproduceConfig) -> dict:
         "data": config.data or "cifar10", "image": image, "sources": {**SOURCES, "image": image},
         "rows": parse_rows(config.rows, ROWS), "seeds": seeds, "arch": "cifar", "widths": config.widths,
         "steps": config.steps or b.steps.get(kind), "batch_size": config.batch_size or b.batch.get(kind),
-        "dc_patches": (config.dc_patches or b.dc_patches) if method == "deepcluster" else None,
+        "dc_patches": (config.dc_patches or DC_PATCHES[b.name]) if method == "deepcluster" else None,
         "probe_subset": config.subset or b.probe_subset, "probe_test_subset": config.test_subset or b.probe_test_subset,
         "probe_epochs": config.probe_epochs or b.probe_epochs, "knn": list(KNN),
         "whiten_conv1": ("cifar" in WHITEN_CONV1_ARCHS) if config.whiten_conv1 is None else config.whiten_conv1,
@@ -141,12 +144,13 @@ def row_config(row: str, s: dict, seed: int, run_dir: Path, device: str = "auto"
     method and budget in every row; only the source differs."""
     row = "image" if row == "image-stats" else row
     source = source_of(row, s)
-    extra = {"num_patches": s["dc_patches"]} if s["dc_patches"] and "images" in source else {}
+    extra: dict[str, Any] = {"num_patches": s["dc_patches"]} if s["dc_patches"] and "images" in source else {}
     method = s["method"]
-    options = {"method_options": {"teacher": s["teacher"]}} if method == "distill" else {}
+    if method == "distill":
+        extra["method_options"] = {"teacher": s["teacher"]}
     return PretrainConfig(method=method, out=run_dir, arch=s["arch"], widths=s["widths"], seed=seed,
                           whiten_conv1=s["whiten_conv1"], steps=s["steps"], batch_size=s["batch_size"],
-                          device=device, progress=progress, **source, **extra, **options)
+                          device=device, progress=progress, **source, **extra)
 
 
 def _probe_sets(s: dict, seed: int, cache: dict) -> tuple:
@@ -201,8 +205,8 @@ def sources_table(config: ReproduceConfig) -> Table:
         def probe_row() -> dict:
             trunk, meta, student = trunk_of(row, seed, row_dir)
             train, test = _probe_sets(s, seed, sets)
-            result = probe(trunk, train, test, protocol, device=config.device, seed=seed, knn=KNN,
-                           progress=config.progress, verbose=False, meta=meta, dataset=s["data"])
+            result = cast(dict, probe(trunk, train, test, protocol, device=config.device, seed=seed, knn=KNN,
+                                      progress=config.progress, verbose=False, meta=meta, dataset=s["data"]))
             result["seen"] = _seen(row, row_dir, meta)
             if student is not None:
                 result["student"] = student
