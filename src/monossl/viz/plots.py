@@ -272,8 +272,9 @@ def sources_bars_figure(means: dict[str, dict[str, float]], errors: dict[str, di
         raise UserError("no results to plot")
     rows, taps = list(means), _taps_of(means)
     n_panels = max(1, len(samples))
-    fig = new_figure((max(7.0, 1.2 * len(taps) + 0.28 * len(rows) * len(taps)) + 3.2, max(4.2, 0.8 * n_panels)))
-    grid = fig.add_gridspec(n_panels, 2, width_ratios=(3.2, 1.0), wspace=0.08, hspace=0.45)
+    bars_width, sheet_width = max(6.0, 1.0 * len(taps) + 0.2 * len(rows) * len(taps)), 2.6
+    fig = new_figure((bars_width + sheet_width, max(4.5, 0.85 * n_panels)))
+    grid = fig.add_gridspec(n_panels, 2, width_ratios=(bars_width, sheet_width), wspace=0.06, hspace=0.45)
     ax = fig.add_subplot(grid[:, 0])
     width, x, tops = 0.84 / len(rows), np.arange(len(taps)), [1.0]
     for i, row in enumerate(rows):
