@@ -80,6 +80,8 @@ class ReproduceConfig:
     whiten_conv1: bool | None = None
     finetune_steps: int | None = None
     dc_patches: int | None = None
+    seeds: list[int] | None = None  # sources: several seeds (None: `seed` alone)
+    distill: str | None = None  # sources: a teacher's run directory; its rows become distillation students
 
 
 @dataclass

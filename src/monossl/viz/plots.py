@@ -261,3 +261,42 @@ def sources_figure(specs: list[str], size: int = 32, count: int = 16, seed: int 
         ax.set_axis_off()
         ax.set_title(spec, fontsize=8)
     return fig
+
+
+def sources_bars_figure(means: dict[str, dict[str, float]], errors: dict[str, dict[str, float | None]],
+                        samples: dict[str, torch.Tensor], title: str | None = None,
+                        ylabel: str = "linear-probe top-1 (%)", columns: int = 8):
+    """Grouped bars per tap (one bar per row of `means`, {row: {tap: value}}, in its order; `errors`
+    the same shape, e.g. the sd over seeds, None for none) beside a contact sheet of each source's
+    samples (`samples`: {title: (N, 3, H, W) in [0, 1]}, one panel each, top to bottom)."""
+    if not means:
+        raise UserError("no results to plot")
+    rows, taps = list(means), _taps_of(means)
+    n_panels = max(1, len(samples))
+    bars_width, sheet_width = max(6.0, 1.0 * len(taps) + 0.2 * len(rows) * len(taps)), 2.6
+    fig = new_figure((bars_width + sheet_width, max(4.5, 0.85 * n_panels)))
+    grid = fig.add_gridspec(n_panels, 2, width_ratios=(bars_width, sheet_width), wspace=0.06, hspace=0.45)
+    ax = fig.add_subplot(grid[:, 0])
+    width, x, tops = 0.84 / len(rows), np.arange(len(taps)), [1.0]
+    for i, row in enumerate(rows):
+        ys = [float(means[row].get(t, np.nan)) for t in taps]
+        err = [float(errors.get(row, {}).get(t) or 0.0) for t in taps]
+        tops += [y + e for y, e in zip(ys, err) if not np.isnan(y)]
+        ax.bar(x - 0.42 + width * (i + 0.5), ys, width, yerr=err, label=row, facecolor=FACES[i % len(FACES)],
+               edgecolor="black", hatch=HATCHES[(i + i // len(FACES)) % len(HATCHES)], linewidth=0.7,
+               error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "black"})
+    ax.set_xticks(x, taps)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, max(tops) * 1.08 + 1)
+    ax.grid(axis="y", color="0.85", linewidth=0.6)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=7, ncol=min(4, len(rows)), loc="upper center", bbox_to_anchor=(0.5, -0.07), frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    for k, (name, images) in enumerate(samples.items()):
+        panel = fig.add_subplot(grid[k, 1])
+        sheet = make_grid(images.clamp(0, 1), nrow=columns, padding=1, pad_value=1.0)
+        panel.imshow(sheet.permute(1, 2, 0).numpy(), interpolation="nearest")
+        panel.set_axis_off()
+        panel.set_title(name, fontsize=7)
+    return fig
