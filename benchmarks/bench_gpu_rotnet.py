@@ -53,7 +53,8 @@ def main():
     args = p.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
-    print(f"{args.arch} RotNet, batch {args.batch_size} images, S={args.patch_size}, on {name}, torch {torch.__version__}")
+    print(f"{args.arch} RotNet, batch {args.batch_size} images, S={args.patch_size}, on {name}, "
+          f"torch {torch.__version__}")
     results = {}
     for where in (["cpu", "cuda"] if device.type == "cuda" else ["cpu"]):
         results[where] = images_per_second(args.arch, args.batch_size, args.steps, device, torch.device(where),

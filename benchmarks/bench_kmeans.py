@@ -35,7 +35,8 @@ def main():
     # a mixture of 4k Gaussian blobs of different widths, so the clustering has structure
     centres = rng.standard_normal((4 * args.k, args.dim)).astype(np.float32)
     which = rng.integers(0, 4 * args.k, args.n)
-    x = centres[which] + rng.standard_normal((args.n, args.dim)).astype(np.float32) * rng.uniform(0.3, 1.5, (args.n, 1)).astype(np.float32)
+    spread = rng.uniform(0.3, 1.5, (args.n, 1)).astype(np.float32)
+    x = centres[which] + rng.standard_normal((args.n, args.dim)).astype(np.float32) * spread
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"k-means: {args.n} x {args.dim} -> {args.k} clusters, {args.iters} iterations, init {args.init}; "

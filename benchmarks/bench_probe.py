@@ -70,8 +70,11 @@ def cifar_or_random(n_train: int, n_test: int):
         return train.restricted(torch.arange(n_train)), test.restricted(torch.arange(n_test)), "CIFAR-10"
     except Exception:  # no CIFAR-10 here: random images of the same shape
         g = torch.Generator().manual_seed(0)
-        make = lambda n: TensorImages(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                                      torch.arange(n) % 10, [str(i) for i in range(10)], "random")
+
+        def make(n: int) -> TensorImages:
+            return TensorImages(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                                torch.arange(n) % 10, [str(i) for i in range(10)], "random")
+
         return make(n_train), make(n_test), "random images"
 
 

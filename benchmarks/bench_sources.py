@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} cores, "
+          f"{platform.processor() or platform.machine()}")
     print(f"batches of {args.batch}, {args.batches} per source per round, median of {args.rounds} rounds\n")
     results = measure(args.sizes, args.rounds, args.batches, args.batch)
     ok = True
