@@ -85,7 +85,12 @@ class _Whitened(nn.Module):
         self.register_buffer("zca", zca)
 
     def forward(self, u: torch.Tensor):
-        return (u.flatten(1) @ self.zca).view_as(u)
+        weight = (u.flatten(1) @ self.zca).view_as(u)
+        # in U's memory format: a channels-last conv1 weight keeps the trunk channels-last, where an
+        # NCHW one would make every later layer convert (a SimCLR step on the CIFAR trunk: 0.228 s against 0.178 s)
+        if u.is_contiguous(memory_format=torch.channels_last) and not u.is_contiguous():
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        return weight
 
 
 def whiten(trunk: Trunk, zca: torch.Tensor) -> None:
