@@ -3,6 +3,7 @@ streamed features, the augmentation path on folders, and `monossl probe` end to 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -276,3 +277,27 @@ def test_probe_reports_knn_per_tap_from_the_cached_features(cifar_subset_dir):
         assert coarse["knn_dims"][tap] == shape[0] * side * side < a.shape[1]
         assert coarse["knn"][tap] == knn_accuracy(a2, train.labels, b2, test.labels, ks=(5, 20), dtype=dtype)
     assert coarse["knn"] != with_knn["knn"]
+
+
+@pytest.mark.parametrize("arch", ["cifar", "alexnet-small", "resnet18-cifar"])
+def test_batchnorm_fused_into_convs_gives_the_same_taps(arch):
+    from monossl.models import fuse_batchnorm, random_trunk
+
+    trunk = random_trunk(arch, 0)
+    with torch.no_grad():  # BatchNorm statistics and affine parameters far from identity
+        for m in trunk.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    trunk.eval()
+    x = torch.rand(2, 3, trunk.input_size, trunk.input_size)
+    expected = trunk.taps(x)
+    fused = fuse_batchnorm(copy.deepcopy(trunk))
+    got = fused.taps(x)
+    assert all(torch.allclose(got[k], expected[k], rtol=1e-4, atol=1e-5) for k in expected)
+    kinds = {type(m) for m in fused.stages.modules()}
+    if arch != "resnet18-cifar":  # a ResNet's blocks keep theirs (conv and BatchNorm are not in a Sequential)
+        assert torch.nn.BatchNorm2d not in kinds
+    assert fused.conv1.bias is not None  # conv1 found where it was, now with BatchNorm's shift
+    with pytest.raises(ValueError, match="eval mode"):
+        fuse_batchnorm(build_trunk(arch))

@@ -17,7 +17,7 @@ import torch
 
 from monossl import cli
 from monossl.errors import UserError
-from monossl.experiments import sources_table
+from monossl.experiments import readme_tables, sources_output, sources_table
 from monossl.experiments.table import ReproduceConfig
 from monossl.models import random_trunk, trunk_config_from
 from monossl.pretrain import PretrainConfig, initial_trunk, pretrain
@@ -149,15 +149,24 @@ def test_the_table_holds_the_rows_own_numbers_and_reruns_skip(tmp_path, cifar_su
     assert capsys.readouterr().out.count("done before") == len(rows) * 2
     assert _snapshot(out / "seed-0") | _snapshot(out / "seed-1") == before
     # other settings: refused in one line, nothing written
+    results_before = results
     before = _snapshot(out)
     assert cli.main([*argv, "--batch-size", "16"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("monossl: error:") and "other settings (batch_size)" in err
     assert _snapshot(out) == before
-    # a new seed only adds its rows
-    assert cli.main([*argv[:6], "--rows", "random", "--seeds", "0,1,2", *argv[10:]]) == 0
+    # a new seed for one row: only its row is made, and the table still covers the earlier rows
+    assert cli.main([*argv[:6], "--rows", "random", "--seeds", "2", *argv[10:]]) == 0
+    assert not (out / "seed-2" / "image").exists()
     results = json.loads((out / "results.json").read_text())
-    assert results["cells"]["linear"]["random"]["conv1"]["n"] == 3 and list(results["cells"]["linear"]) == ["random"]
+    cells = results["cells"]["linear"]
+    assert list(cells) == rows and results["config"]["seeds"] == [0, 1, 2]
+    assert cells["random"]["conv1"]["n"] == 3 and cells["image"]["conv1"]["n"] == 2
+    assert cells["image"]["conv3"] == results_before["cells"]["linear"]["image"]["conv3"]
+    # the README's copy of the table is drawn from results.json alone, as table.md's is
+    md = (out / "table.md").read_text()
+    assert readme_tables.render(results, "table") in md and readme_tables.render(results, "winners") in md
+    assert "| random trunk | " in md and " | 3 | " in md.split("| random trunk |")[1].split("\n")[0]
 
 
 @pytest.mark.slow
@@ -211,3 +220,24 @@ def test_every_method_trains_a_step_on_each_procedural_row(method, tmp_path, tin
         assert config["method"] == method and config["image"] == sources_table.SOURCES[row]
         if method == "deepcluster":  # a finite set of the stream's first patches, as the budget says
             assert config["source"]["length"] == sources_table.DC_PATCHES["smoke"]
+
+
+def test_winners_are_ranked_on_the_means_with_leads_in_pooled_sd_units():
+    def cell(*values):
+        return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+                "n": len(values), "values": dict(enumerate(values))}
+
+    linear = {
+        "full": {"conv1": cell(90.0, 91.0)},  # a reference, never the winner
+        "image": {"conv1": cell(60.0, 62.0, 64.0)},  # mean 62, sd 2
+        "fractals": {"conv1": cell(57.0, 59.0, 61.0)},  # mean 59, sd 2
+        "noise": {"conv1": cell(50.0, 51.0, 52.0)},
+        "chelsea": {"conv1": cell(61.0)},  # one seed: no sd
+    }
+    record = {"cells": {"linear": linear}, "labels": {r: r.upper() for r in linear}}
+    w = sources_output.winners(record)["conv1"]
+    assert w["best"] == "IMAGE" and w["runner_up"] == "CHELSEA" and w["points"] == 1.0 and w["sd_units"] is None
+    vs = w["image_vs_best_synthetic"]
+    assert vs["synthetic"] == "FRACTALS" and vs["points"] == 3.0 and vs["sd_units"] == 1.5  # 3 / sqrt((4 + 4) / 2)
+    md = sources_output.winners_markdown(record)
+    assert "| conv1 | IMAGE | CHELSEA | +1.0 (one seed: no sd) | +3.0 (1.5 sd) vs FRACTALS |" in md

@@ -53,7 +53,7 @@ from monossl.eval.knn import coarser, knn_accuracy
 from monossl.eval.linear_probes import Fp32Heads, LinearProbes
 from monossl.eval.protocols import ProbeProtocol, check_trunk, get_protocol
 from monossl.eval.results import EpochRecord, ProbeResult, TapResult, Timings, results_markdown, write_results
-from monossl.models import Trunk
+from monossl.models import Trunk, fuse_batchnorm
 from monossl.runs import environment
 from monossl.seeds import derive_seed
 
@@ -123,7 +123,7 @@ def probe(trunk: Trunk, train: LabelledImages, test: LabelledImages, protocol: P
         workers = min(8, max(0, (os.cpu_count() or 1) - 1))
 
     frozen = copy.deepcopy(trunk).to(device).eval().requires_grad_(False)
-    frozen = frozen.to(memory_format=torch.channels_last)
+    frozen = fuse_batchnorm(frozen).to(memory_format=torch.channels_last)
     shapes = pooled_shapes(frozen, protocol)
     dims = {k: v["pooled_size"] for k, v in shapes.items()}
     use_cache = cache and protocol.cacheable

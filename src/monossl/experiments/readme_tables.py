@@ -27,6 +27,8 @@ from monossl.experiments.compare_output import (
     splits_per_seed_markdown,
     table_markdown,
 )
+from monossl.experiments.sources_output import markdown as sources_markdown
+from monossl.experiments.sources_output import winners_markdown
 
 BLOCK = re.compile(r"(<!-- table: (?P<path>\S+) (?P<part>[\w-]+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
 
@@ -37,6 +39,8 @@ RENDERERS: dict[tuple[str, str], Callable[[dict], str]] = {
     ("compare-seeds", "per-seed"): splits_per_seed_markdown,
     ("compare", "table"): table_markdown,
     ("compare", "curves"): curves_markdown,
+    ("sources", "table"): sources_markdown,
+    ("sources", "winners"): winners_markdown,
 }
 
 

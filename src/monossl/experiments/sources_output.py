@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from monossl.experiments.table import seen_text
 
 #: the numbers of a row that get a cell: (metric name, how to read them from one probe result)
 METRICS = ("linear", "knn_k20", "knn_k200", "student")
+#: the generated sources (the rest are photographs, controls or the dataset)
+SYNTHETIC = ("fractal-one", "fractals", "dead-leaves", "spectral", "noise")
 
 
 def _values(result: dict, metric: str) -> dict[str, float]:
@@ -52,58 +55,125 @@ def summarise(s: dict, results: dict) -> dict:
 
 def write_table(out: Path, s: dict, results: dict, stopped: dict, config: dict, labels: dict[str, str],
                 specs: dict[str, str]) -> str:
-    """table.md, table.csv, results.json and table.png; returns the Markdown. labels: {row: its name in
-    the table}; specs: {row: the --image list (comma-separated) or --data spec it trains on}."""
+    """table.md, table.csv, results.json and table.png; returns the Markdown (drawn from results.json, as
+    the README's copy is: `markdown`). labels: {row: its name in the table}; specs: {row: the --image list
+    (comma-separated) or --data spec it trains on}."""
     summary = summarise(s, results)
     cells, minutes = summary["cells"], summary["minutes"]
-    linear, knn, student = cells["linear"], cells["knn_k20"], cells["student"]
-    done = [r for r in s["rows"] if r in linear]
-    taps = list(linear[done[0]]) if done else []
-    proto = config["protocol"]
     trained = "distillation students of " + str(s["teacher"]) if s["teacher"] else s["method"]
-    steps, batch = s["steps"] or "the default number of", s["batch_size"] or "the default"
-    lines = [f"Sources on equal footing (`monossl reproduce sources`), {trained}, budget `{s['budget']}` "
-             f"({s['budget_note']}): the CIFAR trunk (widths {s['widths'] or 'default'}) from the same initial "
-             f"weights per seed, each trained row {steps} steps of {batch} on its source; linear probes on "
-             f"{s['data']} per tap (top-1 %, final epoch, protocol "
-             f"`{proto['name']}`, {proto['epochs']} epoch(s)) and weighted k-NN (k = 20) on the same pooled "
-             f"features. Cells: mean ± sample sd over seeds {', '.join(map(str, s['seeds']))}; minutes: each "
-             "row's training and evaluation, wall clock, mean over seeds.", ""]
-    header = ["source", *taps, "seeds", "minutes", "samples seen"]
-    if s["teacher"]:
-        header += ["student top-1", "agreement"]
-    body = []
-    for row in s["rows"]:
-        if row not in linear:
-            why = "stopped" if any(k.startswith(f"{row}@") for k in stopped) else "not run"
-            body.append([labels[row], *([why] * len(taps)), "", "", ""] + (["", ""] if s["teacher"] else []))
-            continue
-        n = min(c["n"] for c in linear[row].values())
-        line = [labels[row], *(format_cell(linear[row][t]) for t in taps), n, minutes.get(row, ""),
-                seen_text(summary["seen"].get(row))]
-        if s["teacher"]:
-            line += [format_cell(student[row][k]) if row in student and k in student[row] else ""
-                     for k in ("top1", "agreement")]
-        body.append(line)
-    knn_body = [[labels[r], *(format_cell(knn[r][t]) if t in knn.get(r, {}) else "" for t in taps)] for r in done]
-    lines += [runs.markdown_table(header, body).rstrip("\n"), "", "k-NN (k = 20) top-1 (%), the same trunks:", "",
-              runs.markdown_table(["source", *taps], knn_body).rstrip("\n")]
-    for row, message in stopped.items():
-        lines += ["", f"Row `{row}` stopped: {message}"]
-    md = "\n".join(lines) + "\n"
-    runs.write_text(out / "table.md", md)
-    runs.write_text(out / "table.csv", _csv(cells, minutes, s["seeds"]))
-    runs.write_json(out / "results.json", {
-        "title": f"sources on equal footing ({trained}), budget {s['budget']}", "config": config,
-        "cells": cells, "minutes": minutes, "seen": summary["seen"], "stopped": stopped,
+    record = {
+        "kind": "sources", "title": f"sources on equal footing ({trained}), budget {s['budget']}", "config": config,
+        "labels": {r: labels[r] for r in s["rows"]}, "cells": cells, "minutes": minutes, "seen": summary["seen"],
+        "stopped": stopped,
         "rows": {name: {k: r.get(k) for k in ("taps", "knn", "student", "seen", "trunk", "n_train", "n_test",
                                               "row_seconds")} for name, r in results.items()},
-        "environment": runs.environment()})
+        "environment": runs.environment()}
+    md = caption(record) + "\n\n" + markdown(record) + "\n\n" + winners_markdown(record)
+    for row, message in stopped.items():
+        md += f"\n\nRow `{row}` stopped: {message}"
+    md += "\n"
+    runs.write_text(out / "table.md", md)
+    runs.write_text(out / "table.csv", _csv(cells, minutes, s["seeds"]))
+    runs.write_json(out / "results.json", record)
+    linear = cells["linear"]
+    done = [r for r in s["rows"] if r in linear]
     if done:
         _figure(out, s, {labels[r]: {t: c["mean"] for t, c in linear[r].items()} for r in done},
                 {labels[r]: {t: c["sd"] for t, c in linear[r].items()} for r in done},
                 {labels[r]: specs[r] for r in done if r in specs})
     return md
+
+
+def caption(record: dict) -> str:
+    """What the table is: method, budget, trunk, probes, what a cell and a minute are."""
+    s = record["config"]
+    proto = s["protocol"]
+    trained = "distillation students of " + str(s["teacher"]) if s["teacher"] else s["method"]
+    steps, batch = s["steps"] or "the default number of", s["batch_size"] or "the default"
+    return (f"Sources on equal footing (`monossl reproduce sources`), {trained}, budget `{s['budget']}` "
+            f"({s['budget_note']}): the CIFAR trunk (widths {s['widths'] or 'default'}) from the same initial "
+            f"weights per seed, each trained row {steps} steps of {batch} on its source; linear probes on "
+            f"{s['data']} per tap (top-1 %, final epoch, protocol `{proto['name']}`, {proto['epochs']} epoch(s)) "
+            "and weighted k-NN (k = 20) on the same pooled features. Cells: mean ± sample sd over the seeds "
+            "that finished the row (its `seeds` column); minutes: each row's training and evaluation, wall "
+            "clock, mean over seeds.")
+
+
+def markdown(record: dict) -> str:
+    """The linear-probe table (a row per source: mean ± sd per tap, seeds, minutes, samples seen, the
+    students' own scores under --distill) and the k-NN table below it, from a sources results.json."""
+    s, labels, cells = record["config"], record["labels"], record["cells"]
+    linear, knn, student = cells["linear"], cells["knn_k20"], cells["student"]
+    rows = [r for r in s["rows"] if r in labels]
+    done = [r for r in rows if r in linear]
+    taps = list(linear[done[0]]) if done else []
+    header = ["source", *taps, "seeds", "minutes", "samples seen"]
+    if s["teacher"]:
+        header += ["student top-1", "agreement"]
+    body = []
+    for row in rows:
+        if row not in linear:
+            why = "stopped" if any(k.startswith(f"{row}@") for k in record["stopped"]) else "not run"
+            body.append([labels[row], *([why] * len(taps)), "", "", ""] + (["", ""] if s["teacher"] else []))
+            continue
+        line = [labels[row], *(format_cell(linear[row][t]) for t in taps), min(c["n"] for c in linear[row].values()),
+                record["minutes"].get(row, ""), seen_text(record["seen"].get(row))]
+        if s["teacher"]:
+            line += [format_cell(student[row][k]) if row in student and k in student[row] else ""
+                     for k in ("top1", "agreement")]
+        body.append(line)
+    knn_body = [[labels[r], *(format_cell(knn[r][t]) if t in knn.get(r, {}) else "" for t in taps)] for r in done]
+    return (runs.markdown_table(header, body).rstrip("\n") + "\n\nk-NN (k = 20) top-1 (%), the same trunks:\n\n"
+            + runs.markdown_table(["source", *taps], knn_body).rstrip("\n"))
+
+
+#: the rows a winner is chosen among: every source of one or a few images, synthetic or photographed (the
+#: controls and the dataset's own 50,000 images are references, not contenders)
+CONTENDERS = ("image", "chelsea", "coffee", "ten-images", "fractal-one", "fractals", "dead-leaves", "spectral",
+              "noise")
+
+
+def winners(record: dict) -> dict[str, dict]:
+    """Per tap, the best contender by mean linear top-1 and its lead over the runner-up: in points, and in
+    sd units (the lead over the pooled sample sd of the two rows, sqrt((sd1^2 + sd2^2) / 2); None when
+    either has one seed). Also the best synthetic source against the one image."""
+    linear, labels = record["cells"]["linear"], record["labels"]
+    rows = [r for r in CONTENDERS if r in linear]
+    taps = list(linear[rows[0]]) if rows else []
+
+    def lead(a: str, b: str, tap: str) -> dict:
+        ca, cb = linear[a][tap], linear[b][tap]
+        points = round(ca["mean"] - cb["mean"], 2)
+        sds = (ca["sd"], cb["sd"])
+        pooled = math.sqrt((sds[0] ** 2 + sds[1] ** 2) / 2) if None not in sds else None
+        return {"points": points, "sd_units": round(points / pooled, 1) if pooled else None}
+
+    out = {}
+    for tap in taps:
+        ranked = sorted(rows, key=lambda r: linear[r][tap]["mean"], reverse=True)
+        entry: dict = {"best": labels[ranked[0]]}
+        if len(ranked) > 1:
+            entry.update(runner_up=labels[ranked[1]], **lead(ranked[0], ranked[1], tap))
+        synthetic = [r for r in ranked if r in SYNTHETIC]
+        if "image" in linear and synthetic:
+            entry["image_vs_best_synthetic"] = {"synthetic": labels[synthetic[0]], **lead("image", synthetic[0], tap)}
+        out[tap] = entry
+    return out
+
+
+def winners_markdown(record: dict) -> str:
+    """Which source wins at each tap, by how much, and the one image against the best synthetic source."""
+    def units(lead: dict) -> str:
+        return "one seed: no sd" if lead["sd_units"] is None else f"{lead['sd_units']:g} sd"
+
+    body = []
+    for tap, w in winners(record).items():
+        vs = w.get("image_vs_best_synthetic")
+        body.append([tap, w["best"], w.get("runner_up", ""),
+                     f"{w['points']:+.1f} ({units(w)})" if "points" in w else "",
+                     f"{vs['points']:+.1f} ({units(vs)}) vs {vs['synthetic']}" if vs else ""])
+    return runs.markdown_table(["tap", "best source", "runner-up", "lead", "one image - best synthetic"],
+                               body).rstrip("\n")
 
 
 def _csv(cells: dict, minutes: dict, seeds: list[int]) -> str:

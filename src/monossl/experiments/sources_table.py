@@ -26,7 +26,9 @@ student of that teacher instead (methods/distill.py, through the row's source), 
 way and scored by its own head too. `--seeds 0,1,2` runs every row per seed (OUT/seed-K/<row>/) and
 gives each cell's mean ± sample sd (experiments/seeds.py). Writes table.md, table.csv, results.json
 and table.png (bars per tap with error bars beside each source's first samples). Reruns skip finished
-rows; other settings in the same OUT are refused (experiments/table.py).
+rows; other settings in the same OUT are refused (experiments/table.py). The table covers every row
+finished in OUT, so `--rows`/`--seeds` can add seeds to some rows later (the synthetic rows' three
+seeds, say) and the table then shows each row's number of seeds.
 """
 
 from __future__ import annotations
@@ -218,11 +220,29 @@ def sources_table(config: ReproduceConfig) -> Table:
                 make(row, seed, out / f"seed-{seed}" / row))
             for seed in s["seeds"] for row in s["rows"]]
     done = run_rows(rows)
+    results = finished_results(out, probe_dir, done.results)
+    # the table covers every row finished in OUT under these settings, this invocation's and earlier ones'
+    # (so seeds can be added to a few rows at a time): its rows in ROWS' order, its seeds sorted
+    seeds = sorted({int(k.rsplit("@seed", 1)[1]) for k in results})
+    table_rows = [r for r in ROWS if r in s["rows"] or any(k.startswith(f"{r}@") for k in results)]
+    s = {**s, "rows": table_rows, "seeds": seeds}
     table_config = {**s, "protocol": protocol.to_dict(), "seconds_this_invocation": done.seconds_this_invocation}
     specs = {r: source_of(r, s).get("data") or ",".join(source_of(r, s)["images"])
              for r in s["rows"] if r not in UNTRAINED}
-    md = write_table(out, s, done.results, done.stopped, table_config, LABELS, specs)
+    md = write_table(out, s, results, done.stopped, table_config, LABELS, specs)
     return Table(out, md, done.stopped, ("table.md", "table.csv", "results.json", "table.png"))
+
+
+def finished_results(out: Path, probe_dir: str, results: dict) -> dict:
+    """`results` ({"<row>@seed<k>": probe result}) with every other row's result finished in OUT
+    (OUT/seed-K/<row>/<probe_dir>/results.json): earlier invocations' rows and seeds, made under the same
+    settings (a run with others is refused before anything is written)."""
+    found = dict(results)
+    for path in sorted(out.glob(f"seed-*/*/{probe_dir}/results.json")):
+        row, seed = path.parent.parent.name, path.parent.parent.parent.name.removeprefix("seed-")
+        if row in ROWS and seed.isdigit():
+            found.setdefault(f"{row}@seed{int(seed)}", runs.read_json(path, "probe result"))
+    return found
 
 
 def _student(row: str, s: dict, seed: int, row_dir: Path, device: str, progress: bool | None) -> tuple:

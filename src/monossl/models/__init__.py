@@ -16,13 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from monossl.errors import UserError, first_line
-from monossl.models.trunks import AlexNet, CifarTrunk, Sobel, Trunk, _init_weights
+from monossl.models.trunks import AlexNet, CifarTrunk, Sobel, Trunk, _init_weights, fuse_batchnorm
 
 ARCHS = ("cifar", "alexnet-big", "alexnet-small", "resnet18-cifar", "resnet18")
 CHECKPOINT_FORMAT = "monossl.trunk/1"
 
 __all__ = ["ARCHS", "Trunk", "CifarTrunk", "AlexNet", "Sobel", "build_trunk", "random_trunk", "save_trunk",
-           "load_trunk", "trunk_config_from"]
+           "load_trunk", "trunk_config_from", "fuse_batchnorm"]
 
 
 def build_trunk(arch: str = "cifar", **config) -> Trunk:

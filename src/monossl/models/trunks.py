@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 # Fixed input normalisation (ImageNet statistics, used for every trunk and dataset).
 MEAN = (0.485, 0.456, 0.406)
@@ -170,6 +171,29 @@ class AlexNet(Trunk):
         super().__init__(stages, head, feature_dim=fc_dim, sobel=sobel)
         self.arch = f"alexnet-{size}"
         self.config = {"size": size, "sobel": sobel, "fc_dim": fc_dim}
+
+
+@torch.no_grad()
+def fuse_batchnorm(trunk: Trunk) -> Trunk:
+    """Fold every BatchNorm that directly follows a convolution in a Sequential into that convolution
+    (torch's `fuse_conv_bn_eval`), in place, for a frozen trunk in eval mode: the same function up to
+    float rounding, one pass less over each activation (feature extraction for the probes: 14% of its
+    time went to BatchNorm). Conv and BatchNorm stay where they were (the BatchNorm an Identity), so the
+    taps and `conv1` are found as before."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if trunk.training:
+        raise ValueError("fuse_batchnorm is for a trunk in eval mode (BatchNorm with running statistics)")
+    for module in list(trunk.modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats \
+                    and not parametrize.is_parametrized(conv):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+    return trunk
 
 
 def _init_weights(module: nn.Module) -> None:
