@@ -187,7 +187,11 @@ def test_distill_trains_the_sources_as_students(tmp_path, cifar_subset_dir, caps
     assert "random" not in results["cells"]["student"]
     probe = json.loads((out / "seed-0" / "noise" / "probe-cifar" / "results.json").read_text())
     assert results["cells"]["linear"]["noise"]["conv2"]["mean"] == round(float(probe["taps"]["conv2"]["top1"]), 3)
-    assert "student top-1" in (out / "table.md").read_text() and results["config"]["teacher"] == str(teacher.resolve())
+    md = (out / "table.md").read_text()
+    assert "student top-1" in md and results["config"]["teacher"] == str(teacher.resolve())
+    # the students' own scores ranked as the probes are (one contender here: it wins, with no runner-up)
+    student_winners = readme_tables.render(results, "student-winners")
+    assert student_winners in md and "| top1 | white noise |" in student_winners
     assert cli.main(["reproduce", "methods", "--distill", str(teacher)]) == 2
     assert "apply to sources only" in capsys.readouterr().err
 

@@ -41,6 +41,7 @@ RENDERERS: dict[tuple[str, str], Callable[[dict], str]] = {
     ("compare", "curves"): curves_markdown,
     ("sources", "table"): sources_markdown,
     ("sources", "winners"): winners_markdown,
+    ("sources", "student-winners"): lambda r: winners_markdown(r, "student"),
 }
 
 

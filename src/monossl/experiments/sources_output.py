@@ -69,6 +69,8 @@ def write_table(out: Path, s: dict, results: dict, stopped: dict, config: dict, 
                                               "row_seconds")} for name, r in results.items()},
         "environment": runs.environment()}
     md = caption(record) + "\n\n" + markdown(record) + "\n\n" + winners_markdown(record)
+    if cells["student"]:
+        md += "\n\nThe students' own heads on the test set:\n\n" + winners_markdown(record, "student")
     for row, message in stopped.items():
         md += f"\n\nRow `{row}` stopped: {message}"
     md += "\n"
@@ -133,11 +135,12 @@ CONTENDERS = ("image", "chelsea", "coffee", "ten-images", "fractal-one", "fracta
               "noise")
 
 
-def winners(record: dict) -> dict[str, dict]:
-    """Per tap, the best contender by mean linear top-1 and its lead over the runner-up: in points, and in
-    sd units (the lead over the pooled sample sd of the two rows, sqrt((sd1^2 + sd2^2) / 2); None when
-    either has one seed). Also the best synthetic source against the one image."""
-    linear, labels = record["cells"]["linear"], record["labels"]
+def winners(record: dict, metric: str = "linear") -> dict[str, dict]:
+    """Per tap (per score for "student": top1, agreement), the best contender by its mean and its lead over
+    the runner-up: in points, and in sd units (the lead over the pooled sample sd of the two rows,
+    sqrt((sd1^2 + sd2^2) / 2); None when either has one seed). Also the one image against the best
+    synthetic source."""
+    linear, labels = record["cells"][metric], record["labels"]
     rows = [r for r in CONTENDERS if r in linear]
     taps = list(linear[rows[0]]) if rows else []
 
@@ -161,18 +164,20 @@ def winners(record: dict) -> dict[str, dict]:
     return out
 
 
-def winners_markdown(record: dict) -> str:
-    """Which source wins at each tap, by how much, and the one image against the best synthetic source."""
+def winners_markdown(record: dict, metric: str = "linear") -> str:
+    """Which source wins at each tap (linear probes) or student score ("student"), by how much, and the
+    one image against the best synthetic source."""
     def units(lead: dict) -> str:
         return "one seed: no sd" if lead["sd_units"] is None else f"{lead['sd_units']:g} sd"
 
     body = []
-    for tap, w in winners(record).items():
+    for tap, w in winners(record, metric).items():
         vs = w.get("image_vs_best_synthetic")
         body.append([tap, w["best"], w.get("runner_up", ""),
                      f"{w['points']:+.1f} ({units(w)})" if "points" in w else "",
                      f"{vs['points']:+.1f} ({units(vs)}) vs {vs['synthetic']}" if vs else ""])
-    return runs.markdown_table(["tap", "best source", "runner-up", "lead", "one image - best synthetic"],
+    first = "student score" if metric == "student" else "tap"
+    return runs.markdown_table([first, "best source", "runner-up", "lead", "one image - best synthetic"],
                                body).rstrip("\n")
 
 
