@@ -1,6 +1,6 @@
-"""The probes' fp32 path (`Fp32Heads`: hand-written gradient on the standardised fp16 cache):
-the same model as autograd + torch.optim.SGD, as the streamed path, and within bf16 rounding of
-the bf16 path; the switches that select it."""
+"""The probes' trainer on standardised caches (`FusedHeads`: hand-written gradient): in fp32 on the
+fp16 cache, the same model as autograd + torch.optim.SGD and as the streamed path; in bf16 on the bf16
+cache, autograd under bf16 autocast up to bf16 rounding; the switches that select the matmul dtype."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from monossl.data.image_sets import TensorImages
 from monossl.errors import UserError
 from monossl.eval.features import probe_matmul_dtype
-from monossl.eval.linear_probes import Fp32Heads, LinearProbes, score
+from monossl.eval.linear_probes import FusedHeads, LinearProbes, score
 from monossl.eval.probe import epoch_batches, probe
 from monossl.eval.protocols import get_protocol
 from monossl.models import build_trunk
@@ -56,7 +56,7 @@ def test_fp32_heads_train_what_autograd_and_torch_sgd_train(threads):
     torch.set_num_threads(threads)
     cache, labels, test, test_labels, dims, classes = noisy_cache(n=301)  # 9 x 32 + 13 rows
     ref = LinearProbes(dims, classes, generator=torch.Generator().manual_seed(1))
-    heads = Fp32Heads(ref, torch.device("cpu"), momentum=0.9, weight_decay=5e-4, max_batch=32)
+    heads = FusedHeads(ref, torch.device("cpu"), momentum=0.9, weight_decay=5e-4, max_batch=32)
     opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2], gamma=0.1)
     for epoch in range(1, 4):
@@ -92,6 +92,57 @@ def test_fp32_heads_train_what_autograd_and_torch_sgd_train(threads):
         assert 20.0 < expected[k][0] < 90.0, expected  # neither chance nor separable: the counts mean something
         assert got[k][0] == pytest.approx(expected[k][0], abs=100 / len(test_labels))
         assert got[k][1] == pytest.approx(expected[k][1], abs=100 / len(test_labels))
+
+
+def test_bf16_heads_train_what_autograd_under_bf16_autocast_trains():
+    """The same three epochs on a bf16 cache: against autograd + torch.optim.SGD under bf16 autocast (both
+    round the weights to bf16 each step and take bf16 products; autocast also adds the bias in bf16),
+    epoch losses within 3e-3 relative (1.1e-3 seen) and weights within 5e-3 (1.5e-3 seen, weights
+    ~0.7); against the fp32 trainer on the same values, weights differ by more than 1e-4 (1.0e-3
+    seen: bf16 products really ran) and less than 5e-3; test counts within 3 of 301 images."""
+    torch.set_num_threads(2)
+    cache, labels, test, test_labels, dims, classes = noisy_cache(n=301)
+    cache = {k: v.to(torch.bfloat16) for k, v in cache.items()}
+    test = {k: v.to(torch.bfloat16) for k, v in test.items()}
+    ref = LinearProbes(dims, classes, generator=torch.Generator().manual_seed(1))
+    heads = FusedHeads(ref, torch.device("cpu"), 0.9, 5e-4, max_batch=32, matmul_dtype=torch.bfloat16)
+    heads32 = FusedHeads(ref, torch.device("cpu"), 0.9, 5e-4, max_batch=32)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2], gamma=0.1)
+    with pytest.raises(ValueError, match="bfloat16 caches"):
+        heads.epoch({k: v.half() for k, v in cache.items()}, labels, [torch.arange(8)], 0.1)
+    for epoch in range(1, 4):
+        batches = epoch_batches(len(labels), 32, 0, epoch)
+        lr = opt.param_groups[0]["lr"]
+        ref_sums = dict.fromkeys(dims, 0.0)
+        for idx in batches:
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = ref({k: v[idx] for k, v in cache.items()}, standardized=True)
+            losses = {k: F.cross_entropy(lg.float(), labels[idx]) for k, lg in logits.items()}
+            sum(losses.values()).backward()
+            opt.step()
+            for k in dims:
+                ref_sums[k] += losses[k].item() * len(idx)
+        sched.step()
+        sums, _ = heads.epoch(cache, labels, batches, lr)
+        heads32.epoch({k: v.half() for k, v in cache.items()}, labels, batches, lr)  # bf16 values are exact in fp16
+        for k in dims:
+            assert sums[k] == pytest.approx(ref_sums[k], rel=3e-3), (epoch, k)
+    trained, trained32 = LinearProbes(dims, classes), LinearProbes(dims, classes)
+    heads.store(trained)
+    heads32.store(trained32)
+    for k in dims:
+        w, w_ref, w32 = (p.heads[k][1].weight for p in (trained, ref, trained32))
+        assert w_ref.abs().max() > 0.1
+        assert (w - w_ref).abs().max() < 5e-3, k
+        assert 1e-4 < (w - w32).abs().max() < 5e-3, k
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = score(ref, [(test, test_labels)], len(test_labels), 1, torch.device("cpu"), True)
+    got = heads.score(test, test_labels)
+    for k in dims:
+        assert 20.0 < expected[k][0] < 90.0, expected
+        assert got[k][0] == pytest.approx(expected[k][0], abs=300 / len(test_labels))
 
 
 def probe_three_ways():

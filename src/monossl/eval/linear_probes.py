@@ -4,8 +4,8 @@
 heads share no parameters, so training them together on the summed cross-entropy trains each
 as if alone). `score` counts top-1/top-5 over batches of features, averaging the logits of an
 image's test crops first (`average_crop_logits`) and summing the counts over ranks under torchrun.
-`Fp32Heads` trains the Linear layers on standardised fp16 caches with fp32 matmuls and a
-hand-written gradient: the fp32 path, for CPUs without bf16.
+`FusedHeads` trains the Linear layers on standardised caches with a hand-written gradient, its
+matmuls in fp32 (on an fp16 cache, for CPUs without bf16) or bf16 (on a bf16 cache).
 """
 
 from __future__ import annotations
@@ -101,38 +101,54 @@ def score(probes: LinearProbes, batches: Iterable[tuple[dict[str, torch.Tensor],
     return {k: (100.0 * c1 / n, 100.0 * c5 / n) for k, (c1, c5) in correct.items()}
 
 
-class Fp32Heads:
-    """The fp32 path's trainer of a `LinearProbes`' Linear layers on standardised cached features
-    (fp16 in the cache): the same model as the autograd loop up to float rounding (each head on its
-    own cross-entropy, torch.optim.SGD's momentum and weight decay, the same minibatches), in less
-    than half its time (measured: docs/probes.md, "The fp32 path"):
+class FusedHeads:
+    """The trainer of a `LinearProbes`' Linear layers on standardised cached features, with a hand-written
+    gradient: the same model as the autograd loop up to float rounding (each head on its own
+    cross-entropy, torch.optim.SGD's momentum and weight decay, the same minibatches), in less than
+    half its time (measured: docs/probes.md, "The fp32 path"). Its matmuls run in `matmul_dtype`:
+
+      * fp32 (CPUs without bf16): the cache is fp16, each tap's rows are converted to fp32;
+      * bf16 (CUDA, CPUs with bf16): the cache is bf16 and read as it is, the fp32 weights are rounded
+        to bf16 once a step, and the products come out bf16 as under autocast; the softmax, the
+        weights, their gradients and the optimiser stay fp32.
+
+    What makes it fast:
 
       * the gradient is written by hand, which pays here: cross-entropy's is (softmax - onehot) / B
         and the weights' is g @ x, so a step is ~12 ops per tap and 3 for the SGD update of all
         parameters (one flat buffer) instead of autograd's graph and a per-parameter optimiser;
-      * a tap at a time: gather its rows, convert them to fp32, forward, gradient and backward while
-        that block is still in cache, through one reused buffer;
+      * a tap at a time: gather its rows (converting them for fp32), forward, gradient and backward
+        while that block is still in cache, through one reused buffer;
       * logits as W @ x.T, (classes, B): MKL runs that skinny product ~2x faster than x @ W.T;
       * with 2+ threads the minibatch is split in two row blocks multiplied by one bmm: MKL runs a
         single skinny product on one core, bmm runs the two blocks side by side.
     """
 
     def __init__(self, probes: LinearProbes, device: torch.device, momentum: float, weight_decay: float,
-                 max_batch: int):
+                 max_batch: int, matmul_dtype: torch.dtype = torch.float32):
+        if matmul_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"FusedHeads multiplies in float32 or bfloat16, not {matmul_dtype}")
         self.names = list(probes.heads)
         linears = [probes.head(k)[1] for k in self.names]
         self.dims = [lin.in_features for lin in linears]
         self.classes = classes = linears[0].out_features
         self.momentum, self.weight_decay = momentum, weight_decay
+        self.dtype = matmul_dtype
+        # the cache's dtype: fp16 converted to fp32 rows, or bf16 multiplied as it is
+        self.cache_dtype = torch.float16 if matmul_dtype == torch.float32 else matmul_dtype
         n_weights = classes * sum(self.dims)
         self.params = torch.empty(n_weights + classes * len(self.dims), device=device)  # weights, then biases
         self.grads = torch.empty_like(self.params)
         # SGD's momentum buffer, created at the first step as torch.optim.SGD does
         self.velocity: torch.Tensor | None = None
-        self.weights, self.weight_grads, start = [], [], 0
+        # the weights as the matmuls read them: the fp32 weights themselves, or their bf16 rounding
+        self._low = self.params[:n_weights] if matmul_dtype == torch.float32 else \
+            torch.empty(n_weights, dtype=matmul_dtype, device=device)
+        self.weights, self.weight_grads, self._matmul_weights, start = [], [], [], 0
         for d in self.dims:
             self.weights.append(self.params[start:start + classes * d].view(classes, d))
             self.weight_grads.append(self.grads[start:start + classes * d].view(classes, d))
+            self._matmul_weights.append(self._low[start:start + classes * d].view(classes, d))
             start += classes * d
         self.biases = self.params[n_weights:].view(len(self.dims), classes, 1)  # broadcast over the batch
         self.bias_grads = self.grads[n_weights:].view(len(self.dims), classes)
@@ -141,9 +157,10 @@ class Fp32Heads:
                 w.copy_(lin.weight)
                 b.copy_(lin.bias[:, None])
         self.max_batch, self.device = max_batch, device
-        self._x = torch.empty(max_batch * max(self.dims), device=device)  # one tap's rows in fp32
-        self._logits = torch.empty(classes * max_batch, device=device)
-        self._partial = torch.empty(2 * classes * max(self.dims), device=device)  # the row blocks' gradients
+        self._x = torch.empty(max_batch * max(self.dims), dtype=matmul_dtype, device=device)  # one tap's rows
+        self._logits = torch.empty(classes * max_batch, dtype=matmul_dtype, device=device)
+        # the row blocks' gradients (and for bf16 the product before it is widened to fp32)
+        self._partial = torch.empty(2 * classes * max(self.dims), dtype=matmul_dtype, device=device)
         self._minus_one = torch.full((max_batch,), -1.0, device=device)
         self._log_p = torch.empty(len(self.dims), device=device)  # summed log-probability of the labels
 
@@ -159,11 +176,13 @@ class Fp32Heads:
               on_step: Callable[[], object] = lambda: None) -> tuple[dict[str, float], int]:
         """One epoch of SGD steps on the standardised fp16 caches over the given minibatches (index
         tensors); returns ({tap: summed cross-entropy over the epoch's images}, images seen)."""
-        if any(caches[k].dtype != torch.float16 for k in self.names):
-            raise ValueError("Fp32Heads trains on fp16 caches")
+        if any(caches[k].dtype != self.cache_dtype for k in self.names):
+            raise ValueError(f"FusedHeads multiplying in {self.dtype} trains on {self.cache_dtype} caches")
         rows = [caches[k].view(torch.int16) for k in self.names]  # gathered as int16: the same bytes, a faster kernel
         store = rows[0].device
-        half = torch.empty(len(self._x), dtype=torch.float16, device=store)  # gathered rows, before conversion
+        # gathered rows: converted into _x after the gather (fp16), or gathered into _x itself (bf16 on its device)
+        half = self._x if self.dtype != torch.float32 and store == self.device else \
+            torch.empty(len(self._x), dtype=self.cache_dtype, device=store)
         plans = {}
         loss_sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
         seen = 0
@@ -181,26 +200,31 @@ class Fp32Heads:
         """Row blocks of a b-row batch: two where a second thread can multiply one of them."""
         return 2 if b % 2 == 0 and self.device.type == "cpu" and torch.get_num_threads() > 1 else 1
 
-    def _logits_of(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Tap i's logits of the row blocks x (blocks, rows, d): (blocks, classes, rows)."""
-        blocks, rows, d = x.shape
-        out = self._logits[:blocks * self.classes * rows].view(blocks, self.classes, rows)
-        w = self.weights[i].expand(blocks, self.classes, d)
-        return torch.baddbmm(self.biases[i], w, x.transpose(1, 2), out=out)
+    def _forward(self, x_t: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, low: torch.Tensor,
+                 logits: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (blocks, classes, rows) of the row blocks x_t (blocks, d, rows) into `logits`: one
+        baddbmm in fp32; in bf16 the product into `low`, then the bias added in fp32."""
+        if self.dtype == torch.float32:
+            return torch.baddbmm(bias, w, x_t, out=logits)
+        return torch.add(torch.bmm(w, x_t, out=low), bias, out=logits)
 
     def _plan(self, b: int, half: torch.Tensor) -> tuple:
         """The views a step of b rows works through, made once per batch size (views cost Python time)."""
         blocks = self._blocks(b)
         k, rows = self.classes, b // blocks
+        fp32 = self.dtype == torch.float32
+        low = self._logits[:blocks * k * rows].view(blocks, k, rows)
+        logits = low if fp32 else torch.empty(blocks, k, rows, device=self.device)
         taps = []
         for i, d in enumerate(self.dims):
             gathered = half[:b * d].view(b, d)
             x = self._x[:b * d].view(blocks, rows, d)
-            weight_grad = (self._partial[:blocks * k * d].view(blocks, k, d) if blocks > 1
-                           else self.weight_grads[i][None])
-            taps.append((gathered.view(torch.int16), gathered.view(x.shape), x, x.transpose(1, 2),
-                         self.weights[i].expand(blocks, k, d), self.biases[i],
-                         self._logits[:blocks * k * rows].view(blocks, k, rows), weight_grad))
+            # fp32 with one block: the product is the gradient itself; else the blocks' products, summed after
+            weight_grad = self.weight_grads[i][None] if fp32 and blocks == 1 else \
+                self._partial[:blocks * k * d].view(blocks, k, d)
+            half_x = None if gathered.data_ptr() == x.data_ptr() else gathered.view(x.shape)  # None: gathered into x
+            taps.append((gathered.view(torch.int16), half_x, x, x.transpose(1, 2),
+                         self._matmul_weights[i].expand(blocks, k, d), self.biases[i], low, logits, weight_grad))
         return blocks, self._minus_one[:b].view(blocks, 1, rows), taps
 
     def step(self, caches: list[torch.Tensor], idx: torch.Tensor, y: torch.Tensor, lr: float, plan: tuple) -> None:
@@ -209,18 +233,27 @@ class Fp32Heads:
         in `_log_p`."""
         blocks, minus_one, taps = plan
         target = y.view(minus_one.shape)
-        for i, (cache, (gathered, half_x, x, x_t, w, bias, logits, weight_grad)) in enumerate(zip(caches, taps)):
+        if self.dtype != torch.float32:
+            self._low.copy_(self.params[:len(self._low)])  # this step's weights, rounded as autocast rounds them
+        for i, (cache, (gathered, half_x, x, x_t, w, bias, low, logits, weight_grad)) in enumerate(zip(caches, taps)):
             torch.index_select(cache, 0, idx, out=gathered)
-            x.copy_(half_x)
-            logp = torch.log_softmax(torch.baddbmm(bias, w, x_t, out=logits), dim=1)
+            if half_x is not None:
+                x.copy_(half_x)
+            logp = torch.log_softmax(self._forward(x_t, w, bias, low, logits), dim=1)
             torch.sum(logp.gather(1, target), dim=(0, 1, 2), out=self._log_p[i])
             g = logp.exp_()  # d(mean cross-entropy)/d(logits) = (softmax - onehot) / B
             g.scatter_add_(1, target, minus_one)
             g.mul_(1.0 / len(idx))
-            torch.bmm(g, x, out=weight_grad)
-            if blocks > 1:  # the two row blocks' partial gradients
-                torch.add(weight_grad[0], weight_grad[1], out=self.weight_grads[i])
             torch.sum(g, dim=(0, 2), out=self.bias_grads[i])
+            torch.bmm(g if self.dtype == torch.float32 else low.copy_(g), x, out=weight_grad)
+            if weight_grad.data_ptr() == self.weight_grads[i].data_ptr():
+                pass
+            elif self.dtype == torch.float32:  # the two row blocks' partial gradients
+                torch.add(weight_grad[0], weight_grad[1], out=self.weight_grads[i])
+            else:  # widened to fp32, the row blocks added in fp32
+                self.weight_grads[i].copy_(weight_grad[0])
+                for block in weight_grad[1:]:
+                    self.weight_grads[i].add_(block)
         # torch.optim.SGD's single-tensor update (no dampening, no Nesterov), on the flat buffer
         self.grads.add_(self.params, alpha=self.weight_decay)
         if self.velocity is None:
@@ -232,17 +265,23 @@ class Fp32Heads:
     @torch.no_grad()
     def score(self, caches: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, tuple[float, float]]:
         """Top-1 / top-5 (%) per tap on standardised cached features (counted as `score` counts)."""
-        n = len(labels)
-        correct = {k: [0, 0] for k in self.names}
+        n, k = len(labels), self.classes
+        correct = {name: [0, 0] for name in self.names}
+        if self.dtype != torch.float32:
+            self._low.copy_(self.params[:len(self._low)])
         for start in range(0, n, self.max_batch):
             y = labels[start:start + self.max_batch].to(self.device)
             b = len(y)
             blocks = self._blocks(b)
+            rows = b // blocks
+            low = self._logits[:blocks * k * rows].view(blocks, k, rows)
+            out = low if self.dtype == torch.float32 else torch.empty(blocks, k, rows, device=self.device)
             for i, name in enumerate(self.names):
-                x = self._x[:b * self.dims[i]].view(blocks, b // blocks, self.dims[i])
+                x = self._x[:b * self.dims[i]].view(blocks, rows, self.dims[i])
                 x.copy_(caches[name][start:start + b].view(x.shape))
-                logits = self._logits_of(i, x).transpose(1, 2).reshape(b, self.classes)
-                c1, c5 = topk_correct(logits, y)
+                w = self._matmul_weights[i].expand(blocks, k, self.dims[i])
+                logits = self._forward(x.transpose(1, 2), w, self.biases[i], low, out)
+                c1, c5 = topk_correct(logits.transpose(1, 2).reshape(b, k), y)
                 correct[name][0] += c1
                 correct[name][1] += c5
-        return {k: (100.0 * c1 / n, 100.0 * c5 / n) for k, (c1, c5) in correct.items()}
+        return {name: (100.0 * c1 / n, 100.0 * c5 / n) for name, (c1, c5) in correct.items()}

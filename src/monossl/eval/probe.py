@@ -10,8 +10,8 @@ Two paths, the same training loop (features.py): cached features (no train augme
 test crop, e.g. `cifar`) or streamed through the trunk every batch (augmentation or ten crops).
 Both draw the same minibatches (a seeded permutation per epoch, `epoch_batches`) and round
 features to fp16, so for a no-augmentation protocol they give the same probes up to float noise.
-On standardised cached features the matmuls run in bf16 where the hardware has it, else in fp32
-through `Fp32Heads` (hand-written gradient, the same model up to float rounding, ~2x faster).
+Standardised cached features train through `FusedHeads` (hand-written gradient, the same model as
+autograd up to float rounding, ~2x faster), its matmuls in bf16 where the hardware has it, else in fp32.
 
 Library use (what `monossl compare` calls):
 
@@ -50,7 +50,7 @@ from monossl.eval.features import (
     standardize_,
 )
 from monossl.eval.knn import coarser, knn_accuracy
-from monossl.eval.linear_probes import Fp32Heads, LinearProbes
+from monossl.eval.linear_probes import FusedHeads, LinearProbes
 from monossl.eval.protocols import ProbeProtocol, check_trunk, get_protocol
 from monossl.eval.results import EpochRecord, ProbeResult, TapResult, Timings, results_markdown, write_results
 from monossl.models import Trunk, fuse_batchnorm
@@ -273,13 +273,15 @@ def _train(runner: FeatureRunner, probes: LinearProbes, cached: tuple | None, st
            log_epochs: bool) -> tuple[list[EpochRecord], float, float]:
     """The probes' SGD epochs, evaluated on test every `eval_every` epochs and at the last;
     returns (history, training seconds, evaluation seconds). `standardized`: the cache already
-    holds what the fixed BatchNorm outputs. fp32 matmuls on such a cache train through `Fp32Heads`
-    (hand-written gradient, the same model up to float rounding); everything else through autograd."""
+    holds what the fixed BatchNorm outputs. Such a cache trains through `FusedHeads` (hand-written gradient,
+    the same model up to float rounding, matmuls in `matmul_dtype`); streamed features and BatchNorm in
+    the step through autograd."""
     protocol, device, seed = runner.protocol, runner.device, runner.seed
     n_train = len(runner.train)
-    fused: Fp32Heads | None = None
-    if cached is not None and standardized and matmul_dtype == torch.float32:
-        fused = Fp32Heads(probes, device, protocol.momentum, protocol.weight_decay, protocol.batch_size)
+    fused: FusedHeads | None = None
+    if cached is not None and standardized:
+        fused = FusedHeads(probes, device, protocol.momentum, protocol.weight_decay, protocol.batch_size,
+                           matmul_dtype)
     else:
         opt = torch.optim.SGD(probes.parameters(), lr=protocol.lr, momentum=protocol.momentum,
                               weight_decay=protocol.weight_decay)
@@ -333,7 +335,7 @@ def _train(runner: FeatureRunner, probes: LinearProbes, cached: tuple | None, st
 def _autograd_epoch(runner: FeatureRunner, probes: LinearProbes, model: torch.nn.Module, opt: torch.optim.Optimizer,
                     cached: tuple | None, batches: list[torch.Tensor], standardized: bool,
                     matmul_dtype: torch.dtype, epoch: int, bar: tqdm) -> tuple[dict[str, float], int]:
-    """One epoch of autograd steps (streamed features, BatchNorm in the step, or bf16 matmuls) of `model`
+    """One epoch of autograd steps (streamed features, or BatchNorm in the step) of `model`
     (the probes, under DDP when streamed and distributed); returns ({tap: summed cross-entropy}, images seen,
     summed over ranks when streamed)."""
     device = runner.device
