@@ -91,7 +91,8 @@ def caption(record: dict) -> str:
     s = record["config"]
     proto = s["protocol"]
     trained = "distillation students of " + str(s["teacher"]) if s["teacher"] else s["method"]
-    steps, batch = s["steps"] or "the default number of", s["batch_size"] or "the default"
+    steps = s["steps"] or "the method's default number of"
+    batch = f"{s['batch_size']} samples" if s["batch_size"] else "its default batch"
     return (f"Sources on equal footing (`monossl reproduce sources`), {trained}, budget `{s['budget']}` "
             f"({s['budget_note']}): the CIFAR trunk (widths {s['widths'] or 'default'}) from the same initial "
             f"weights per seed, each trained row {steps} steps of {batch} on its source; linear probes on "
