@@ -277,17 +277,21 @@ def sources_bars_figure(means: dict[str, dict[str, float]], errors: dict[str, di
     fig = new_figure((bars_width + sheet_width, max(4.5, 0.85 * n_panels)))
     grid = fig.add_gridspec(n_panels, 2, width_ratios=(bars_width, sheet_width), wspace=0.06, hspace=0.45)
     ax = fig.add_subplot(grid[:, 0])
-    width, x, tops = 0.84 / len(rows), np.arange(len(taps)), [1.0]
+    width, x, tops, lows = 0.84 / len(rows), np.arange(len(taps)), [1.0], []
     for i, row in enumerate(rows):
         ys = [float(means[row].get(t, np.nan)) for t in taps]
         err = [float(errors.get(row, {}).get(t) or 0.0) for t in taps]
         tops += [y + e for y, e in zip(ys, err) if not np.isnan(y)]
+        lows += [y - e for y, e in zip(ys, err) if not np.isnan(y)]
         ax.bar(x - 0.42 + width * (i + 0.5), ys, width, yerr=err, label=row, facecolor=FACES[i % len(FACES)],
                edgecolor="black", hatch=HATCHES[(i + i // len(FACES)) % len(HATCHES)], linewidth=0.7,
                error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "black"})
     ax.set_xticks(x, taps)
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, max(tops) * 1.08 + 1)
+    # the rows differ by a few points around 60%: from 0 they would all look alike, so the axis starts
+    # at a multiple of 5 below the lowest bar (and its label says so)
+    bottom = max(0.0, 5.0 * math.floor((min(lows, default=0.0) - 3.0) / 5.0))
+    ax.set_ylabel(ylabel if bottom == 0 else f"{ylabel}, axis from {bottom:g}")
+    ax.set_ylim(bottom, max(tops) + 0.08 * (max(tops) - bottom) + 1)
     ax.grid(axis="y", color="0.85", linewidth=0.6)
     ax.set_axisbelow(True)
     ax.legend(fontsize=7, ncol=min(4, len(rows)), loc="upper center", bbox_to_anchor=(0.5, -0.07), frameon=False)
