@@ -4,6 +4,8 @@ cache, autograd under bf16 autocast up to bf16 rounding; the switches that selec
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,24 @@ def noisy_cache(n=300, dims=None, classes=10, seed=0):
     return train, labels[:n], test, labels[n:], dims, classes
 
 
+def autograd_epoch(ref: LinearProbes, opt: torch.optim.Optimizer, cache: dict, labels: torch.Tensor,
+                   batches: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """One epoch of the reference: autograd + torch.optim.SGD on the cache's rows as `dtype` (bf16 under
+    bf16 autocast); returns {tap: summed cross-entropy}."""
+    sums = dict.fromkeys(cache, 0.0)
+    for idx in batches:
+        opt.zero_grad()
+        precision = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        with precision:
+            logits = ref({k: v[idx].to(dtype) for k, v in cache.items()}, standardized=True)
+        losses = {k: F.cross_entropy(lg.float(), labels[idx]) for k, lg in logits.items()}
+        sum(losses.values()).backward()
+        opt.step()
+        for k in cache:
+            sums[k] += losses[k].item() * len(idx)
+    return sums
+
+
 @pytest.mark.parametrize("threads", [1, 2])  # 2+: the minibatch in two row blocks, one bmm
 def test_fp32_heads_train_what_autograd_and_torch_sgd_train(threads):
     """Three epochs (lr step after the second, a last batch of 13: one row block) on the same fp16
@@ -63,15 +83,7 @@ def test_fp32_heads_train_what_autograd_and_torch_sgd_train(threads):
         batches = epoch_batches(len(labels), 32, 0, epoch)
         assert len(batches[-1]) == 13  # odd: one row block
         lr = opt.param_groups[0]["lr"]
-        ref_sums = dict.fromkeys(dims, 0.0)
-        for idx in batches:
-            opt.zero_grad()
-            logits = ref({k: v[idx].float() for k, v in cache.items()}, standardized=True)
-            losses = {k: F.cross_entropy(lg, labels[idx]) for k, lg in logits.items()}
-            sum(losses.values()).backward()
-            opt.step()
-            for k in dims:
-                ref_sums[k] += losses[k].item() * len(idx)
+        ref_sums = autograd_epoch(ref, opt, cache, labels, batches)
         sched.step()
         sums, seen = heads.epoch(cache, labels, batches, lr)
         assert seen == len(labels)
@@ -114,16 +126,7 @@ def test_bf16_heads_train_what_autograd_under_bf16_autocast_trains():
     for epoch in range(1, 4):
         batches = epoch_batches(len(labels), 32, 0, epoch)
         lr = opt.param_groups[0]["lr"]
-        ref_sums = dict.fromkeys(dims, 0.0)
-        for idx in batches:
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = ref({k: v[idx] for k, v in cache.items()}, standardized=True)
-            losses = {k: F.cross_entropy(lg.float(), labels[idx]) for k, lg in logits.items()}
-            sum(losses.values()).backward()
-            opt.step()
-            for k in dims:
-                ref_sums[k] += losses[k].item() * len(idx)
+        ref_sums = autograd_epoch(ref, opt, cache, labels, batches, torch.bfloat16)
         sched.step()
         sums, _ = heads.epoch(cache, labels, batches, lr)
         heads32.epoch({k: v.half() for k, v in cache.items()}, labels, batches, lr)  # bf16 values are exact in fp16

@@ -174,8 +174,9 @@ class FusedHeads:
 
     def epoch(self, caches: dict[str, torch.Tensor], labels: torch.Tensor, batches: Iterable[torch.Tensor], lr: float,
               on_step: Callable[[], object] = lambda: None) -> tuple[dict[str, float], int]:
-        """One epoch of SGD steps on the standardised fp16 caches over the given minibatches (index
-        tensors); returns ({tap: summed cross-entropy over the epoch's images}, images seen)."""
+        """One epoch of SGD steps on the standardised caches (`cache_dtype`: fp16 for fp32 matmuls, bf16
+        for bf16 ones) over the given minibatches (index tensors); returns ({tap: summed cross-entropy
+        over the epoch's images}, images seen)."""
         if any(caches[k].dtype != self.cache_dtype for k in self.names):
             raise ValueError(f"FusedHeads multiplying in {self.dtype} trains on {self.cache_dtype} caches")
         rows = [caches[k].view(torch.int16) for k in self.names]  # gathered as int16: the same bytes, a faster kernel
@@ -199,6 +200,12 @@ class FusedHeads:
     def _blocks(self, b: int) -> int:
         """Row blocks of a b-row batch: two where a second thread can multiply one of them."""
         return 2 if b % 2 == 0 and self.device.type == "cpu" and torch.get_num_threads() > 1 else 1
+
+    def _round_weights(self) -> None:
+        """For bf16 matmuls: the current fp32 weights rounded to bf16, as autocast rounds them (fp32: the
+        matmuls read the weights themselves)."""
+        if self.dtype != torch.float32:
+            self._low.copy_(self.params[:len(self._low)])
 
     def _forward(self, x_t: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, low: torch.Tensor,
                  logits: torch.Tensor) -> torch.Tensor:
@@ -233,8 +240,7 @@ class FusedHeads:
         in `_log_p`."""
         blocks, minus_one, taps = plan
         target = y.view(minus_one.shape)
-        if self.dtype != torch.float32:
-            self._low.copy_(self.params[:len(self._low)])  # this step's weights, rounded as autocast rounds them
+        self._round_weights()
         for i, (cache, (gathered, half_x, x, x_t, w, bias, low, logits, weight_grad)) in enumerate(zip(caches, taps)):
             torch.index_select(cache, 0, idx, out=gathered)
             if half_x is not None:
@@ -246,14 +252,8 @@ class FusedHeads:
             g.mul_(1.0 / len(idx))
             torch.sum(g, dim=(0, 2), out=self.bias_grads[i])
             torch.bmm(g if self.dtype == torch.float32 else low.copy_(g), x, out=weight_grad)
-            if weight_grad.data_ptr() == self.weight_grads[i].data_ptr():
-                pass
-            elif self.dtype == torch.float32:  # the two row blocks' partial gradients
-                torch.add(weight_grad[0], weight_grad[1], out=self.weight_grads[i])
-            else:  # widened to fp32, the row blocks added in fp32
-                self.weight_grads[i].copy_(weight_grad[0])
-                for block in weight_grad[1:]:
-                    self.weight_grads[i].add_(block)
+            if weight_grad.data_ptr() != self.weight_grads[i].data_ptr():  # the blocks' products, summed in fp32
+                torch.sum(weight_grad, dim=0, dtype=torch.float32, out=self.weight_grads[i])
         # torch.optim.SGD's single-tensor update (no dampening, no Nesterov), on the flat buffer
         self.grads.add_(self.params, alpha=self.weight_decay)
         if self.velocity is None:
@@ -267,8 +267,7 @@ class FusedHeads:
         """Top-1 / top-5 (%) per tap on standardised cached features (counted as `score` counts)."""
         n, k = len(labels), self.classes
         correct = {name: [0, 0] for name in self.names}
-        if self.dtype != torch.float32:
-            self._low.copy_(self.params[:len(self._low)])
+        self._round_weights()
         for start in range(0, n, self.max_batch):
             y = labels[start:start + self.max_batch].to(self.device)
             b = len(y)

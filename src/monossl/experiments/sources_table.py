@@ -240,8 +240,9 @@ def finished_results(out: Path, probe_dir: str, results: dict) -> dict:
     found = dict(results)
     for path in sorted(out.glob(f"seed-*/*/{probe_dir}/results.json")):
         row, seed = path.parent.parent.name, path.parent.parent.parent.name.removeprefix("seed-")
-        if row in ROWS and seed.isdigit():
-            found.setdefault(f"{row}@seed{int(seed)}", runs.read_json(path, "probe result"))
+        key = f"{row}@seed{int(seed)}" if seed.isdigit() else ""
+        if row in ROWS and key and key not in found:  # this invocation's rows are in `results` already
+            found[key] = runs.read_json(path, "probe result")
     return found
 
 
