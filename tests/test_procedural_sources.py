@@ -100,6 +100,31 @@ def test_fractal_points_stay_inside_the_image_and_fill_it(size, one_thread):
     assert 0.02 < float(lit.min()) and float(lit.max()) < 1.0  # points drawn on a black background
 
 
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_a_fractal_whose_walkers_never_leave_their_start_is_a_dot_inside_the_image(size):
+    # both maps fix the same point q (t_k = (I - A_k) q), so every walker stays at q up to float32
+    # rounding: a bounding box of a few ulps, which once scaled points 1e7 pixels out of the image
+    q = np.array([3.0145, 2.1798])
+    linear = np.array([[[0.37, 0.79], [0.91, -0.26]], [[-0.05, 0.08], [-0.31, 0.5]]])
+    coef = np.zeros((1, fractals.MAX_MAPS, 6))
+    coef[0, :2, :4] = linear.reshape(2, 4)
+    coef[0, :2, 4:] = q - linear @ q
+    keys = patch_keys(0, np.arange(1))
+    xs, ys, maps = fractals.chaos_game(fractals.Systems(coef, np.array([2])), keys, 8, "cpu")
+    assert float(xs.max() - xs.min()) < 1e-5  # the walkers did not move
+    col, row = fractals.pixel_coordinates(xs, ys, size)
+    assert int(col.min()) >= 0 and int(row.min()) >= 0 and int(col.max()) < size and int(row.max()) < size
+    image = fractals.splat(col, row, maps, torch.ones(fractals.MAX_MAPS, 3), size)
+    lit = (image[0].sum(0) > 0).nonzero()
+    assert 1 <= len(lit) <= 4 and int((lit - size // 2).abs().max()) <= 1  # a dot in the middle
+
+
+def test_the_sample_that_overflowed_the_splat_renders():
+    # found by rendering 200,000 samples of procedural:fractal:100, seed 1: its rare map was never drawn
+    image = ProceduralStream("procedural:fractal:100", 32, seed=1)[112180]
+    assert image.shape == (3, 32, 32) and int((image.sum(0) > 0).sum()) >= 1
+
+
 def test_one_system_and_n_systems_are_perturbations_of_their_systems():
     keys = patch_keys(0, np.arange(90))
     one = ProceduralStream("procedural:fractal:one:perturb=0.05", 32).systems(keys)

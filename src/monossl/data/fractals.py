@@ -56,6 +56,7 @@ BURN_IN = 4  # steps before the first marked point: walkers that started togethe
 MARKED_STEPS = 32  # points marked per walker: more steps and fewer walkers, less work per point
 TABLE = 256  # entries of the map-choice table: one byte of a hash per step
 MARGIN = 1.0  # pixels between the points' bounding box and the image's border
+MIN_EXTENT = 1e-3  # the smallest bounding box drawn, relative to the coordinates' size (pixel_coordinates)
 
 # Slots of a system key (counter_rng.key_uniforms) and of a sample key. Samples and systems may share
 # a key (a fresh system per sample), so their slots never overlap; the walkers' counters start above.
@@ -215,10 +216,16 @@ def chaos_game(systems: Systems, sample_keys: np.ndarray, walkers: int,
 def pixel_coordinates(xs: torch.Tensor, ys: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Column and row (int64) of each point of (steps, B, walkers) tensors: one scale for both axes, the
     points' bounding box centred and filling the image less MARGIN pixels on each side, so every
-    coordinate is in [MARGIN, size - MARGIN] before rounding down (and truncation is rounding down)."""
+    coordinate is in [MARGIN, size - MARGIN] before rounding down (and truncation is rounding down).
+    A box smaller than MIN_EXTENT (all walkers still at their start point) is drawn as a dot in the middle."""
     lo_x, hi_x = xs.amin(dim=(0, 2)), xs.amax(dim=(0, 2))
     lo_y, hi_y = ys.amin(dim=(0, 2)), ys.amax(dim=(0, 2))
-    scale = (size - 2 * MARGIN) / torch.maximum(hi_x - lo_x, hi_y - lo_y).clamp_min(1e-12)
+    # the box is at least MIN_EXTENT of the coordinates' size: float32 rounding of p * scale is then
+    # well under a pixel (under MARGIN). Without it, walkers that never left their start (a rare map never
+    # drawn) gave a box of a few ulps, a scale near 1e13 and points far outside the image.
+    magnitude = torch.stack([lo_x.abs(), hi_x.abs(), lo_y.abs(), hi_y.abs()]).amax(0)
+    extent = torch.maximum(torch.maximum(hi_x - lo_x, hi_y - lo_y), MIN_EXTENT * (1 + magnitude))
+    scale = (size - 2 * MARGIN) / extent
     # p -> (p - centre) * scale + size / 2, as one multiply-add
     shift_x, shift_y = size / 2 - (lo_x + hi_x) / 2 * scale, size / 2 - (lo_y + hi_y) / 2 * scale
     col = torch.addcmul(shift_x.view(-1, 1), xs, scale.view(-1, 1)).long()
