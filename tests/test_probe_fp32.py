@@ -5,6 +5,7 @@ cache, autograd under bf16 autocast up to bf16 rounding; the switches that selec
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -201,3 +202,21 @@ def test_switches_select_the_fp32_path(monkeypatch):
     assert auto["matmul_dtype"] == str(probe_matmul_dtype(torch.device("cpu"))).replace("torch.", "")
     with pytest.raises(UserError, match="matmul_dtype"):
         probe(trunk, train, test, proto, matmul_dtype=torch.float16, **kw)
+
+
+def test_results_record_the_cpu_capability_the_kernels_ran_at():
+    """A result made with the CPU held to a lower instruction set (how the README times the main job on
+    a CPU without AVX512 or bf16) says so in its `environment`, as does one made at the CPU's own."""
+    import json
+    import subprocess
+    import sys
+
+    from monossl import runs
+
+    here = runs.environment()
+    assert here["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(here["onednn_bf16"], bool)
+    code = "import json; from monossl import runs; print(json.dumps(runs.environment()))"
+    held = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                     env={**os.environ, "ATEN_CPU_CAPABILITY": "default"}).stdout)
+    assert held["cpu_capability"] == "DEFAULT"

@@ -284,6 +284,12 @@ def environment() -> dict:
         "numpy": numpy.__version__,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
+        # the vector instructions torch's kernels use (ATEN_CPU_CAPABILITY can lower it) and whether
+        # oneDNN multiplies in bf16 here (ONEDNN_MAX_CPU_ISA can turn it off): the probes' precision and
+        # speed follow them (eval/features.py, probe_matmul_dtype)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_bf16": _onednn_bf16(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -296,6 +302,27 @@ def environment() -> dict:
     except ImportError:  # pragma: no cover - torchvision is a dependency
         pass
     return info
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name where the OS says it (Linux), else None: `platform.processor()` gives only
+    the architecture on Linux."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _onednn_bf16() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - a torch build without oneDNN
+        return False
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
