@@ -5,12 +5,16 @@ cache, autograd under bf16 autocast up to bf16 rounding; the switches that selec
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from monossl import runs
 from monossl.data.image_sets import TensorImages
 from monossl.errors import UserError
 from monossl.eval.features import probe_matmul_dtype
@@ -207,12 +211,6 @@ def test_switches_select_the_fp32_path(monkeypatch):
 def test_results_record_the_cpu_capability_the_kernels_ran_at():
     """A result made with the CPU held to a lower instruction set (how the README times the main job on
     a CPU without AVX512 or bf16) says so in its `environment`, as does one made at the CPU's own."""
-    import json
-    import subprocess
-    import sys
-
-    from monossl import runs
-
     here = runs.environment()
     assert here["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert isinstance(here["onednn_bf16"], bool)

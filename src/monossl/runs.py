@@ -289,7 +289,7 @@ def environment() -> dict:
         # oneDNN multiplies in bf16 here (ONEDNN_MAX_CPU_ISA can turn it off): the probes' precision and
         # speed follow them (eval/features.py, probe_matmul_dtype)
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "onednn_bf16": _onednn_bf16(),
+        "onednn_bf16": onednn_bf16(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -316,7 +316,9 @@ def _cpu_model() -> str | None:
     return None
 
 
-def _onednn_bf16() -> bool:
+def onednn_bf16() -> bool:
+    """Whether oneDNN multiplies in bf16 on this CPU (AVX512-BF16 or AMX, unless ONEDNN_MAX_CPU_ISA
+    holds it lower)."""
     import torch
 
     try:

@@ -31,6 +31,7 @@ from monossl.errors import UserError
 from monossl.eval.linear_probes import LinearProbes, score
 from monossl.eval.protocols import Pool, ProbeProtocol, test_transform, train_transform
 from monossl.models import Trunk
+from monossl.runs import onednn_bf16
 from monossl.seeds import derive_seed
 
 # ----------------------------------------------------------------------------- pooled taps
@@ -307,10 +308,7 @@ def probe_matmul_dtype(device: torch.device) -> torch.dtype:
         raise UserError(f"MONOSSL_PROBE_BF16 must be 0 or 1, not {flag!r}")
     if device.type == "cuda":
         return torch.bfloat16
-    try:
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-    except (AttributeError, RuntimeError):  # pragma: no cover - a torch build without oneDNN
-        return torch.float32
+    return torch.bfloat16 if onednn_bf16() else torch.float32
 
 
 def matmul_precision(device: torch.device, dtype: torch.dtype):
